@@ -1,0 +1,96 @@
+//! Causal attention of one query row over its session's cached keys and values.
+//!
+//! Each (row, head) is computed on its own with a fixed summation order, so
+//! a row's output never depends on the batch it came in.
+
+/// Shape of the attention computation.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// Dot product with a fixed order: eight lanes, then a fixed tree.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] = x.mul_add(*y, acc[l]);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Attention for one head of one row: `q` is that head's query, `keys` and
+/// `values` the session's first `tokens` cached rows (`tokens × kv_dim`).
+/// `scores` is scratch of at least `tokens`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+pub fn attend_head(
+    shape: AttnShape,
+    head: usize,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    tokens: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let kv_dim = shape.kv_heads * hd;
+    let kvh = head / (shape.heads / shape.kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let scores = &mut scores[..tokens];
+    let mut max = f32::NEG_INFINITY;
+    for (t, s) in scores.iter_mut().enumerate() {
+        let k = &keys[t * kv_dim + kvh * hd..][..hd];
+        *s = dot(q, k) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0f64;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += f64::from(*s);
+    }
+    let inv = (1.0 / sum) as f32;
+    out.fill(0.0);
+    for (t, &s) in scores.iter().enumerate() {
+        let w = s * inv;
+        let v = &values[t * kv_dim + kvh * hd..][..hd];
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o = w.mul_add(x, *o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_token_returns_its_value() {
+        let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 2 };
+        let mut out = [0.0; 2];
+        let mut scores = [0.0; 1];
+        attend_head(shape, 1, &[1.0, 2.0], &[3.0, 4.0], &[5.0, 6.0], 1, &mut scores, &mut out);
+        assert_eq!(out, [5.0, 6.0]);
+    }
+
+    #[test]
+    fn equal_keys_average_values() {
+        let shape = AttnShape { heads: 1, kv_heads: 1, head_dim: 2 };
+        let mut out = [0.0; 2];
+        let mut scores = [0.0; 2];
+        attend_head(shape, 0, &[1.0, 1.0], &[1.0, 0.0, 1.0, 0.0], &[2.0, 0.0, 4.0, 8.0], 2, &mut scores, &mut out);
+        assert_eq!(out, [3.0, 4.0]);
+    }
+}

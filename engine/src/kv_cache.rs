@@ -1,0 +1,128 @@
+//! Per-session key/value cache for one stage's layers, under a byte budget.
+//!
+//! The cache is passed into `Stage::forward` explicitly and keyed by
+//! `SessionId`, so a session outlives any connection, and one stage serves
+//! many sessions at once.
+
+use std::collections::HashMap;
+
+use crate::error::{EngineError, Result};
+
+/// Identifies one sequence across every stage of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Default budget: enough for a few long sessions of a small model.
+pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
+
+#[derive(Debug, Default)]
+struct SessionKv {
+    len: usize,
+    /// Per local layer: `len × kv_dim` keys, then values.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Keys and values of every session for a stage's layers.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: usize,
+    kv_dim: usize,
+    budget: usize,
+    used: usize,
+    sessions: HashMap<SessionId, SessionKv>,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers of width `kv_dim`, holding at most `budget` bytes.
+    pub fn new(layers: usize, kv_dim: usize, budget: usize) -> Self {
+        Self { layers, kv_dim, budget, used: 0, sessions: HashMap::new() }
+    }
+
+    /// Bytes one token costs across this cache's layers.
+    pub fn bytes_per_token(&self) -> usize {
+        self.layers * 2 * self.kv_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Tokens cached for `session` (0 if unknown).
+    pub fn len(&self, session: SessionId) -> usize {
+        self.sessions.get(&session).map_or(0, |s| s.len)
+    }
+
+    /// Bytes in use across all sessions.
+    pub fn used_bytes(&self) -> usize {
+        self.used
+    }
+
+    /// The byte budget.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget
+    }
+
+    /// Sessions currently holding cache.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Frees a session's cache; returns whether it existed.
+    pub fn release(&mut self, session: SessionId) -> bool {
+        match self.sessions.remove(&session) {
+            Some(s) => {
+                self.used -= s.len * self.bytes_per_token();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Checks that growing each session to its new length fits the budget,
+    /// then claims the bytes. Nothing changes on error.
+    pub(crate) fn reserve(&mut self, growth: &HashMap<SessionId, usize>) -> Result<()> {
+        let tokens: usize = growth.values().sum();
+        let needed = tokens * self.bytes_per_token();
+        if self.used + needed > self.budget {
+            return Err(EngineError::KvBudgetExceeded { needed, used: self.used, budget: self.budget });
+        }
+        let layers = self.layers;
+        for (&id, &extra) in growth {
+            let s = self.sessions.entry(id).or_insert_with(|| SessionKv {
+                len: 0,
+                k: vec![Vec::new(); layers],
+                v: vec![Vec::new(); layers],
+            });
+            for buf in s.k.iter_mut().chain(s.v.iter_mut()) {
+                buf.reserve(extra * self.kv_dim);
+            }
+        }
+        self.used += needed;
+        Ok(())
+    }
+
+    /// Appends one token's key and value for `layer` of `session`.
+    pub(crate) fn push(&mut self, layer: usize, session: SessionId, k: &[f32], v: &[f32]) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.k[layer].extend_from_slice(k);
+            s.v[layer].extend_from_slice(v);
+        }
+    }
+
+    /// Marks `tokens` more tokens as cached for `session` once every layer has them.
+    pub(crate) fn commit(&mut self, session: SessionId, tokens: usize) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.len += tokens;
+        }
+    }
+
+    /// Keys and values of `layer` for `session`, `tokens × kv_dim` each.
+    pub(crate) fn layer(&self, layer: usize, session: SessionId) -> (&[f32], &[f32]) {
+        self.sessions
+            .get(&session)
+            .map_or((&[][..], &[][..]), |s| (&s.k[layer][..], &s.v[layer][..]))
+    }
+}

@@ -1,0 +1,229 @@
+//! One front door for model files: GGUF, or safetensors plus `config.json`.
+//!
+//! Tensors are named the GGUF way (`blk.3.attn_q.weight`) inside the engine;
+//! safetensors names are mapped at this edge. Only the tensors a stage asks
+//! for are read, and every one is checked against the shape the config
+//! implies before it is used.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::quant::{self, GgmlType};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Matrix;
+
+/// An opened model: its config, and a way to read any tensor by name.
+#[derive(Debug)]
+pub struct ModelFile {
+    config: ModelConfig,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    Gguf(GgufFile),
+    Safetensors(SafetensorsDir),
+}
+
+impl ModelFile {
+    /// Opens a `.gguf` file, or a safetensors model (a directory, or a
+    /// `.safetensors` file, with `config.json` beside it).
+    pub fn open(path: &Path) -> Result<Self> {
+        let is_safetensors = path.is_dir() || path.extension().is_some_and(|e| e == "safetensors");
+        if is_safetensors {
+            let dir = SafetensorsDir::open(path)?;
+            Ok(Self { config: dir.config.clone(), source: Source::Safetensors(dir) })
+        } else {
+            let gguf = GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&gguf.metadata)?;
+            Ok(Self { config, source: Source::Gguf(gguf) })
+        }
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Whether the file holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Gguf(g) => g.tensors.contains_key(name),
+            Source::Safetensors(s) => s.find(name).is_some(),
+        }
+    }
+
+    /// Reads a `rows × cols` weight matrix, checking its shape.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        if dims != [cols, rows] {
+            return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
+        }
+        Matrix::new(dtype, rows, cols, bytes).ok_or_else(|| EngineError::UnsupportedDtype {
+            name: name.into(),
+            dtype: dtype.name().into(),
+        })
+    }
+
+    /// Reads a vector (a norm weight or a bias) as f32, checking its length.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        if dims != [len] || dtype.row_bytes(len) != Some(bytes.len()) {
+            return Err(EngineError::TensorShape { name: name.into(), expected: vec![len], actual: dims });
+        }
+        let mut out = vec![0.0; len];
+        quant::dequantize_row(dtype, &bytes, &mut out);
+        Ok(out)
+    }
+
+    fn raw(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
+        match &self.source {
+            Source::Gguf(g) => {
+                let info = g.info(name)?;
+                Ok((info.dtype, info.dims.clone(), g.read(name)?))
+            }
+            Source::Safetensors(s) => s.read(name),
+        }
+    }
+
+    /// Builds the tokenizer the file describes.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.source {
+            Source::Gguf(g) => Tokenizer::from_gguf(&g.metadata),
+            Source::Safetensors(s) => {
+                let config = s.dir.join("tokenizer_config.json");
+                Tokenizer::from_files(&s.dir.join("tokenizer.json"), config.exists().then_some(config.as_path()))
+            }
+        }
+    }
+}
+
+/// The Hugging Face name of a GGUF-style tensor name.
+pub(crate) fn hf_name(gguf: &str) -> String {
+    const TOP: [(&str, &str); 3] = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ];
+    const BLOCK: [(&str, &str); 9] = [
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == gguf) {
+        return (*hf).to_string();
+    }
+    let mut parts = gguf.splitn(3, '.');
+    if let (Some("blk"), Some(layer), Some(rest)) = (parts.next(), parts.next(), parts.next()) {
+        if let Some((kind, suffix)) = rest.split_once('.') {
+            if let Some((_, hf)) = BLOCK.iter().find(|(g, _)| *g == kind) {
+                return format!("model.layers.{layer}.{hf}.{suffix}");
+            }
+        }
+    }
+    gguf.to_string()
+}
+
+/// A safetensors model: every `*.safetensors` file in a directory, memory-mapped.
+#[derive(Debug)]
+struct SafetensorsDir {
+    dir: PathBuf,
+    config: ModelConfig,
+    files: Vec<(PathBuf, Mmap, usize, HashMap<String, StTensor>)>,
+}
+
+#[derive(Debug)]
+struct StTensor {
+    dtype: GgmlType,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+impl SafetensorsDir {
+    fn open(path: &Path) -> Result<Self> {
+        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| EngineError::Io { path: p, source }
+        };
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_hf_json(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)?;
+        let mut paths: Vec<PathBuf> = if path.is_dir() {
+            std::fs::read_dir(&dir)
+                .map_err(io(&dir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect()
+        } else {
+            vec![path.to_path_buf()]
+        };
+        paths.sort();
+        if paths.is_empty() {
+            return Err(EngineError::Safetensors(format!("no .safetensors files in {}", dir.display())));
+        }
+        let mut files = Vec::new();
+        for p in paths {
+            let file = File::open(&p).map_err(io(&p))?;
+            // SAFETY: the map is read-only; a model file being rewritten while
+            // served is outside what any inference server can defend against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io(&p))?;
+            let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| EngineError::Safetensors(format!("{}: {e}", p.display())))?;
+            let mut tensors = HashMap::new();
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    safetensors::Dtype::F32 => GgmlType::F32,
+                    safetensors::Dtype::F16 => GgmlType::F16,
+                    safetensors::Dtype::BF16 => GgmlType::BF16,
+                    other => {
+                        return Err(EngineError::UnsupportedDtype { name, dtype: format!("{other:?}") });
+                    }
+                };
+                let (start, end) = info.data_offsets;
+                tensors.insert(name, StTensor { dtype, shape: info.shape.clone(), start, end });
+            }
+            files.push((p, mmap, 8 + header, tensors));
+        }
+        Ok(Self { dir, config, files })
+    }
+
+    fn find(&self, name: &str) -> Option<(&Mmap, usize, &StTensor)> {
+        let hf = hf_name(name);
+        self.files.iter().find_map(|(_, mmap, base, t)| t.get(&hf).map(|t| (mmap, *base, t)))
+    }
+
+    fn read(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
+        let (mmap, base, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+        let bytes = mmap
+            .get(base + t.start..base + t.end)
+            .ok_or_else(|| EngineError::Safetensors(format!("tensor `{}` lies outside its file", hf_name(name))))?;
+        // safetensors lists the outermost dimension first; GGUF the innermost.
+        let dims: Vec<usize> = t.shape.iter().rev().copied().collect();
+        Ok((t.dtype, dims, bytes.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn maps_names() {
+        assert_eq!(hf_name("blk.12.attn_q.bias"), "model.layers.12.self_attn.q_proj.bias");
+        assert_eq!(hf_name("blk.0.ffn_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+}

@@ -1,0 +1,46 @@
+//! RMSNorm and the SwiGLU activation, in place, row by row.
+
+/// `x ← x / rms(x) * weight`, each row independently.
+///
+/// The sum of squares accumulates in f64 in index order, like ggml's
+/// reference, so the result is fixed per row.
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = (v * scale) * w;
+        }
+    }
+}
+
+/// `gate ← silu(gate) * up`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut out = [0.0; 4];
+        rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 1.0, 2.0, 2.0], 0.0, &mut out);
+        let r = (25.0f32 / 4.0).sqrt();
+        assert_eq!(out, [3.0 / r, 4.0 / r, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn swiglu_zero_gate() {
+        let mut g = [0.0, 10.0];
+        swiglu(&mut g, &[5.0, 2.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 2.0 * 10.0 / (1.0 + (-10.0f32).exp())).abs() < 1e-6);
+    }
+}

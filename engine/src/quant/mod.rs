@@ -1,0 +1,261 @@
+//! Weight storage formats and the dot products between them.
+//!
+//! Quantized weights stay in their GGUF block layout in memory. A matmul
+//! quantizes each activation row once to the format's partner type (Q8_0,
+//! Q8_1 or Q8_K, as llama.cpp does, so results stay faithful to it), then
+//! takes block-wise integer dot products.
+//!
+//! Determinism rule: every dot product has one fixed summation order, the
+//! scalar reference in this module. Any faster kernel must reproduce it bit
+//! for bit, so a row's result never depends on batch size or threads.
+
+mod float;
+mod kquant;
+mod legacy;
+
+use half::f16;
+
+/// A GGML tensor storage type.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 4-bit, 32-element blocks, one scale.
+    Q4_0,
+    /// 4-bit, 32-element blocks, scale and minimum.
+    Q4_1,
+    /// 8-bit, 32-element blocks, one scale.
+    Q8_0,
+    /// 8-bit, 32-element blocks, scale and scaled sum (activations for Q4_1).
+    Q8_1,
+    /// 4-bit K-quant, 256-element super-blocks.
+    Q4_K,
+    /// 6-bit K-quant, 256-element super-blocks.
+    Q6_K,
+    /// 8-bit K-quant (activations for the K-quants).
+    Q8_K,
+}
+
+impl GgmlType {
+    /// Maps GGUF's numeric type id; `None` for types the engine cannot compute with.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            9 => Self::Q8_1,
+            12 => Self::Q4_K,
+            14 => Self::Q6_K,
+            15 => Self::Q8_K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// GGUF's numeric type id.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::Q8_1 => 9,
+            Self::Q4_K => 12,
+            Self::Q6_K => 14,
+            Self::Q8_K => 15,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// GGML's name for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q8_1 => "Q8_1",
+            Self::Q4_K => "Q4_K",
+            Self::Q6_K => "Q6_K",
+            Self::Q8_K => "Q8_K",
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q8_1 => 32,
+            Self::Q4_K | Self::Q6_K | Self::Q8_K => kquant::QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => legacy::Q4_0_BYTES,
+            Self::Q4_1 => legacy::Q4_1_BYTES,
+            Self::Q8_0 => legacy::Q8_0_BYTES,
+            Self::Q8_1 => legacy::Q8_1_BYTES,
+            Self::Q4_K => kquant::Q4K_BYTES,
+            Self::Q6_K => kquant::Q6K_BYTES,
+            Self::Q8_K => kquant::Q8K_BYTES,
+        }
+    }
+
+    /// Bytes in a row of `n` elements, or `None` if `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        (n % self.block_len() == 0).then(|| n / self.block_len() * self.block_bytes())
+    }
+
+    /// The type activations are quantized to before a dot product with weights of this type.
+    pub fn vec_dot_type(self) -> Self {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => Self::F32,
+            Self::Q4_0 | Self::Q8_0 => Self::Q8_0,
+            Self::Q4_1 | Self::Q8_1 => Self::Q8_1,
+            Self::Q4_K | Self::Q6_K | Self::Q8_K => Self::Q8_K,
+        }
+    }
+
+    /// Whether a weight matrix may be stored in this type.
+    pub fn is_weight_type(self) -> bool {
+        !matches!(self, Self::Q8_1 | Self::Q8_K)
+    }
+}
+
+/// Decodes one row of `dtype` blocks into `out` (whose length is the element count).
+pub fn dequantize_row(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(dtype.row_bytes(out.len()), Some(bytes.len()));
+    match dtype {
+        GgmlType::F32 => float::decode_f32(bytes, out),
+        GgmlType::F16 => float::decode_f16(bytes, out),
+        GgmlType::BF16 => float::decode_bf16(bytes, out),
+        GgmlType::Q4_0 => legacy::dequantize_q4_0(bytes, out),
+        GgmlType::Q4_1 => legacy::dequantize_q4_1(bytes, out),
+        GgmlType::Q8_0 => legacy::dequantize_q8_0(bytes, out),
+        GgmlType::Q8_1 => legacy::dequantize_q8_1(bytes, out),
+        GgmlType::Q4_K => kquant::dequantize_q4k(bytes, out),
+        GgmlType::Q6_K => kquant::dequantize_q6k(bytes, out),
+        GgmlType::Q8_K => dequantize_q8k(bytes, out),
+    }
+}
+
+/// Encodes one row into `dtype` blocks. `x.len()` must be a whole number of blocks.
+///
+/// For the 8-bit activation types this is llama.cpp's reference quantization;
+/// for weight types it is a plain (not search-optimised) encoder for fixtures.
+pub fn quantize_row(dtype: GgmlType, x: &[f32]) -> Vec<u8> {
+    let Some(n) = dtype.row_bytes(x.len()) else {
+        debug_assert!(false, "row of {} is not whole {} blocks", x.len(), dtype.name());
+        return Vec::new();
+    };
+    let mut out = vec![0u8; n];
+    match dtype {
+        GgmlType::F32 => float::encode_f32(x, &mut out),
+        GgmlType::F16 => float::encode_f16(x, &mut out),
+        GgmlType::BF16 => float::encode_bf16(x, &mut out),
+        GgmlType::Q4_0 => legacy::quantize_q4_0(x, &mut out),
+        GgmlType::Q4_1 => legacy::quantize_q4_1(x, &mut out),
+        GgmlType::Q8_0 => legacy::quantize_q8_0(x, &mut out),
+        GgmlType::Q8_1 => legacy::quantize_q8_1(x, &mut out),
+        GgmlType::Q4_K => kquant::quantize_q4k(x, &mut out),
+        GgmlType::Q6_K => kquant::quantize_q6k(x, &mut out),
+        GgmlType::Q8_K => kquant::quantize_q8k(x, &mut out),
+    }
+    out
+}
+
+/// Dot product of one weight row (`w`, in `dtype` blocks) with one activation
+/// row already quantized to `dtype.vec_dot_type()` (`a`). For float weights
+/// `a` is the raw f32 row.
+#[inline]
+pub fn vec_dot(dtype: GgmlType, w: &[u8], a: &[u8], a_f32: &[f32]) -> f32 {
+    match dtype {
+        GgmlType::F32 => float::dot_f32(w, a_f32),
+        GgmlType::F16 => float::dot_f16(w, a_f32),
+        GgmlType::BF16 => float::dot_bf16(w, a_f32),
+        GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0(w, a),
+        GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1(w, a),
+        GgmlType::Q8_0 => legacy::vec_dot_q8_0_q8_0(w, a),
+        GgmlType::Q4_K => kquant::vec_dot_q4k_q8k(w, a),
+        GgmlType::Q6_K => kquant::vec_dot_q6k_q8k(w, a),
+        GgmlType::Q8_1 | GgmlType::Q8_K => {
+            debug_assert!(false, "{} is an activation type", dtype.name());
+            0.0
+        }
+    }
+}
+
+/// Q8_K only appears as activations; decoding it serves tests and debugging.
+fn dequantize_q8k(bytes: &[u8], out: &mut [f32]) {
+    for (b, o) in bytes.chunks_exact(kquant::Q8K_BYTES).zip(out.chunks_exact_mut(kquant::QK_K)) {
+        let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        for (v, q) in o.iter_mut().zip(&b[4..4 + kquant::QK_K]) {
+            *v = d * f32::from(*q as i8);
+        }
+    }
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every weight type's dot product with a quantized activation row stays
+    /// close to the exact f64 dot product of the dequantized values.
+    #[test]
+    fn vec_dot_matches_dequantized_dot() {
+        let n = 512;
+        for dtype in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let w = quantize_row(dtype, &noise(n, 1));
+            let x = noise(n, 2);
+            let a = quantize_row(dtype.vec_dot_type(), &x);
+            let mut wd = vec![0.0; n];
+            dequantize_row(dtype, &w, &mut wd);
+            let mut ad = vec![0.0; n];
+            dequantize_row(dtype.vec_dot_type(), &a, &mut ad);
+            let exact: f64 = wd.iter().zip(&ad).map(|(p, q)| f64::from(*p) * f64::from(*q)).sum();
+            let got = f64::from(vec_dot(dtype, &w, &a, &x));
+            // Q8_1's stored sum `s` is f16-rounded, which the exact dot lacks.
+            assert!((got - exact).abs() < 2e-2 * (1.0 + exact.abs()), "{}: {got} vs {exact}", dtype.name());
+            let err: f32 = noise(n, 1).iter().zip(&wd).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            assert!(err < 0.2, "{} round trip error {err}", dtype.name());
+        }
+    }
+}

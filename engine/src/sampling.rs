@@ -1,0 +1,258 @@
+//! Choosing the next token from logits.
+//!
+//! Order of operations (llama.cpp's default chain): penalties over the
+//! session's history, then top-k, top-p and min-p over the temperature-scaled
+//! distribution, then a seeded draw. Temperature 0 is greedy and ignores the
+//! truncations. Log-probabilities are always of the unmodified distribution,
+//! as the OpenAI API reports them.
+
+use std::collections::HashMap;
+
+use crate::error::{EngineError, Result};
+use crate::rng::Rng;
+
+/// Per-request sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1 = off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p ×` the best one (0 = off).
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of seen tokens (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtract once from every seen token's logit (0 = off).
+    pub presence_penalty: f32,
+    /// Subtract per occurrence (0 = off).
+    pub frequency_penalty: f32,
+    /// Seed of the draw; the same seed gives the same tokens.
+    pub seed: u64,
+    /// How many alternatives to report log-probabilities for (0 = none).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Rejects settings that have no meaning.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::Sampling(m.into()));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature must be a finite number ≥ 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty must be > 0");
+        }
+        if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
+            return bad("penalties must be finite");
+        }
+        if self.top_logprobs > 20 {
+            return bad("top_logprobs must be at most 20");
+        }
+        Ok(())
+    }
+}
+
+/// The chosen token and what the client may want to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The token id.
+    pub token: u32,
+    /// Its log-probability under the unmodified distribution.
+    pub logprob: f32,
+    /// The most likely alternatives and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A session's sampler: its parameters and its random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    /// A sampler whose draws are fixed by `params.seed`.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = Rng::new(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    /// Picks the next token. `history` holds the tokens penalties look at.
+    #[allow(clippy::cast_possible_truncation)]
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
+        let p = self.params.clone();
+        let mut l = logits.to_vec();
+        if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in history {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (&t, &n) in &counts {
+                let Some(v) = l.get_mut(t as usize) else { continue };
+                if *v > 0.0 {
+                    *v /= p.repetition_penalty;
+                } else {
+                    *v *= p.repetition_penalty;
+                }
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    *v -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let token = if p.temperature == 0.0 {
+            argmax(&l)
+        } else {
+            self.draw(&l)
+        };
+        let (logprob, top) = log_probs(logits, token, p.top_logprobs);
+        Sampled { token, logprob, top }
+    }
+
+    #[allow(clippy::cast_possible_truncation)]
+    fn draw(&mut self, l: &[f32]) -> u32 {
+        let p = &self.params;
+        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v / p.temperature)).collect();
+        // Stable order: by logit descending, ties by id, so draws are reproducible.
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand.first().map_or(0.0, |c| c.1);
+        let mut probs: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= f64::from(p.top_p) {
+                    keep = keep.min(i + 1);
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * f64::from(p.min_p);
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let total: f64 = probs[..keep].iter().sum();
+        let mut target = self.rng.next_f64() * total;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            target -= q;
+            if target < 0.0 {
+                return cand[i].0;
+            }
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Index of the largest logit; the lowest id wins a tie.
+#[allow(clippy::cast_possible_truncation)]
+pub fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in l.iter().enumerate() {
+        if *v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Log-softmax at `token`, and the `n` most likely tokens with theirs.
+#[allow(clippy::cast_possible_truncation)]
+pub fn log_probs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max) + logits.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+    let lp = |v: f32| (f64::from(v) - lse) as f32;
+    let mut top = Vec::new();
+    if n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(idx.len());
+        idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.truncate(n);
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        top = idx.into_iter().map(|t| (t, lp(logits[t as usize]))).collect();
+    }
+    (logits.get(token as usize).map_or(f32::NEG_INFINITY, |&v| lp(v)), top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_picks_max_and_reports_logprobs() {
+        let mut s = Sampler::new(SamplingParams { top_logprobs: 2, ..Default::default() }).expect("params");
+        let out = s.sample(&logits(), &[]);
+        assert_eq!(out.token, 1);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4]);
+        assert!(out.logprob < 0.0 && out.logprob > -1.0);
+    }
+
+    #[test]
+    fn penalties_move_the_choice() {
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 0.5, ..Default::default() }).expect("params");
+        assert_eq!(s.sample(&logits(), &[1]).token, 4);
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }).expect("params");
+        assert_eq!(s.sample(&logits(), &[1, 4]).token, 2);
+        let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.1, ..Default::default() }).expect("params");
+        assert_eq!(s.sample(&logits(), &[1, 1]).token, 4);
+    }
+
+    #[test]
+    fn seeded_draws_repeat_and_truncation_holds() {
+        let params = SamplingParams { temperature: 1.5, seed: 42, ..Default::default() };
+        let run = |p: SamplingParams| {
+            let mut s = Sampler::new(p).expect("params");
+            (0..50).map(|_| s.sample(&logits(), &[]).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(params.clone()), run(params.clone()));
+        assert!(run(SamplingParams { top_k: 2, ..params.clone() }).iter().all(|t| [1, 4].contains(t)));
+        assert!(run(SamplingParams { min_p: 0.5, ..params.clone() }).iter().all(|t| [1, 4, 2].contains(t)));
+        assert!(run(SamplingParams { top_p: 0.01, ..params }).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn bad_params_are_rejected() {
+        for p in [
+            SamplingParams { temperature: -1.0, ..Default::default() },
+            SamplingParams { top_p: 0.0, ..Default::default() },
+            SamplingParams { min_p: 2.0, ..Default::default() },
+            SamplingParams { temperature: f32::NAN, ..Default::default() },
+        ] {
+            assert!(Sampler::new(p).is_err());
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! A stage: a contiguous range of transformer blocks, plus the embedding on
+//! the first stage and the final norm and lm_head on the last.
+//!
+//! `forward` takes a batch of rows, one token each. Rows may belong to
+//! different sessions at different positions (batched decode) or be a run of
+//! one session's prompt (chunked prefill), or both. Every row reads and
+//! writes its own session's cache, and every kernel below computes a row on
+//! its own, so a row's result never depends on its batch-mates.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::attention::{attend_head, AttnShape};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::hidden::Hidden;
+use crate::kv_cache::{KvCache, SessionId};
+use crate::model_file::ModelFile;
+use crate::norm::{rms_norm, swiglu};
+use crate::pool::{split, ComputePool};
+use crate::rope;
+use crate::weights::{Activations, Matrix};
+
+/// One token of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// The sequence this token belongs to.
+    pub session: SessionId,
+    /// Its position in that sequence (0-based).
+    pub position: usize,
+    /// Whether the last stage should return logits for it.
+    pub logits: bool,
+}
+
+/// What a stage consumes.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    /// Token ids, one per row (first stage only).
+    Tokens(&'a [u32]),
+    /// Hidden states from the previous stage.
+    Hidden(&'a Hidden),
+}
+
+/// What a stage produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageOutput {
+    /// Hidden states for the next stage.
+    Hidden(Hidden),
+    /// Logits for the rows that asked for them (last stage only).
+    Logits(Logits),
+}
+
+/// Logits of selected rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    /// Index in the batch of each logits row.
+    pub rows: Vec<usize>,
+    /// Vocabulary size (row width).
+    pub vocab: usize,
+    /// `rows.len() × vocab` values.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// The logits of the `i`-th returned row.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: Vec<f32>,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    o: Matrix,
+    bias: Option<[Vec<f32>; 3]>,
+    ffn_norm: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+#[derive(Debug)]
+struct Head {
+    norm: Vec<f32>,
+    lm_head: Matrix,
+}
+
+/// Layers `[start, end)` of a model, loaded and ready to run.
+#[derive(Debug)]
+pub struct Stage {
+    config: ModelConfig,
+    range: Range<usize>,
+    embed: Option<Matrix>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+}
+
+impl Stage {
+    /// Loads the tensors of `range` (and embedding/head when at an end) from `file`.
+    pub fn load(file: &ModelFile, range: Range<usize>) -> Result<Self> {
+        let c = file.config().clone();
+        if range.start >= range.end || range.end > c.layers {
+            return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
+        }
+        let embed = (range.start == 0).then(|| file.matrix("token_embd.weight", c.vocab, c.hidden)).transpose()?;
+        let blocks = range.clone().map(|l| Block::load(file, &c, l)).collect::<Result<_>>()?;
+        let head = if range.end == c.layers {
+            let lm_head = if file.has("output.weight") {
+                file.matrix("output.weight", c.vocab, c.hidden)?
+            } else {
+                match &embed {
+                    Some(e) => e.clone(),
+                    None => file.matrix("token_embd.weight", c.vocab, c.hidden)?,
+                }
+            };
+            Some(Head { norm: file.vector("output_norm.weight", c.hidden)?, lm_head })
+        } else {
+            None
+        };
+        Ok(Self { config: c, range, embed, blocks, head })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers this stage runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Whether this stage takes token ids.
+    pub fn is_first(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    /// Whether this stage produces logits.
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let m = |m: &Matrix| m.bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].into_iter().map(m).sum::<usize>())
+            .sum();
+        blocks + self.embed.as_ref().map_or(0, m) + self.head.as_ref().map_or(0, |h| m(&h.lm_head))
+    }
+
+    /// An empty KV cache for this stage's layers.
+    pub fn new_cache(&self, budget_bytes: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), self.config.kv_dim(), budget_bytes)
+    }
+
+    /// Runs the batch through this stage's layers.
+    pub fn forward(
+        &self,
+        rows: &[Row],
+        input: StageInput<'_>,
+        cache: &mut KvCache,
+        pool: &ComputePool,
+    ) -> Result<StageOutput> {
+        let c = &self.config;
+        let n = rows.len();
+        let growth = self.validate(rows, input, cache)?;
+        let mut x = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(embed)) => {
+                let mut x = vec![0.0; n * c.hidden];
+                for (&id, out) in ids.iter().zip(x.chunks_exact_mut(c.hidden)) {
+                    embed.dequantize_row_into(id as usize, out);
+                }
+                x
+            }
+            (StageInput::Hidden(h), None) => h.data.clone(),
+            _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
+        };
+        cache.reserve(&growth)?;
+        let mut scratch = Scratch::new(c, n);
+        for (local, block) in self.blocks.iter().enumerate() {
+            block.forward(c, local, rows, &mut x, cache, &mut scratch, pool);
+        }
+        for (&session, &tokens) in &growth {
+            cache.commit(session, tokens);
+        }
+        match &self.head {
+            None => Ok(StageOutput::Hidden(Hidden { rows: n, dim: c.hidden, data: x })),
+            Some(head) => {
+                let picked: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
+                let mut h = Vec::with_capacity(picked.len() * c.hidden);
+                for &i in &picked {
+                    h.extend_from_slice(&x[i * c.hidden..(i + 1) * c.hidden]);
+                }
+                let mut normed = vec![0.0; h.len()];
+                rms_norm(&h, &head.norm, c.rms_eps, &mut normed);
+                let mut data = vec![0.0; picked.len() * c.vocab];
+                head.lm_head.matmul(&Activations::new(&normed, picked.len(), c.hidden), &mut data, pool);
+                Ok(StageOutput::Logits(Logits { rows: picked, vocab: c.vocab, data }))
+            }
+        }
+    }
+
+    /// Checks the batch against the stage and the cache; returns each session's growth.
+    fn validate(&self, rows: &[Row], input: StageInput<'_>, cache: &KvCache) -> Result<HashMap<SessionId, usize>> {
+        let c = &self.config;
+        let bad = |m: String| Err(EngineError::InvalidBatch(m));
+        if rows.is_empty() {
+            return bad("the batch has no rows".into());
+        }
+        match input {
+            StageInput::Tokens(ids) => {
+                if !self.is_first() {
+                    return bad(format!("stage {:?} takes hidden states, not tokens", self.range));
+                }
+                if ids.len() != rows.len() {
+                    return bad(format!("{} token ids for {} rows", ids.len(), rows.len()));
+                }
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= c.vocab) {
+                    return bad(format!("token id {id} is outside the vocabulary of {}", c.vocab));
+                }
+            }
+            StageInput::Hidden(h) => {
+                if self.is_first() {
+                    return bad("the first stage takes token ids, not hidden states".into());
+                }
+                if h.rows != rows.len() || h.dim != c.hidden || h.data.len() != h.rows * h.dim {
+                    return bad(format!(
+                        "hidden states are {}×{} for {} rows of width {}",
+                        h.rows,
+                        h.dim,
+                        rows.len(),
+                        c.hidden
+                    ));
+                }
+            }
+        }
+        let mut next: HashMap<SessionId, usize> = HashMap::new();
+        for r in rows {
+            if r.position >= c.context {
+                return Err(EngineError::ContextExceeded { position: r.position, context: c.context });
+            }
+            let expected = next.entry(r.session).or_insert_with(|| cache.len(r.session));
+            if r.position != *expected {
+                return bad(format!(
+                    "session {} row at position {} but the cache expects position {}",
+                    r.session, r.position, expected
+                ));
+            }
+            *expected += 1;
+        }
+        Ok(next.into_iter().map(|(s, end)| (s, end - cache.len(s))).collect())
+    }
+}
+
+/// Buffers reused across the blocks of one forward call.
+struct Scratch {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: &ModelConfig, n: usize) -> Self {
+        Self {
+            h: vec![0.0; n * c.hidden],
+            q: vec![0.0; n * c.q_dim()],
+            k: vec![0.0; n * c.kv_dim()],
+            v: vec![0.0; n * c.kv_dim()],
+            attn: vec![0.0; n * c.q_dim()],
+            proj: vec![0.0; n * c.hidden],
+            gate: vec![0.0; n * c.ffn],
+            up: vec![0.0; n * c.ffn],
+        }
+    }
+}
+
+impl Block {
+    fn load(file: &ModelFile, c: &ModelConfig, layer: usize) -> Result<Self> {
+        let name = |t: &str| format!("blk.{layer}.{t}");
+        let m = |t: &str, rows, cols| file.matrix(&name(t), rows, cols);
+        let (d, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
+        let bias = if c.arch.has_qkv_bias() {
+            Some([
+                file.vector(&name("attn_q.bias"), q)?,
+                file.vector(&name("attn_k.bias"), kv)?,
+                file.vector(&name("attn_v.bias"), kv)?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            attn_norm: file.vector(&name("attn_norm.weight"), d)?,
+            q: m("attn_q.weight", q, d)?,
+            k: m("attn_k.weight", kv, d)?,
+            v: m("attn_v.weight", kv, d)?,
+            o: m("attn_output.weight", d, q)?,
+            bias,
+            ffn_norm: file.vector(&name("ffn_norm.weight"), d)?,
+            gate: m("ffn_gate.weight", c.ffn, d)?,
+            up: m("ffn_up.weight", c.ffn, d)?,
+            down: m("ffn_down.weight", d, c.ffn)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        c: &ModelConfig,
+        local: usize,
+        rows: &[Row],
+        x: &mut [f32],
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        pool: &ComputePool,
+    ) {
+        let n = rows.len();
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        rms_norm(x, &self.attn_norm, c.rms_eps, &mut s.h);
+        {
+            let a = Activations::new(&s.h, n, c.hidden);
+            self.q.matmul(&a, &mut s.q, pool);
+            self.k.matmul(&a, &mut s.k, pool);
+            self.v.matmul(&a, &mut s.v, pool);
+        }
+        if let Some([bq, bk, bv]) = &self.bias {
+            add_bias(&mut s.q, bq);
+            add_bias(&mut s.k, bk);
+            add_bias(&mut s.v, bv);
+        }
+        for (i, r) in rows.iter().enumerate() {
+            rope::rotate(&mut s.q[i * q_dim..(i + 1) * q_dim], c.head_dim, r.position, c.rope_theta, c.rope_style);
+            rope::rotate(&mut s.k[i * kv_dim..(i + 1) * kv_dim], c.head_dim, r.position, c.rope_theta, c.rope_style);
+            cache.push(local, r.session, &s.k[i * kv_dim..(i + 1) * kv_dim], &s.v[i * kv_dim..(i + 1) * kv_dim]);
+        }
+        self.attention(c, local, rows, cache, s, pool);
+        self.o.matmul(&Activations::new(&s.attn, n, q_dim), &mut s.proj, pool);
+        add_in_place(x, &s.proj);
+        rms_norm(x, &self.ffn_norm, c.rms_eps, &mut s.h);
+        {
+            let a = Activations::new(&s.h, n, c.hidden);
+            self.gate.matmul(&a, &mut s.gate, pool);
+            self.up.matmul(&a, &mut s.up, pool);
+        }
+        swiglu(&mut s.gate, &s.up);
+        self.down.matmul(&Activations::new(&s.gate, n, c.ffn), &mut s.proj, pool);
+        add_in_place(x, &s.proj);
+    }
+
+    /// Every (row, head) pair attends on its own; threads split the pairs.
+    fn attention(&self, c: &ModelConfig, local: usize, rows: &[Row], cache: &KvCache, s: &mut Scratch, pool: &ComputePool) {
+        let shape = AttnShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let hd = c.head_dim;
+        let pairs = rows.len() * c.heads;
+        let out = SharedSlice(s.attn.as_mut_ptr());
+        let q = &s.q;
+        let max_tokens = rows.iter().map(|r| r.position + 1).max().unwrap_or(0);
+        pool.run(&|part| {
+            let out = &out;
+            let mut scores = vec![0.0f32; max_tokens];
+            for pair in split(pairs, part, pool.threads()) {
+                let (i, head) = (pair / c.heads, pair % c.heads);
+                let r = rows[i];
+                let (keys, values) = cache.layer(local, r.session);
+                let at = i * c.q_dim() + head * hd;
+                // SAFETY: each (row, head) pair owns the disjoint range
+                // `at..at + hd` of `s.attn`, which outlives `pool.run`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
+                attend_head(shape, head, &q[at..at + hd], keys, values, r.position + 1, &mut scores, dst);
+            }
+        });
+    }
+}
+
+/// A buffer written by several threads at disjoint ranges.
+struct SharedSlice(*mut f32);
+// SAFETY: writers only touch disjoint ranges; see `Block::attention`.
+unsafe impl Sync for SharedSlice {}
+
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

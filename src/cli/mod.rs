@@ -1,0 +1,77 @@
+//! Subcommands. Each lives in its own module and owns its flags.
+
+mod generate;
+mod perplexity;
+
+use clap::{Parser, Subcommand};
+
+/// Potluck: one LLM served from a pool of mixed machines.
+#[derive(Debug, Parser)]
+#[command(name = "potluck", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt in this process.
+    Generate(generate::Args),
+    /// Measure perplexity on a text file (llama.cpp's method).
+    Perplexity(perplexity::Args),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Generate(a) => generate::run(a),
+            Command::Perplexity(a) => perplexity::run(a),
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Flags shared by every command that loads a model in-process.
+#[derive(Debug, clap::Args)]
+pub struct EngineArgs {
+    /// Model file: a .gguf, or a safetensors directory with config.json.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Split the model into this many in-process stages (for testing splits).
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// How hidden states pass between in-process stages.
+    #[arg(long, default_value = "f32")]
+    pub wire_dtype: potluck_engine::WireDtype,
+    /// KV cache budget in MiB, per stage.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_budget_mib: usize,
+}
+
+impl EngineArgs {
+    /// Opens the model and loads its stages.
+    pub fn load(&self) -> anyhow::Result<(potluck_engine::ModelFile, potluck_engine::LocalPipeline)> {
+        use anyhow::Context as _;
+        let file = potluck_engine::ModelFile::open(&self.model)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        let bounds = potluck_engine::LocalPipeline::even_boundaries(file.config().layers, self.stages);
+        let pipe = potluck_engine::LocalPipeline::load(
+            &file,
+            &bounds,
+            self.wire_dtype,
+            self.kv_budget_mib << 20,
+            self.threads,
+        )?;
+        Ok((file, pipe))
+    }
+}
