@@ -71,22 +71,14 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| template_err(&e))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| template_err(&e))?;
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders `messages` into the prompt text; with `add_generation_prompt`
     /// the prompt ends with the header that opens the assistant's reply.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| template_err(&e))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| template_err(&e))?;
         template
             .render(context! {
                 messages => Value::from_serialize(messages),
@@ -103,10 +95,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -120,35 +109,23 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t
-            .render(&[msg("system", "Be brief."), msg("user", "Hi")], false)
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        );
+        let out = t.render(&[msg("system", "Be brief."), msg("user", "Hi")], false).unwrap();
+        assert_eq!(out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
     }
 
     #[test]
     fn python_methods_and_tokens() {
         let src = "{{ bos_token }}{% for m in messages %}{% if m.content.startswith('x') %}[{{ m.content.strip().upper() }}]{% endif %}\n{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-        assert_eq!(
-            t.render(&[msg("user", "x y  "), msg("user", "z")], false)
-                .unwrap(),
-            "<s>[X Y]</s>"
-        );
+        assert_eq!(t.render(&[msg("user", "x y  "), msg("user", "z")], false).unwrap(), "<s>[X Y]</s>");
     }
 
     #[test]
     fn trims_blocks_like_hugging_face() {
-        let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}";
+        let src =
+            "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(
-            t.render(&[msg("user", "a"), msg("user", "b")], false)
-                .unwrap(),
-            "U:a\nU:b\n"
-        );
+        assert_eq!(t.render(&[msg("user", "a"), msg("user", "b")], false).unwrap(), "U:a\nU:b\n");
     }
 
     #[test]
@@ -189,10 +166,7 @@ mod tests {
         let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
         let out = t.render(&[msg("user", "What is 2+2?")], true).unwrap();
         assert!(out.starts_with("<|im_start|>system\n"), "{out}");
-        assert!(
-            out.contains("<|im_start|>user\nWhat is 2+2?<|im_end|>\n"),
-            "{out}"
-        );
+        assert!(out.contains("<|im_start|>user\nWhat is 2+2?<|im_end|>\n"), "{out}");
         assert!(out.ends_with("<|im_start|>assistant\n"), "{out}");
     }
 }

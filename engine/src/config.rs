@@ -76,10 +76,9 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads the config from GGUF metadata.
     pub fn from_gguf(meta: &Metadata) -> Result<Self> {
-        let arch_name = meta.str("general.architecture").ok_or(EngineError::MissingMetadata {
-            key: "general.architecture".into(),
-            expected: "a string",
-        })?;
+        let arch_name = meta
+            .str("general.architecture")
+            .ok_or(EngineError::MissingMetadata { key: "general.architecture".into(), expected: "a string" })?;
         let arch = Architecture::parse(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let need = |k: &str| {
@@ -131,8 +130,7 @@ impl ModelConfig {
             rope_theta: Option<f32>,
             max_position_embeddings: Option<usize>,
         }
-        let hf: Hf = serde_json::from_str(text)
-            .map_err(|e| EngineError::Safetensors(format!("config.json: {e}")))?;
+        let hf: Hf = serde_json::from_str(text).map_err(|e| EngineError::Safetensors(format!("config.json: {e}")))?;
         let config = Self {
             arch: Architecture::parse(&hf.model_type)?,
             layers: hf.num_hidden_layers,

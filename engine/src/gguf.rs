@@ -174,10 +174,7 @@ impl Metadata {
     #[allow(clippy::cast_possible_truncation)]
     pub fn f32_array(&self, key: &str) -> Option<Vec<f32>> {
         match self.get(key)? {
-            MetaValue::Array(items) => items
-                .iter()
-                .map(|v| v.as_f64().map(|f| f as f32))
-                .collect(),
+            MetaValue::Array(items) => items.iter().map(|v| v.as_f64().map(|f| f as f32)).collect(),
             _ => None,
         }
     }
@@ -239,19 +236,14 @@ impl GgufFile {
                 return Err(EngineError::Gguf(format!("tensor `{name}` appears twice")));
             }
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(MetaValue::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT);
+        let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(DEFAULT_ALIGNMENT);
         if alignment == 0 || !alignment.is_power_of_two() {
             return Err(EngineError::Gguf(format!("bad alignment {alignment}")));
         }
         let header_end = r.inner.stream_position().map_err(io)?;
         let data_offset = header_end.div_ceil(alignment) * alignment;
         for (name, t) in &tensors {
-            let end = data_offset
-                .checked_add(t.offset)
-                .and_then(|o| o.checked_add(t.n_bytes as u64));
+            let end = data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.n_bytes as u64));
             if end.is_none_or(|end| end > file_len) {
                 return Err(EngineError::Gguf(format!(
                     "tensor `{name}` extends past the end of the file (truncated?)"
@@ -263,9 +255,7 @@ impl GgufFile {
 
     /// The tensor's directory entry, or a typed error naming it.
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))
+        self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))
     }
 
     /// Reads one tensor's raw bytes.
@@ -292,9 +282,7 @@ struct Reader<R> {
 impl<R: Read> Reader<R> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut b = [0u8; N];
-        self.inner
-            .read_exact(&mut b)
-            .map_err(|_| EngineError::Gguf("unexpected end of file in header".into()))?;
+        self.inner.read_exact(&mut b).map_err(|_| EngineError::Gguf("unexpected end of file in header".into()))?;
         Ok(b)
     }
 
@@ -318,9 +306,7 @@ impl<R: Read> Reader<R> {
     fn string(&mut self) -> Result<String> {
         let n = self.count("string length")?;
         let mut buf = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|_| EngineError::Gguf("unexpected end of file in a string".into()))?;
+        self.inner.read_exact(&mut buf).map_err(|_| EngineError::Gguf("unexpected end of file in a string".into()))?;
         String::from_utf8(buf).map_err(|_| EngineError::Gguf("string is not UTF-8".into()))
     }
 

@@ -121,8 +121,6 @@ impl KvCache {
 
     /// Keys and values of `layer` for `session`, `tokens × kv_dim` each.
     pub(crate) fn layer(&self, layer: usize, session: SessionId) -> (&[f32], &[f32]) {
-        self.sessions
-            .get(&session)
-            .map_or((&[][..], &[][..]), |s| (&s.k[layer][..], &s.v[layer][..]))
+        self.sessions.get(&session).map_or((&[][..], &[][..]), |s| (&s.k[layer][..], &s.v[layer][..]))
     }
 }

@@ -101,11 +101,7 @@ impl LocalPipeline {
         let chunk = chunk.max(1);
         for (ci, piece) in prompt.chunks(chunk).enumerate() {
             let rows: Vec<Row> = (0..piece.len())
-                .map(|j| Row {
-                    session,
-                    position: start + ci * chunk + j,
-                    logits: ci * chunk + j + 1 == prompt.len(),
-                })
+                .map(|j| Row { session, position: start + ci * chunk + j, logits: ci * chunk + j + 1 == prompt.len() })
                 .collect();
             let logits = self.forward(&rows, piece)?;
             if !logits.rows.is_empty() {

@@ -65,10 +65,8 @@ impl ModelFile {
         if dims != [cols, rows] {
             return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
         }
-        Matrix::new(dtype, rows, cols, bytes).ok_or_else(|| EngineError::UnsupportedDtype {
-            name: name.into(),
-            dtype: dtype.name().into(),
-        })
+        Matrix::new(dtype, rows, cols, bytes)
+            .ok_or_else(|| EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() })
     }
 
     /// Reads a vector (a norm weight or a bias) as f32, checking its length.
@@ -154,7 +152,8 @@ struct StTensor {
 
 impl SafetensorsDir {
     fn open(path: &Path) -> Result<Self> {
-        let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let dir =
+            if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| EngineError::Io { path: p, source }

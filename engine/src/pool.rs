@@ -42,11 +42,8 @@ impl std::fmt::Debug for ComputePool {
 impl ComputePool {
     /// Starts a pool; `threads` of 0 means one per available core.
     pub fn new(threads: usize) -> Self {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-        } else {
-            threads
-        };
+        let threads =
+            if threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { threads };
         let shared = Arc::new(Shared {
             state: Mutex::new(State { job: None, generation: 0, pending: 0, shutdown: false }),
             wake: Condvar::new(),

@@ -125,11 +125,7 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature == 0.0 {
-            argmax(&l)
-        } else {
-            self.draw(&l)
-        };
+        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l) };
         let (logprob, top) = log_probs(logits, token, p.top_logprobs);
         Sampled { token, logprob, top }
     }

@@ -358,7 +358,15 @@ impl Block {
     }
 
     /// Every (row, head) pair attends on its own; threads split the pairs.
-    fn attention(&self, c: &ModelConfig, local: usize, rows: &[Row], cache: &KvCache, s: &mut Scratch, pool: &ComputePool) {
+    fn attention(
+        &self,
+        c: &ModelConfig,
+        local: usize,
+        rows: &[Row],
+        cache: &KvCache,
+        s: &mut Scratch,
+        pool: &ComputePool,
+    ) {
         let shape = AttnShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let hd = c.head_dim;
         let pairs = rows.len() * c.heads;

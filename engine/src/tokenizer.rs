@@ -31,20 +31,14 @@ use crate::gguf::Metadata;
 
 /// Token texts that end a turn in the common chat formats; any of them found
 /// in the vocabulary is a stop id even if the metadata names only one EOS.
-const STOP_TEXTS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<end_of_turn>",
-    "</s>",
-];
+const STOP_TEXTS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<end_of_turn>", "</s>"];
 
 /// The split regex of Llama 3 style byte-level BPE (numbers in runs of up to three digits).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The split regex of Qwen2 style byte-level BPE (every digit on its own).
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The word-boundary marker SentencePiece uses in place of a space.
 const SPM_SPACE: &str = "\u{2581}";
@@ -86,10 +80,7 @@ fn tok_err(e: impl std::fmt::Display) -> EngineError {
 }
 
 fn missing(key: &str, expected: &'static str) -> EngineError {
-    EngineError::MissingMetadata {
-        key: key.to_string(),
-        expected,
-    }
+    EngineError::MissingMetadata { key: key.to_string(), expected }
 }
 
 /// An optional token id from metadata: absent is `None`, present but not a
@@ -100,9 +91,7 @@ fn optional_id(meta: &Metadata, key: &str, n_vocab: usize) -> Result<Option<u32>
     }
     let id = meta.usize(key).ok_or_else(|| missing(key, "a token id"))?;
     if id >= n_vocab {
-        return Err(EngineError::Tokenizer(format!(
-            "`{key}` is {id} but the vocabulary has {n_vocab} tokens"
-        )));
+        return Err(EngineError::Tokenizer(format!("`{key}` is {id} but the vocabulary has {n_vocab} tokens")));
     }
     u32::try_from(id).map(Some).map_err(tok_err)
 }
@@ -123,42 +112,21 @@ fn vocab_map(tokens: &[&str]) -> Result<Vocab> {
 /// for whole-word vocabulary hits (Llama 3 does).
 fn gpt2_pipeline(pre: &str) -> Result<(PreTokenizerWrapper, Option<NormalizerWrapper>, bool)> {
     let split = |regex: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(regex.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(tok_err)?;
-        Ok(PreSequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, false, false).into(),
-        ])
-        .into())
+        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(tok_err)?;
+        Ok(PreSequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
     };
     Ok(match pre {
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            (
-                PreSequence::new(vec![
-                    Digits::new(true).into(),
-                    ByteLevel::new(false, false, true).into(),
-                ])
-                .into(),
-                None,
-                false,
-            )
-        }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => {
-            (split(LLAMA3_REGEX)?, None, true)
-        }
-        "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => {
-            (split(QWEN2_REGEX)?, Some(NFC.into()), false)
-        }
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (
+            PreSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, false, true).into()]).into(),
+            None,
+            false,
+        ),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => (split(LLAMA3_REGEX)?, None, true),
+        "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => (split(QWEN2_REGEX)?, Some(NFC.into()), false),
         other => {
             if !matches!(other, "" | "default" | "gpt2" | "gpt-2") {
-                tracing::warn!(
-                    pre = other,
-                    "unknown tokenizer.ggml.pre; using the GPT-2 split regex"
-                );
+                tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; using the GPT-2 split regex");
             }
             (ByteLevel::new(false, false, true).into(), None, false)
         }
@@ -168,22 +136,16 @@ fn gpt2_pipeline(pre: &str) -> Result<(PreTokenizerWrapper, Option<NormalizerWra
 /// A gpt2-style byte-level BPE from the GGUF vocabulary and merges.
 fn build_gpt2(meta: &Metadata, tokens: &[&str]) -> Result<tokenizers::Tokenizer> {
     let key = "tokenizer.ggml.merges";
-    let raw_merges = meta
-        .str_array(key)
-        .ok_or_else(|| missing(key, "an array of strings"))?;
+    let raw_merges = meta.str_array(key).ok_or_else(|| missing(key, "an array of strings"))?;
     let vocab = vocab_map(tokens)?;
     let mut merges = Vec::with_capacity(raw_merges.len());
     let mut seen = HashSet::with_capacity(raw_merges.len());
     let mut skipped = 0usize;
     for m in raw_merges {
         let Some((a, b)) = m.split_once(' ') else {
-            return Err(EngineError::Tokenizer(format!(
-                "merge `{m}` is not two space-separated tokens"
-            )));
+            return Err(EngineError::Tokenizer(format!("merge `{m}` is not two space-separated tokens")));
         };
-        let usable = vocab.contains_key(a)
-            && vocab.contains_key(b)
-            && vocab.contains_key(&format!("{a}{b}"));
+        let usable = vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}"));
         if !usable || !seen.insert((a, b)) {
             skipped += 1;
             continue;
@@ -191,18 +153,11 @@ fn build_gpt2(meta: &Metadata, tokens: &[&str]) -> Result<tokenizers::Tokenizer>
         merges.push((a.to_string(), b.to_string()));
     }
     if skipped > 0 {
-        tracing::warn!(
-            skipped,
-            "ignored GGUF merges that are duplicated or name tokens not in the vocabulary"
-        );
+        tracing::warn!(skipped, "ignored GGUF merges that are duplicated or name tokens not in the vocabulary");
     }
     let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
     let (pre_tokenizer, normalizer, ignore_merges) = gpt2_pipeline(pre)?;
-    let model = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(ignore_merges)
-        .build()
-        .map_err(tok_err)?;
+    let model = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(tok_err)?;
     let mut tk = tokenizers::Tokenizer::new(model);
     if let Some(n) = normalizer {
         tk.with_normalizer(Some(n));
@@ -216,15 +171,9 @@ fn build_gpt2(meta: &Metadata, tokens: &[&str]) -> Result<tokenizers::Tokenizer>
 /// unknown characters spelled as `<0xNN>` byte tokens.
 fn build_spm(meta: &Metadata, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer> {
     let key = "tokenizer.ggml.scores";
-    let scores = meta
-        .f32_array(key)
-        .ok_or_else(|| missing(key, "an array of floats"))?;
+    let scores = meta.f32_array(key).ok_or_else(|| missing(key, "an array of floats"))?;
     if scores.len() != tokens.len() {
-        return Err(EngineError::Tokenizer(format!(
-            "{} scores for {} tokens",
-            scores.len(),
-            tokens.len()
-        )));
+        return Err(EngineError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
     }
     let vocab = vocab_map(tokens)?;
     let is_normal = |id: u32| types.get(id as usize).is_some_and(|&t| t == TYPE_NORMAL);
@@ -249,12 +198,7 @@ fn build_spm(meta: &Metadata, tokens: &[&str], types: &[i64]) -> Result<tokenize
     candidates.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
     let merges = candidates
         .into_iter()
-        .map(|(_, _, a, b)| {
-            (
-                tokens[a as usize].to_string(),
-                tokens[b as usize].to_string(),
-            )
-        })
+        .map(|(_, _, a, b)| (tokens[a as usize].to_string(), tokens[b as usize].to_string()))
         .collect();
 
     let n_vocab = tokens.len();
@@ -262,10 +206,7 @@ fn build_spm(meta: &Metadata, tokens: &[&str], types: &[i64]) -> Result<tokenize
         Some(id) => Some(id as usize),
         None => types.iter().position(|&t| t == TYPE_UNKNOWN),
     };
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true)
-        .fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(tokens[unk].to_string());
     }
@@ -277,11 +218,8 @@ fn build_spm(meta: &Metadata, tokens: &[&str], types: &[i64]) -> Result<tokenize
         normalizers.push(Prepend::new(SPM_SPACE.to_string()).into());
     }
     normalizers.push(Replace::new(" ", SPM_SPACE).map_err(tok_err)?.into());
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new(SPM_SPACE, " ").map_err(tok_err)?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new(SPM_SPACE, " ").map_err(tok_err)?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
@@ -308,28 +246,18 @@ fn config_chat_template(config: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(items) => {
             let named = |item: &serde_json::Value| -> Option<(String, String)> {
-                Some((
-                    item.get("name")?.as_str()?.to_string(),
-                    item.get("template")?.as_str()?.to_string(),
-                ))
+                Some((item.get("name")?.as_str()?.to_string(), item.get("template")?.as_str()?.to_string()))
             };
             let all: Vec<(String, String)> = items.iter().filter_map(named).collect();
-            all.iter()
-                .find(|(name, _)| name == "default")
-                .or_else(|| all.first())
-                .map(|(_, t)| t.clone())
+            all.iter().find(|(name, _)| name == "default").or_else(|| all.first()).map(|(_, t)| t.clone())
         }
         _ => None,
     }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// Parses a chat template, logging (not failing) when the model ships one the
@@ -352,31 +280,21 @@ impl Tokenizer {
         let key = "tokenizer.ggml.model";
         let model = meta.str(key).ok_or_else(|| missing(key, "a string"))?;
         let key = "tokenizer.ggml.tokens";
-        let tokens = meta
-            .str_array(key)
-            .ok_or_else(|| missing(key, "an array of strings"))?;
+        let tokens = meta.str_array(key).ok_or_else(|| missing(key, "an array of strings"))?;
         if tokens.is_empty() {
             return Err(EngineError::Tokenizer("the vocabulary is empty".into()));
         }
         if u32::try_from(tokens.len()).is_err() {
-            return Err(EngineError::Tokenizer(format!(
-                "vocabulary of {} tokens is too large",
-                tokens.len()
-            )));
+            return Err(EngineError::Tokenizer(format!("vocabulary of {} tokens is too large", tokens.len())));
         }
         let n_vocab = tokens.len();
         let key = "tokenizer.ggml.token_type";
         let types = match meta.get(key) {
             None => vec![TYPE_NORMAL; n_vocab],
-            Some(_) => meta
-                .i64_array(key)
-                .ok_or_else(|| missing(key, "an array of integers"))?,
+            Some(_) => meta.i64_array(key).ok_or_else(|| missing(key, "an array of integers"))?,
         };
         if types.len() != n_vocab {
-            return Err(EngineError::Tokenizer(format!(
-                "{} token types for {n_vocab} tokens",
-                types.len()
-            )));
+            return Err(EngineError::Tokenizer(format!("{} token types for {n_vocab} tokens", types.len())));
         }
 
         let (mut inner, default_add_bos) = match model {
@@ -392,9 +310,7 @@ impl Tokenizer {
         let special: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
-            .filter(|(text, &t)| {
-                !text.is_empty() && matches!(t, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED)
-            })
+            .filter(|(text, &t)| !text.is_empty() && matches!(t, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED))
             .map(|(text, _)| AddedToken::from((*text).to_string(), true))
             .collect();
         inner.add_special_tokens(&special);
@@ -411,22 +327,13 @@ impl Tokenizer {
             }
         }
 
-        let text_of = |id: Option<u32>| {
-            id.and_then(|i| tokens.get(i as usize))
-                .copied()
-                .unwrap_or("")
-        };
-        let chat_template = parse_template(
-            meta.str("tokenizer.chat_template").map(str::to_string),
-            text_of(bos),
-            text_of(eos),
-        );
+        let text_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).copied().unwrap_or("");
+        let chat_template =
+            parse_template(meta.str("tokenizer.chat_template").map(str::to_string), text_of(bos), text_of(eos));
         Ok(Self {
             inner,
             bos,
-            add_bos: meta
-                .bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(default_add_bos),
+            add_bos: meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos),
             stop_ids: dedup(stops),
             vocab_size: n_vocab,
             chat_template,
@@ -450,12 +357,8 @@ impl Tokenizer {
             Some(p) => read_json(p)?,
             None => serde_json::Value::Null,
         };
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1)
-            .max(inner.get_vocab_size(false));
+        let vocab_size =
+            inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1).max(inner.get_vocab_size(false));
 
         let bos_text = config_token(&config, "bos_token");
         let eos_text = config_token(&config, "eos_token");
@@ -463,9 +366,7 @@ impl Tokenizer {
             match text {
                 None => Ok(None),
                 Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| {
-                    EngineError::Tokenizer(format!(
-                        "token `{t}` from the config is not in the vocabulary"
-                    ))
+                    EngineError::Tokenizer(format!("token `{t}` from the config is not in the vocabulary"))
                 }),
             }
         };
@@ -474,10 +375,7 @@ impl Tokenizer {
 
         // Without an explicit flag, the model wants BOS if its own
         // post-processor would have added it.
-        let add_bos = match config
-            .get("add_bos_token")
-            .and_then(serde_json::Value::as_bool)
-        {
+        let add_bos = match config.get("add_bos_token").and_then(serde_json::Value::as_bool) {
             Some(b) => b,
             None => match bos {
                 Some(b) => inner.encode("", true).map_err(tok_err)?.get_ids().first() == Some(&b),
@@ -486,11 +384,7 @@ impl Tokenizer {
         };
 
         let mut stops: Vec<u32> = eos.into_iter().collect();
-        let sibling = |name: &str| {
-            tokenizer_config_json
-                .and_then(Path::parent)
-                .map(|d| d.join(name))
-        };
+        let sibling = |name: &str| tokenizer_config_json.and_then(Path::parent).map(|d| d.join(name));
         if let Some(gen) = sibling("generation_config.json").filter(|p| p.exists()) {
             let gen = read_json(&gen)?;
             match gen.get("eos_token_id") {
@@ -505,25 +399,13 @@ impl Tokenizer {
         let mut template_source = config_chat_template(&config);
         if template_source.is_none() {
             if let Some(p) = sibling("chat_template.jinja").filter(|p| p.exists()) {
-                template_source = Some(
-                    std::fs::read_to_string(&p)
-                        .map_err(|source| EngineError::Io { path: p, source })?,
-                );
+                template_source =
+                    Some(std::fs::read_to_string(&p).map_err(|source| EngineError::Io { path: p, source })?);
             }
         }
-        let chat_template = parse_template(
-            template_source,
-            bos_text.as_deref().unwrap_or(""),
-            eos_text.as_deref().unwrap_or(""),
-        );
-        Ok(Self {
-            inner,
-            bos,
-            add_bos,
-            stop_ids: dedup(stops),
-            vocab_size,
-            chat_template,
-        })
+        let chat_template =
+            parse_template(template_source, bos_text.as_deref().unwrap_or(""), eos_text.as_deref().unwrap_or(""));
+        Ok(Self { inner, bos, add_bos, stop_ids: dedup(stops), vocab_size, chat_template })
     }
 
     /// Turns text into token ids. Special-token texts in `text` (such as
@@ -624,24 +506,14 @@ pub struct StreamDecoder<'a> {
 impl<'a> StreamDecoder<'a> {
     /// A decoder with no context: the first token is decoded as the start of a text.
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
+        Self { tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// A decoder that treats `context` (e.g. the last few prompt ids) as
     /// already shown, so the first generated token gets the spacing it would
     /// have mid-text. The context itself is never returned.
     pub fn with_context(tokenizer: &'a Tokenizer, context: &[u32]) -> Self {
-        Self {
-            tokenizer,
-            ids: context.to_vec(),
-            prefix: 0,
-            read: context.len(),
-        }
+        Self { tokenizer, ids: context.to_vec(), prefix: 0, read: context.len() }
     }
 
     /// Adds one generated id and returns the text it completes (possibly empty).
@@ -707,9 +579,7 @@ mod tests {
 
     /// GPT-2's reversible byte to printable-character mapping.
     fn byte_char(b: u8) -> char {
-        let printable = |b: u8| {
-            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-        };
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         if printable(b) {
             return char::from(b);
         }
@@ -724,19 +594,13 @@ mod tests {
     /// A tiny gpt2-style vocabulary: three control tokens, all 256 bytes, a
     /// few merges.
     fn tiny_gpt2(pre: &str) -> Metadata {
-        let mut tokens: Vec<String> = vec![
-            "<|endoftext|>".into(),
-            "<|im_start|>".into(),
-            "<|im_end|>".into(),
-        ];
+        let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut types = vec![3, 3, 3];
         for b in 0..=255u8 {
             tokens.push(byte_char(b).to_string());
             types.push(1);
         }
-        let merges = [
-            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor ld", "l d", "1 2",
-        ];
+        let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor ld", "l d", "1 2"];
         for m in merges {
             tokens.push(m.replace(' ', ""));
             types.push(1);
@@ -752,7 +616,12 @@ mod tests {
         set("tokenizer.ggml.merges", strings(&merges.map(String::from)));
         set("tokenizer.ggml.bos_token_id", MetaValue::U32(1));
         set("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
-        set("tokenizer.chat_template", MetaValue::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into()));
+        set(
+            "tokenizer.chat_template",
+            MetaValue::String(
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
+            ),
+        );
         meta
     }
 
@@ -798,10 +667,7 @@ mod tests {
         set("tokenizer.ggml.model", MetaValue::String("llama".into()));
         set("tokenizer.ggml.tokens", strings(&tokens));
         set("tokenizer.ggml.token_type", ints(&types));
-        set(
-            "tokenizer.ggml.scores",
-            MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()),
-        );
+        set("tokenizer.ggml.scores", MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()));
         set("tokenizer.ggml.bos_token_id", MetaValue::U32(1));
         set("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
         set("tokenizer.ggml.unknown_token_id", MetaValue::U32(0));
@@ -835,17 +701,13 @@ mod tests {
     #[test]
     fn gpt2_add_bos_token_is_honoured() {
         let mut meta = tiny_gpt2("gpt2");
-        meta.0
-            .insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true));
+        meta.0.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true));
         let tok = Tokenizer::from_gguf(&meta).unwrap();
         let hello = tok.token_id("hello").unwrap();
         assert_eq!(tok.encode("hello", true).unwrap(), vec![1, hello]);
         assert_eq!(tok.encode("hello", false).unwrap(), vec![hello]);
         // No doubled BOS when the text already carries it.
-        assert_eq!(
-            tok.encode("<|im_start|>hello", true).unwrap(),
-            vec![1, hello]
-        );
+        assert_eq!(tok.encode("<|im_start|>hello", true).unwrap(), vec![1, hello]);
     }
 
     #[test]
@@ -863,11 +725,7 @@ mod tests {
         for pre in ["llama-bpe", "qwen2", "smollm", "default"] {
             let tok = Tokenizer::from_gguf(&tiny_gpt2(pre)).unwrap();
             let text = "hello world\n\n  12 it's";
-            assert_eq!(
-                tok.decode(&tok.encode(text, false).unwrap()).unwrap(),
-                text,
-                "{pre}"
-            );
+            assert_eq!(tok.decode(&tok.encode(text, false).unwrap()).unwrap(), text, "{pre}");
         }
     }
 
@@ -890,84 +748,44 @@ mod tests {
     #[test]
     fn spm_without_space_prefix() {
         let mut meta = tiny_spm();
-        meta.0.insert(
-            "tokenizer.ggml.add_space_prefix".into(),
-            MetaValue::Bool(false),
-        );
+        meta.0.insert("tokenizer.ggml.add_space_prefix".into(), MetaValue::Bool(false));
         let tok = Tokenizer::from_gguf(&meta).unwrap();
         let ids = tok.encode("hello world", false).unwrap();
-        assert_eq!(
-            ids,
-            vec![
-                tok.token_id("hello").unwrap(),
-                tok.token_id("▁world").unwrap()
-            ]
-        );
+        assert_eq!(ids, vec![tok.token_id("hello").unwrap(), tok.token_id("▁world").unwrap()]);
         assert_eq!(tok.decode(&ids).unwrap(), "hello world");
     }
 
     #[test]
     fn bad_metadata_is_an_error() {
         let mut meta = tiny_gpt2("gpt2");
-        meta.0.insert(
-            "tokenizer.ggml.model".into(),
-            MetaValue::String("bert".into()),
-        );
+        meta.0.insert("tokenizer.ggml.model".into(), MetaValue::String("bert".into()));
         let err = Tokenizer::from_gguf(&meta).unwrap_err();
-        assert!(
-            matches!(&err, EngineError::Tokenizer(m) if m.contains("bert")),
-            "{err}"
-        );
+        assert!(matches!(&err, EngineError::Tokenizer(m) if m.contains("bert")), "{err}");
 
         let mut meta = tiny_gpt2("gpt2");
         meta.0.remove("tokenizer.ggml.merges");
-        assert!(matches!(
-            Tokenizer::from_gguf(&meta),
-            Err(EngineError::MissingMetadata { .. })
-        ));
+        assert!(matches!(Tokenizer::from_gguf(&meta), Err(EngineError::MissingMetadata { .. })));
 
         let mut meta = tiny_gpt2("gpt2");
         meta.0.remove("tokenizer.ggml.tokens");
-        assert!(matches!(
-            Tokenizer::from_gguf(&meta),
-            Err(EngineError::MissingMetadata { .. })
-        ));
+        assert!(matches!(Tokenizer::from_gguf(&meta), Err(EngineError::MissingMetadata { .. })));
 
         let mut meta = tiny_gpt2("gpt2");
-        meta.0
-            .insert("tokenizer.ggml.token_type".into(), ints(&[1, 1]));
-        assert!(matches!(
-            Tokenizer::from_gguf(&meta),
-            Err(EngineError::Tokenizer(_))
-        ));
+        meta.0.insert("tokenizer.ggml.token_type".into(), ints(&[1, 1]));
+        assert!(matches!(Tokenizer::from_gguf(&meta), Err(EngineError::Tokenizer(_))));
 
         let mut meta = tiny_gpt2("gpt2");
-        meta.0.insert(
-            "tokenizer.ggml.eos_token_id".into(),
-            MetaValue::U32(1_000_000),
-        );
-        assert!(matches!(
-            Tokenizer::from_gguf(&meta),
-            Err(EngineError::Tokenizer(_))
-        ));
+        meta.0.insert("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(1_000_000));
+        assert!(matches!(Tokenizer::from_gguf(&meta), Err(EngineError::Tokenizer(_))));
 
         let mut meta = tiny_spm();
         meta.0.remove("tokenizer.ggml.scores");
-        assert!(matches!(
-            Tokenizer::from_gguf(&meta),
-            Err(EngineError::MissingMetadata { .. })
-        ));
+        assert!(matches!(Tokenizer::from_gguf(&meta), Err(EngineError::MissingMetadata { .. })));
 
-        assert!(matches!(
-            Tokenizer::from_gguf(&Metadata::default()),
-            Err(EngineError::MissingMetadata { .. })
-        ));
+        assert!(matches!(Tokenizer::from_gguf(&Metadata::default()), Err(EngineError::MissingMetadata { .. })));
 
         let tok = Tokenizer::from_gguf(&tiny_gpt2("gpt2")).unwrap();
-        assert!(matches!(
-            tok.decode(&[5, 100_000]),
-            Err(EngineError::Tokenizer(_))
-        ));
+        assert!(matches!(tok.decode(&[5, 100_000]), Err(EngineError::Tokenizer(_))));
     }
 
     #[test]
@@ -981,10 +799,7 @@ mod tests {
         let mut out = String::new();
         for &id in &ids {
             let piece = dec.push(id).unwrap();
-            assert!(
-                !piece.contains('\u{FFFD}'),
-                "partial character in {piece:?}"
-            );
+            assert!(!piece.contains('\u{FFFD}'), "partial character in {piece:?}");
             out.push_str(&piece);
         }
         out.push_str(&dec.finish().unwrap());
@@ -1039,15 +854,8 @@ mod tests {
         assert_eq!(loaded.vocab_size(), tok.vocab_size());
         let hello = loaded.token_id("hello").unwrap();
         assert_eq!(loaded.encode("hello", true).unwrap(), vec![1, hello]);
-        let msgs = [crate::chat::ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }];
-        let rendered = loaded
-            .chat_template()
-            .unwrap()
-            .render(&msgs, false)
-            .unwrap();
+        let msgs = [crate::chat::ChatMessage { role: "user".into(), content: "hi".into() }];
+        let rendered = loaded.chat_template().unwrap().render(&msgs, false).unwrap();
         assert_eq!(rendered, "<|im_start|>hi<|im_end|>");
 
         let only_json = Tokenizer::from_files(&json, None).unwrap();
@@ -1068,17 +876,11 @@ mod tests {
     #[test]
     fn real_model_tokenizer() {
         let Some(tok) = real_model() else { return };
-        assert_eq!(
-            tok.encode("The capital of France is", true).unwrap(),
-            vec![504, 3575, 282, 4649, 314]
-        );
+        assert_eq!(tok.encode("The capital of France is", true).unwrap(), vec![504, 3575, 282, 4649, 314]);
         let im_start = tok.token_id("<|im_start|>").unwrap();
         assert_eq!(tok.encode("<|im_start|>user", false).unwrap()[0], im_start);
         assert_eq!(tok.encode("2024", false).unwrap().len(), 4);
-        for text in [
-            "Hello, world! 123 café 🦀 日本語\n\n  indented",
-            "<|im_start|>user\nhi<|im_end|>\n",
-        ] {
+        for text in ["Hello, world! 123 café 🦀 日本語\n\n  indented", "<|im_start|>user\nhi<|im_end|>\n"] {
             let ids = tok.encode(text, false).unwrap();
             assert_eq!(tok.decode(&ids).unwrap(), text);
             let mut dec = tok.stream_decoder();
@@ -1093,10 +895,7 @@ mod tests {
         }
         assert!(tok.is_stop(2) && tok.is_stop(0));
         assert_eq!(tok.vocab_size(), 49152);
-        let msgs = [crate::chat::ChatMessage {
-            role: "user".into(),
-            content: "Hi".into(),
-        }];
+        let msgs = [crate::chat::ChatMessage { role: "user".into(), content: "Hi".into() }];
         let prompt = tok.chat_template().unwrap().render(&msgs, true).unwrap();
         assert_eq!(
             prompt,

@@ -20,8 +20,13 @@ impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
         let row_bytes = dtype.row_bytes(cols)?;
-        (dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?)
-            .then_some(Self { dtype, rows, cols, row_bytes, data })
+        (dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?).then_some(Self {
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
     }
 
     /// Output features.
@@ -63,7 +68,8 @@ impl Matrix {
         debug_assert_eq!(x.dim, self.cols);
         debug_assert_eq!(out.len(), x.n * self.rows);
         let a = x.quantized(self.dtype.vec_dot_type());
-        let a_bytes = self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0);
+        // Float weights dot the raw f32 rows; `a` is then empty.
+        let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
         let out_ptr = SharedOut(out.as_mut_ptr());
         let (n, rows, dim, xs) = (x.n, self.rows, x.dim, x.x);
         pool.run(&|part| {
@@ -71,12 +77,8 @@ impl Matrix {
             for o in split(rows, part, pool.threads()) {
                 let w = self.row(o);
                 for i in 0..n {
-                    let v = quant::vec_dot(
-                        self.dtype,
-                        w,
-                        &a[i * a_bytes..(i + 1) * a_bytes],
-                        &xs[i * dim..(i + 1) * dim],
-                    );
+                    let v =
+                        quant::vec_dot(self.dtype, w, &a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
                     // SAFETY: `i * rows + o` is in bounds (out.len() == n * rows) and
                     // each `o` belongs to exactly one part, so no two threads write
                     // the same element, and `out` outlives `pool.run`.

@@ -46,9 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (file, mut pipe) = a.engine.load()?;
     let tok = file.tokenizer()?;
     let text = if a.chat {
-        let template = tok
-            .chat_template()
-            .ok_or_else(|| anyhow::anyhow!("--chat: the model has no chat template"))?;
+        let template = tok.chat_template().ok_or_else(|| anyhow::anyhow!("--chat: the model has no chat template"))?;
         template.render(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }], true)?
     } else {
         a.prompt.clone()

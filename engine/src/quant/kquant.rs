@@ -175,10 +175,7 @@ fn unpack_q6k_quants(ql: &[u8], qh: &[u8]) -> [i8; QK_K] {
 pub(crate) fn dequantize_q4k(blocks: &[u8], out: &mut [f32]) {
     debug_assert_eq!(out.len() % QK_K, 0);
     debug_assert_eq!(blocks.len(), out.len() / QK_K * Q4K_BYTES);
-    for (blk, y) in blocks
-        .chunks_exact(Q4K_BYTES)
-        .zip(out.chunks_exact_mut(QK_K))
-    {
+    for (blk, y) in blocks.chunks_exact(Q4K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let d = read_f16(blk, Q4K_D);
         let dmin = read_f16(blk, Q4K_DMIN);
         let (sc, mn) = unpack_q4k_scales(&blk[Q4K_SCALES..Q4K_QS]);
@@ -203,10 +200,7 @@ pub(crate) fn dequantize_q4k(blocks: &[u8], out: &mut [f32]) {
 pub(crate) fn dequantize_q6k(blocks: &[u8], out: &mut [f32]) {
     debug_assert_eq!(out.len() % QK_K, 0);
     debug_assert_eq!(blocks.len(), out.len() / QK_K * Q6K_BYTES);
-    for (blk, y) in blocks
-        .chunks_exact(Q6K_BYTES)
-        .zip(out.chunks_exact_mut(QK_K))
-    {
+    for (blk, y) in blocks.chunks_exact(Q6K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let d = read_f16(blk, Q6K_D);
         let q = unpack_q6k_quants(&blk[Q6K_QL..Q6K_QH], &blk[Q6K_QH..Q6K_SCALES]);
         let scales = &blk[Q6K_SCALES..Q6K_D];
@@ -411,8 +405,7 @@ pub(crate) fn vec_dot_q4k_q8k(w: &[u8], a: &[u8]) -> f32 {
                 .map(|(&w, &a)| i32::from(w) * i32::from(a as i8))
                 .sum();
             sumi += i32::from(sc[j]) * dot;
-            let bs = i32::from(read_i16(ab, Q8K_BSUMS + 4 * j))
-                + i32::from(read_i16(ab, Q8K_BSUMS + 4 * j + 2));
+            let bs = i32::from(read_i16(ab, Q8K_BSUMS + 4 * j)) + i32::from(read_i16(ab, Q8K_BSUMS + 4 * j + 2));
             summs += i32::from(mn[j]) * bs;
         }
         let ad = read_f32(ab, Q8K_D);
@@ -462,10 +455,7 @@ mod tests {
     impl Lcg {
         /// Uniform f32 in `[-1, 1)`.
         fn next_f32(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
     }
@@ -501,11 +491,7 @@ mod tests {
                 assert!((a - b).abs() <= max_rel * amax, "x={a} y={b} amax={amax}");
             }
         }
-        let err: f64 = x
-            .iter()
-            .zip(y)
-            .map(|(&a, &b)| f64::from(a - b).powi(2))
-            .sum();
+        let err: f64 = x.iter().zip(y).map(|(&a, &b)| f64::from(a - b).powi(2)).sum();
         let sig: f64 = x.iter().map(|&a| f64::from(a).powi(2)).sum();
         let rel = (err / sig).sqrt();
         assert!(rel < rms_rel, "relative rms error {rel}");
@@ -546,10 +532,7 @@ mod tests {
         check_roundtrip(&x, &y, 0.5 / 127.0 + 1e-6, 0.01);
         for blk in b.chunks_exact(Q8K_BYTES) {
             for k in 0..16 {
-                let s: i32 = blk[Q8K_QS + 16 * k..Q8K_QS + 16 * k + 16]
-                    .iter()
-                    .map(|&q| i32::from(q as i8))
-                    .sum();
+                let s: i32 = blk[Q8K_QS + 16 * k..Q8K_QS + 16 * k + 16].iter().map(|&q| i32::from(q as i8)).sum();
                 assert_eq!(s, i32::from(read_i16(blk, Q8K_BSUMS + 2 * k)));
             }
         }
@@ -568,10 +551,7 @@ mod tests {
         quantize_q8k(&x, &mut b);
         assert_eq!(read_f32(&b, Q8K_D), 1.0 / 64.0);
         let q = |i: usize| b[Q8K_QS + i] as i8;
-        assert_eq!(
-            (q(5), q(17), q(40), q(41), q(42), q(0)),
-            (-127, 64, 32, 2, -4, 0)
-        );
+        assert_eq!((q(5), q(17), q(40), q(41), q(42), q(0)), (-127, 64, 32, 2, -4, 0));
         assert_eq!(read_i16(&b, Q8K_BSUMS), -127);
         assert_eq!(read_i16(&b, Q8K_BSUMS + 2), 64);
         assert_eq!(read_i16(&b, Q8K_BSUMS + 4), 32 + 2 - 4);
@@ -619,9 +599,7 @@ mod tests {
     #[test]
     fn q4k_hand_block() {
         // sc = [1, 2, 3, 4, 21, 38, 63, 8], m = [5, 6, 7, 8, 25, 42, 48, 3], packed by hand.
-        let scales = [
-            0x41, 0x82, 0xC3, 0x04, 0x45, 0x86, 0xC7, 0x08, 0x95, 0xA6, 0x0F, 0x38,
-        ];
+        let scales = [0x41, 0x82, 0xC3, 0x04, 0x45, 0x86, 0xC7, 0x08, 0x95, 0xA6, 0x0F, 0x38];
         let mut blk = vec![0u8; Q4K_BYTES];
         blk[0..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
         blk[2..4].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
@@ -670,16 +648,8 @@ mod tests {
     }
 
     fn f64_dot(w: &[f32], a: &[f32]) -> (f64, f64) {
-        let dot = w
-            .iter()
-            .zip(a)
-            .map(|(&w, &a)| f64::from(w) * f64::from(a))
-            .sum();
-        let mag = w
-            .iter()
-            .zip(a)
-            .map(|(&w, &a)| (f64::from(w) * f64::from(a)).abs())
-            .sum();
+        let dot = w.iter().zip(a).map(|(&w, &a)| f64::from(w) * f64::from(a)).sum();
+        let mag = w.iter().zip(a).map(|(&w, &a)| (f64::from(w) * f64::from(a)).abs()).sum();
         (dot, mag)
     }
 

@@ -193,7 +193,9 @@ mod tests {
         let mut blk = vec![0u8; Q8_1_BYTES];
         quantize_q8_1(&x, &mut blk);
         let codes: i32 = i8s(&blk[4..]).sum();
-        assert!((f16_at(&blk, 2) - codes as f32 * f16_at(&blk, 0)).abs() < 1e-2);
+        // `s` is the code sum times the unrounded scale, then rounded to f16.
+        let expected = half::f16::from_f32(codes as f32 * (21.0 / 127.0)).to_f32();
+        assert_eq!(f16_at(&blk, 2), expected);
         assert_eq!(blk[4 + 31] as i8, 127);
     }
 }
