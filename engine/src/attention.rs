@@ -22,33 +22,35 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] += x[l] * y[l];
         }
     }
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[l] = x.mul_add(*y, acc[l]);
+        acc[l] += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
-/// Attention for one head of one row: `q` is that head's query, `keys` and
-/// `values` the session's first `tokens` cached rows (`tokens × kv_dim`).
-/// `scores` is scratch of at least `tokens`.
+/// The part of a session's cache one query row may see.
+#[derive(Debug, Clone, Copy)]
+pub struct Visible<'a> {
+    /// Cached keys, `tokens × kv_dim` or more.
+    pub keys: &'a [f32],
+    /// Cached values, same layout.
+    pub values: &'a [f32],
+    /// How many leading cached tokens the row attends to (its position + 1).
+    pub tokens: usize,
+}
+
+/// Attention for one head of one row: `q` is that head's query, `seen` the
+/// cache it attends over. `scores` is scratch of at least `seen.tokens`.
 #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
-pub fn attend_head(
-    shape: AttnShape,
-    head: usize,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    tokens: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+pub fn attend_head(shape: AttnShape, head: usize, q: &[f32], seen: Visible<'_>, scores: &mut [f32], out: &mut [f32]) {
     let hd = shape.head_dim;
     let kv_dim = shape.kv_heads * hd;
     let kvh = head / (shape.heads / shape.kv_heads);
     let scale = 1.0 / (hd as f32).sqrt();
+    let Visible { keys, values, tokens } = seen;
     let scores = &mut scores[..tokens];
     let mut max = f32::NEG_INFINITY;
     for (t, s) in scores.iter_mut().enumerate() {
@@ -67,7 +69,7 @@ pub fn attend_head(
         let w = s * inv;
         let v = &values[t * kv_dim + kvh * hd..][..hd];
         for (o, &x) in out.iter_mut().zip(v) {
-            *o = w.mul_add(x, *o);
+            *o += w * x;
         }
     }
 }
@@ -81,7 +83,14 @@ mod tests {
         let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 2 };
         let mut out = [0.0; 2];
         let mut scores = [0.0; 1];
-        attend_head(shape, 1, &[1.0, 2.0], &[3.0, 4.0], &[5.0, 6.0], 1, &mut scores, &mut out);
+        attend_head(
+            shape,
+            1,
+            &[1.0, 2.0],
+            Visible { keys: &[3.0, 4.0], values: &[5.0, 6.0], tokens: 1 },
+            &mut scores,
+            &mut out,
+        );
         assert_eq!(out, [5.0, 6.0]);
     }
 
@@ -90,7 +99,8 @@ mod tests {
         let shape = AttnShape { heads: 1, kv_heads: 1, head_dim: 2 };
         let mut out = [0.0; 2];
         let mut scores = [0.0; 2];
-        attend_head(shape, 0, &[1.0, 1.0], &[1.0, 0.0, 1.0, 0.0], &[2.0, 0.0, 4.0, 8.0], 2, &mut scores, &mut out);
+        let seen = Visible { keys: &[1.0, 0.0, 1.0, 0.0], values: &[2.0, 0.0, 4.0, 8.0], tokens: 2 };
+        attend_head(shape, 0, &[1.0, 1.0], seen, &mut scores, &mut out);
         assert_eq!(out, [3.0, 4.0]);
     }
 }

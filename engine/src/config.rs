@@ -7,6 +7,8 @@ use crate::gguf::Metadata;
 
 /// Default RoPE base when a file does not say.
 pub const DEFAULT_ROPE_THETA: f32 = 10_000.0;
+/// Widest attention head the kernels support.
+pub const MAX_HEAD_DIM: usize = 512;
 /// Default RMSNorm epsilon when a file does not say.
 pub const DEFAULT_RMS_EPS: f32 = 1e-5;
 
@@ -153,11 +155,11 @@ impl ModelConfig {
         if self.layers == 0 || self.hidden == 0 || self.heads == 0 || self.vocab == 0 || self.ffn == 0 {
             return bad("a dimension is zero".into());
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("{} heads do not group into {} KV heads", self.heads, self.kv_heads));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
-            return bad(format!("head dimension {} is not even", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
+            return bad(format!("head dimension {} is not even and at most {MAX_HEAD_DIM}", self.head_dim));
         }
         Ok(self)
     }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use crate::attention::{attend_head, AttnShape};
+use crate::attention::{attend_head, AttnShape, Visible};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
@@ -384,7 +384,8 @@ impl Block {
                 // SAFETY: each (row, head) pair owns the disjoint range
                 // `at..at + hd` of `s.attn`, which outlives `pool.run`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
-                attend_head(shape, head, &q[at..at + hd], keys, values, r.position + 1, &mut scores, dst);
+                let seen = Visible { keys, values, tokens: r.position + 1 };
+                attend_head(shape, head, &q[at..at + hd], seen, &mut scores, dst);
             }
         });
     }

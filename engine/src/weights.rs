@@ -13,19 +13,20 @@ pub struct Matrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Vec<u8>,
+    /// Shared, so a tied lm_head and the embedding hold one copy.
+    data: std::sync::Arc<[u8]>,
 }
 
 impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
         let row_bytes = dtype.row_bytes(cols)?;
-        (dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?).then_some(Self {
+        (dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?).then(|| Self {
             dtype,
             rows,
             cols,
             row_bytes,
-            data,
+            data: data.into(),
         })
     }
 
@@ -74,15 +75,23 @@ impl Matrix {
         let (n, rows, dim, xs) = (x.n, self.rows, x.dim, x.x);
         pool.run(&|part| {
             let out_ptr = &out_ptr;
-            for o in split(rows, part, pool.threads()) {
-                let w = self.row(o);
+            // Tiles of up to ROW_TILE weight rows share each activation row
+            // (bit-identical to one `vec_dot` per row).
+            let range = split(rows, part, pool.threads());
+            let mut tile = [0.0f32; quant::ROW_TILE];
+            for o in range.clone().step_by(quant::ROW_TILE) {
+                let k = (range.end - o).min(quant::ROW_TILE);
+                let w = &self.data[o * self.row_bytes..(o + k) * self.row_bytes];
                 for i in 0..n {
-                    let v =
-                        quant::vec_dot(self.dtype, w, &a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
-                    // SAFETY: `i * rows + o` is in bounds (out.len() == n * rows) and
-                    // each `o` belongs to exactly one part, so no two threads write
-                    // the same element, and `out` outlives `pool.run`.
-                    unsafe { *out_ptr.0.add(i * rows + o) = v };
+                    let (ai, xi) = (&a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
+                    quant::vec_dot_rows(self.dtype, w, self.row_bytes, ai, xi, &mut tile[..k]);
+                    for (r, &v) in tile[..k].iter().enumerate() {
+                        // SAFETY: `i * rows + o + r` is in bounds (out.len() == n * rows,
+                        // o + r < rows) and each output row belongs to exactly one part,
+                        // so no two threads write the same element, and `out` outlives
+                        // `pool.run`.
+                        unsafe { *out_ptr.0.add(i * rows + o + r) = v };
+                    }
                 }
             }
         });

@@ -62,8 +62,8 @@ fn eight_sessions_decoded_together_equal_each_alone() {
             }
         }
         let first = pipe.forward(&rows, &toks).expect("batched prefill");
-        for i in 0..lens.len() {
-            assert_eq!(bits(first.row(i)), bits(&alone[i][0]), "{dtype:?} session {i} prefill");
+        for (i, a) in alone.iter().enumerate() {
+            assert_eq!(bits(first.row(i)), bits(&a[0]), "{dtype:?} session {i} prefill");
         }
         for k in 0..steps {
             let rows: Vec<Row> = lens
@@ -73,8 +73,8 @@ fn eight_sessions_decoded_together_equal_each_alone() {
                 .collect();
             let toks: Vec<u32> = (0..lens.len()).map(|i| next_token(SessionId(i as u64), k)).collect();
             let step = pipe.forward(&rows, &toks).expect("batched decode");
-            for i in 0..lens.len() {
-                assert_eq!(bits(step.row(i)), bits(&alone[i][k + 1]), "{dtype:?} session {i} step {k}");
+            for (i, a) in alone.iter().enumerate() {
+                assert_eq!(bits(step.row(i)), bits(&a[k + 1]), "{dtype:?} session {i} step {k}");
             }
         }
     }

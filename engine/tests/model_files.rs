@@ -16,8 +16,8 @@ fn run_prompt(file: &ModelFile) -> Vec<f32> {
 fn assert_sane(logits: &[f32], vocab: usize) {
     assert_eq!(logits.len(), vocab);
     assert!(logits.iter().all(|v| v.is_finite()));
-    let spread = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-        - logits.iter().copied().fold(f32::INFINITY, f32::min);
+    let spread =
+        logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) - logits.iter().copied().fold(f32::INFINITY, f32::min);
     assert!(spread > 1e-3, "logits are flat: the model computed nothing");
 }
 
@@ -128,7 +128,9 @@ fn bad_model_files_are_typed_errors() {
         w.tensor("token_embd.weight", &[32, 7], GgmlType::F32, vec![0; 32 * 7 * 4]);
     });
     let file = ModelFile::open(&p).expect("header is fine");
-    assert!(matches!(Stage::load(&file, 0..1), Err(EngineError::TensorShape { name, .. }) if name == "token_embd.weight"));
+    assert!(
+        matches!(Stage::load(&file, 0..1), Err(EngineError::TensorShape { name, .. }) if name == "token_embd.weight")
+    );
 
     let p = write_with(dir.path(), |w| {
         w.tensor("token_embd.weight", &[32, 8], GgmlType::F32, vec![0; 32 * 8 * 4]);

@@ -1,5 +1,6 @@
 //! Subcommands. Each lives in its own module and owns its flags.
 
+mod bench;
 mod generate;
 mod perplexity;
 
@@ -19,6 +20,9 @@ enum Command {
     Generate(generate::Args),
     /// Measure perplexity on a text file (llama.cpp's method).
     Perplexity(perplexity::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 impl Cli {
@@ -27,6 +31,7 @@ impl Cli {
         match self.command {
             Command::Generate(a) => generate::run(a),
             Command::Perplexity(a) => perplexity::run(a),
+            Command::Bench(b) => b.run(),
         }
     }
 }

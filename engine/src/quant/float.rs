@@ -50,11 +50,11 @@ fn lane_dot(n: usize, mut w: impl FnMut(usize) -> f32, a: &[f32]) -> f32 {
     let full = n / LANES * LANES;
     for i in (0..full).step_by(LANES) {
         for l in 0..LANES {
-            acc[l] = w(i + l).mul_add(a[i + l], acc[l]);
+            acc[l] += w(i + l) * a[i + l];
         }
     }
     for i in full..n {
-        acc[i - full] = w(i).mul_add(a[i], acc[i - full]);
+        acc[i - full] += w(i) * a[i];
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }

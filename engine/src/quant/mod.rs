@@ -12,6 +12,7 @@
 mod float;
 mod kquant;
 mod legacy;
+mod simd;
 
 use half::f16;
 
@@ -117,7 +118,7 @@ impl GgmlType {
 
     /// Bytes in a row of `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_len() == 0).then(|| n / self.block_len() * self.block_bytes())
+        n.is_multiple_of(self.block_len()).then(|| n / self.block_len() * self.block_bytes())
     }
 
     /// The type activations are quantized to before a dot product with weights of this type.
@@ -169,6 +170,7 @@ pub fn quantize_row(dtype: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::BF16 => float::encode_bf16(x, &mut out),
         GgmlType::Q4_0 => legacy::quantize_q4_0(x, &mut out),
         GgmlType::Q4_1 => legacy::quantize_q4_1(x, &mut out),
+        GgmlType::Q8_0 | GgmlType::Q8_1 if simd::quantize_row(dtype, x, &mut out) => {}
         GgmlType::Q8_0 => legacy::quantize_q8_0(x, &mut out),
         GgmlType::Q8_1 => legacy::quantize_q8_1(x, &mut out),
         GgmlType::Q4_K => kquant::quantize_q4k(x, &mut out),
@@ -183,6 +185,10 @@ pub fn quantize_row(dtype: GgmlType, x: &[f32]) -> Vec<u8> {
 /// `a` is the raw f32 row.
 #[inline]
 pub fn vec_dot(dtype: GgmlType, w: &[u8], a: &[u8], a_f32: &[f32]) -> f32 {
+    // SIMD kernels are bit-identical to the scalar reference below.
+    if let Some(v) = simd::vec_dot(dtype, w, a) {
+        return v;
+    }
     match dtype {
         GgmlType::F32 => float::dot_f32(w, a_f32),
         GgmlType::F16 => float::dot_f16(w, a_f32),
@@ -197,6 +203,27 @@ pub fn vec_dot(dtype: GgmlType, w: &[u8], a: &[u8], a_f32: &[f32]) -> f32 {
             0.0
         }
     }
+}
+
+/// Most weight rows one [`vec_dot_rows`] call computes.
+pub const ROW_TILE: usize = simd::ROW_TILE;
+
+/// [`vec_dot`] of `out.len()` (at most [`ROW_TILE`]) consecutive weight rows,
+/// each `row_bytes` long, starting at `w`, with the same activation row.
+///
+/// Results equal per-row [`vec_dot`] bit for bit; batching rows lets SIMD
+/// kernels share the activation loads and keep one row per vector lane.
+pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32: &[f32], out: &mut [f32]) {
+    if !simd::vec_dot_rows(dtype, w, row_bytes, a, out) {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = vec_dot(dtype, &w[r * row_bytes..(r + 1) * row_bytes], a, a_f32);
+        }
+    }
+}
+
+/// Name of the SIMD kernel family chosen at run time (`scalar`, `avx2`, `neon`).
+pub fn kernel_name() -> &'static str {
+    simd::kernel_name()
 }
 
 /// Q8_K only appears as activations; decoding it serves tests and debugging.

@@ -1,0 +1,356 @@
+//! Run-time selected SIMD kernels for the quantized dot products and the
+//! activation quantizers.
+//!
+//! Every kernel here reproduces the scalar reference in `legacy`/`kquant` bit
+//! for bit (determinism rule: results never depend on the CPU's features).
+//! The kernel set is chosen once per process: the best one the CPU supports,
+//! unless `POTLUCK_KERNEL=scalar` forces the reference path (for tests and
+//! benchmarks). Each entry point returns `None`/`false` when it has no kernel
+//! for a type, and the caller then runs the scalar reference.
+//!
+//! All `unsafe` code of the quantized kernels lives in this module's children.
+
+use std::sync::OnceLock;
+
+use super::GgmlType;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Most weight rows one [`vec_dot_rows`] call handles: one per f32 lane of an
+/// AVX2 register, so each lane keeps the reference's sequential block order.
+pub(crate) const ROW_TILE: usize = 8;
+
+/// The kernel family in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// The scalar reference only.
+    Scalar,
+    /// AVX2 + F16C (the token proves detection succeeded).
+    #[cfg(target_arch = "x86_64")]
+    Avx2(x86::Avx2),
+    /// NEON (aarch64 baseline).
+    #[cfg(target_arch = "aarch64")]
+    Neon(neon::Neon),
+}
+
+/// The process-wide kernel choice, detected on first use.
+fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if std::env::var("POTLUCK_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
+            Kernel::Scalar
+        } else {
+            best()
+        }
+    })
+}
+
+/// The fastest kernel family this CPU supports.
+fn best() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = x86::Avx2::detect() {
+        return Kernel::Avx2(t);
+    }
+    #[cfg(target_arch = "aarch64")]
+    return Kernel::Neon(neon::Neon);
+    #[allow(unreachable_code)]
+    Kernel::Scalar
+}
+
+/// Name of the kernel family in use (for logs and benchmarks).
+pub(crate) fn kernel_name() -> &'static str {
+    match kernel() {
+        Kernel::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(_) => "avx2",
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(_) => "neon",
+    }
+}
+
+/// Single-row quantized dot product, or `None` to use the scalar reference.
+#[inline]
+pub(crate) fn vec_dot(dtype: GgmlType, w: &[u8], a: &[u8]) -> Option<f32> {
+    match kernel() {
+        Kernel::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(k) => k.vec_dot(dtype, w, a),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(k) => k.vec_dot(dtype, w, a),
+    }
+}
+
+/// Dot products of `out.len()` (at most [`ROW_TILE`]) consecutive weight rows
+/// of `row_bytes` each (`w`) with one quantized activation row `a`.
+///
+/// Returns `false` when there is no multi-row kernel for `dtype` (nothing
+/// written); the caller then computes the rows one by one.
+#[inline]
+pub(crate) fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], out: &mut [f32]) -> bool {
+    match kernel() {
+        Kernel::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(k) => k.vec_dot_rows(dtype, w, row_bytes, a, out),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(_) => false,
+    }
+}
+
+/// Quantizes an activation row into `out` (sized by the caller), or returns
+/// `false` to use the scalar reference.
+#[inline]
+pub(crate) fn quantize_row(dtype: GgmlType, x: &[f32], out: &mut [u8]) -> bool {
+    match kernel() {
+        Kernel::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(k) => k.quantize_row(dtype, x, out),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{kquant, legacy, GgmlType};
+    use half::f16;
+
+    /// Small deterministic generator (no `rand` dependency).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            self.0 >> 33
+        }
+        fn byte(&mut self) -> u8 {
+            (self.next() & 0xFF) as u8
+        }
+        /// Uniform in `[-1, 1)`.
+        fn unit(&mut self) -> f32 {
+            (self.next() & 0xFF_FFFF) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        /// A finite scale: sometimes zero, sometimes tiny, mostly ordinary.
+        fn scale(&mut self) -> f32 {
+            match self.next() % 8 {
+                0 => 0.0,
+                1 => 1e-6 * self.unit(),
+                2 => 1000.0 * self.unit(),
+                _ => self.unit(),
+            }
+        }
+    }
+
+    /// Fill modes for quant bytes: random, or the edge values.
+    #[derive(Clone, Copy)]
+    enum Fill {
+        Random,
+        /// 0xFF everywhere: all-15 nibbles, -1 bytes.
+        Ones,
+        /// 0x80: -128 bytes, nibbles 0 and 8.
+        Min,
+        /// 0x7F: 127 bytes.
+        Max,
+    }
+
+    const FILLS: [Fill; 4] = [Fill::Random, Fill::Ones, Fill::Min, Fill::Max];
+
+    fn fill(r: &mut Rng, f: Fill, out: &mut [u8]) {
+        for b in out {
+            *b = match f {
+                Fill::Random => r.byte(),
+                Fill::Ones => 0xFF,
+                Fill::Min => 0x80,
+                Fill::Max => 0x7F,
+            };
+        }
+    }
+
+    fn put16(b: &mut [u8], at: usize, v: f32) {
+        b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    }
+
+    /// A row of `nb` blocks of `ty` with quants filled per `f` and finite scales.
+    fn row(r: &mut Rng, ty: GgmlType, nb: usize, f: Fill) -> Vec<u8> {
+        let bb = ty.block_bytes();
+        let mut v = vec![0u8; nb * bb];
+        for blk in v.chunks_exact_mut(bb) {
+            fill(r, f, blk);
+            match ty {
+                GgmlType::Q4_0 | GgmlType::Q8_0 => put16(blk, 0, r.scale()),
+                GgmlType::Q4_1 | GgmlType::Q8_1 => {
+                    put16(blk, 0, r.scale());
+                    put16(blk, 2, r.scale());
+                }
+                GgmlType::Q4_K => {
+                    put16(blk, 0, r.scale());
+                    put16(blk, 2, r.scale());
+                }
+                GgmlType::Q6_K => put16(blk, 208, r.scale()),
+                GgmlType::Q8_K => {
+                    blk[0..4].copy_from_slice(&r.scale().to_le_bytes());
+                    // bsums must be consistent with the quants for Q4_K's reference.
+                    for k in 0..16 {
+                        let s: i16 = blk[4 + 16 * k..20 + 16 * k].iter().map(|&q| i16::from(q as i8)).sum();
+                        blk[260 + 2 * k..262 + 2 * k].copy_from_slice(&s.to_le_bytes());
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        v
+    }
+
+    fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
+        match ty {
+            GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0(w, a),
+            GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1(w, a),
+            GgmlType::Q8_0 => legacy::vec_dot_q8_0_q8_0(w, a),
+            GgmlType::Q4_K => kquant::vec_dot_q4k_q8k(w, a),
+            GgmlType::Q6_K => kquant::vec_dot_q6k_q8k(w, a),
+            _ => unreachable!(),
+        }
+    }
+
+    const TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
+
+    /// Runs `check(ty, w_rows, row_bytes, a)` over many random and edge inputs
+    /// of several lengths, with up to [`super::ROW_TILE`] + 1 weight rows.
+    fn cases(mut check: impl FnMut(GgmlType, &[u8], usize, usize, &[u8])) {
+        let mut r = Rng(42);
+        for ty in TYPES {
+            let lens: &[usize] = if ty.block_len() == 32 { &[1, 2, 3, 7, 18, 49, 96] } else { &[1, 2, 3, 6] };
+            for &nb in lens {
+                for (i, &wf) in FILLS.iter().enumerate() {
+                    for &af in &FILLS[i % 2..] {
+                        for _ in 0..3 {
+                            let k = 1 + (r.next() as usize) % (super::ROW_TILE + 1);
+                            let w: Vec<u8> = (0..k).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
+                            let a = row(&mut r, ty.vec_dot_type(), nb, af);
+                            check(ty, &w, w.len() / k, k, &a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn noise(r: &mut Rng, n: usize) -> Vec<f32> {
+        let mag = [1e-3, 1.0, 7.5, 300.0][(r.next() % 4) as usize];
+        (0..n).map(|_| r.unit() * mag).collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::super::x86::Avx2;
+        use super::*;
+
+        fn token() -> Option<Avx2> {
+            let t = Avx2::detect();
+            if t.is_none() {
+                eprintln!("skipping: CPU lacks AVX2/F16C");
+            }
+            t
+        }
+
+        #[test]
+        fn single_row_is_bit_exact() {
+            let Some(t) = token() else { return };
+            cases(|ty, w, rb, k, a| {
+                for row in w.chunks_exact(rb).take(k) {
+                    let want = reference(ty, row, a);
+                    let got = t.vec_dot(ty, row, a).expect("kernel");
+                    assert_eq!(got.to_bits(), want.to_bits(), "{}: {got} vs {want}", ty.name());
+                }
+            });
+        }
+
+        #[test]
+        fn multi_row_is_bit_exact() {
+            let Some(t) = token() else { return };
+            cases(|ty, w, rb, k, a| {
+                let k = k.min(super::super::ROW_TILE);
+                let mut out = vec![f32::NAN; k];
+                if !t.vec_dot_rows(ty, w, rb, a, &mut out) {
+                    return;
+                }
+                for (row, got) in w.chunks_exact(rb).zip(&out) {
+                    let want = reference(ty, row, a);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} rows: {got} vs {want}", ty.name());
+                }
+            });
+        }
+
+        #[test]
+        fn quantize_is_byte_exact() {
+            let Some(t) = token() else { return };
+            let mut r = Rng(7);
+            for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
+                for nb in [1, 2, 5, 18, 64] {
+                    for case in 0..40 {
+                        let mut x = noise(&mut r, nb * 32);
+                        match case % 8 {
+                            // Exact halves: ties must round away from zero.
+                            0 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 64) as f32 * 0.5 - 16.0),
+                            1 => x.fill(0.0),
+                            2 => x[3] = f32::NAN,
+                            3 => x[5] = f32::INFINITY,
+                            4 => x.iter_mut().step_by(3).for_each(|v| *v = -*v * 1e30),
+                            5 => x[0] = -0.0,
+                            _ => {}
+                        }
+                        let n = ty.row_bytes(x.len()).unwrap();
+                        let mut want = vec![0u8; n];
+                        match ty {
+                            GgmlType::Q8_0 => legacy::quantize_q8_0(&x, &mut want),
+                            _ => legacy::quantize_q8_1(&x, &mut want),
+                        }
+                        let mut got = vec![0xAAu8; n];
+                        assert!(t.quantize_row(ty, &x, &mut got));
+                        assert_eq!(got, want, "{} case {case} nb {nb}", ty.name());
+                    }
+                }
+            }
+        }
+
+        /// Throughput of the kernels on SmolLM2-sized rows (`cargo test --release
+        /// -- --ignored --nocapture kernel_speed`).
+        #[test]
+        #[ignore]
+        fn kernel_speed() {
+            let Some(t) = token() else { return };
+            let mut r = Rng(1);
+            let (rows, nb) = (1536, 18);
+            for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+                let w = row(&mut r, ty, rows * nb, Fill::Random);
+                let a = row(&mut r, ty.vec_dot_type(), nb, Fill::Random);
+                let rb = w.len() / rows;
+                let time = |f: &mut dyn FnMut(&mut [f32])| {
+                    let start = std::time::Instant::now();
+                    let mut out = vec![0.0f32; rows];
+                    for _ in 0..200 {
+                        f(&mut out);
+                    }
+                    start.elapsed().as_secs_f64() / 200.0 * 1e6
+                };
+                let s = time(&mut |o| {
+                    o.iter_mut().enumerate().for_each(|(i, v)| *v = reference(ty, &w[i * rb..][..rb], &a))
+                });
+                let one = time(&mut |o| {
+                    o.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = t.vec_dot(ty, &w[i * rb..][..rb], &a).unwrap_or(0.0))
+                });
+                let multi = time(&mut |o| {
+                    for (c, chunk) in o.chunks_mut(super::super::ROW_TILE).enumerate() {
+                        let base = c * super::super::ROW_TILE * rb;
+                        t.vec_dot_rows(ty, &w[base..], rb, &a, chunk);
+                    }
+                });
+                eprintln!("{}: scalar {s:.1} us, avx2 1-row {one:.1} us, avx2 8-row {multi:.1} us", ty.name());
+            }
+        }
+    }
+}
