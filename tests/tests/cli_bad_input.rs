@@ -1,0 +1,34 @@
+//! Bad input to the CLI is a clear error and a non-zero exit, never a panic.
+
+use anyhow::Context as _;
+use potluck_engine::fixture::TinyModel;
+use potluck_tests::potluck;
+
+fn assert_clean_failure(args: &[&str], needle: &str) -> anyhow::Result<()> {
+    let run = potluck(args)?;
+    assert!(!run.success, "{args:?} succeeded");
+    assert!(!run.stderr.contains("panicked"), "{args:?} panicked: {}", run.stderr);
+    assert!(run.stderr.contains(needle), "{args:?}: expected `{needle}` in: {}", run.stderr);
+    Ok(())
+}
+
+#[test]
+fn bad_models_prompts_and_flags_fail_cleanly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let random = dir.path().join("random.gguf");
+    std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect::<Vec<_>>())?;
+    let r = random.to_str().context("path")?;
+    assert_clean_failure(&["generate", "--model", r, "--prompt", "x"], "malformed GGUF")?;
+    assert_clean_failure(&["generate", "--model", "/nonexistent.gguf", "--prompt", "x"], "cannot read")?;
+
+    let tiny = TinyModel { context: 32, ..TinyModel::default() }.write_gguf(dir.path())?;
+    let t = tiny.to_str().context("path")?;
+    let long = "a".repeat(40);
+    assert_clean_failure(&["generate", "--model", t, "--prompt", &long, "--max-tokens", "4"], "context length")?;
+    assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--temperature=-1"], "temperature")?;
+    assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--wire-dtype", "f8"], "f8")?;
+    assert_clean_failure(&["bench", "memory", "--model", t, "--layers", "3..99"], "invalid")?;
+    let ok = potluck(&["generate", "--model", t, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"])?;
+    assert!(ok.success, "tiny model failed: {}", ok.stderr);
+    Ok(())
+}
