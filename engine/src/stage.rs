@@ -151,7 +151,12 @@ impl Stage {
             .iter()
             .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].into_iter().map(m).sum::<usize>())
             .sum();
-        blocks + self.embed.as_ref().map_or(0, m) + self.head.as_ref().map_or(0, |h| m(&h.lm_head))
+        let head = match (&self.head, &self.embed) {
+            (Some(h), Some(e)) if h.lm_head.shares_storage(e) => 0,
+            (Some(h), _) => m(&h.lm_head),
+            (None, _) => 0,
+        };
+        blocks + self.embed.as_ref().map_or(0, m) + head
     }
 
     /// An empty KV cache for this stage's layers.

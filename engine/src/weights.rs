@@ -14,7 +14,7 @@ pub struct Matrix {
     cols: usize,
     row_bytes: usize,
     /// Shared, so a tied lm_head and the embedding hold one copy.
-    data: std::sync::Arc<[u8]>,
+    data: std::sync::Arc<Vec<u8>>,
 }
 
 impl Matrix {
@@ -26,7 +26,8 @@ impl Matrix {
             rows,
             cols,
             row_bytes,
-            data: data.into(),
+            // `Arc<Vec>` rather than `Arc<[u8]>`: no copy of a 30 MB embedding.
+            data: std::sync::Arc::new(data),
         })
     }
 
@@ -43,6 +44,11 @@ impl Matrix {
     /// Storage type.
     pub fn dtype(&self) -> GgmlType {
         self.dtype
+    }
+
+    /// Whether `other` shares this matrix's storage (a tied lm_head).
+    pub fn shares_storage(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.data, &other.data)
     }
 
     /// Bytes held.
