@@ -1,29 +1,46 @@
-//! A small fixed-size compute pool that sleeps when idle.
+//! A small fixed-size compute pool that spins briefly, then sleeps.
 //!
-//! Why not rayon: its workers spin before sleeping, and two engine processes
-//! sharing a core then starve each other. Here a job is split into as many
-//! parts as there are threads, the caller runs part 0 itself, and the other
-//! threads block on a condition variable between jobs. Work is split by
-//! output element, never along a reduction, so results do not depend on the
-//! thread count.
+//! Why not rayon: its workers spin for a long time before sleeping, and two
+//! engine processes sharing a core then starve each other. Here a job is
+//! split into as many parts as there are threads, the caller runs part 0
+//! itself, and the other threads wait between jobs: first a short bounded
+//! spin (a forward pass issues jobs a few microseconds apart, and a futex
+//! round trip costs more than that), then a sleep on a condition variable.
+//! The spin is bounded in time ([`SPIN`]), so an idle or preempted pool
+//! gives its core back quickly. Work is split by output element, never along
+//! a reduction, so results do not depend on the thread count.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a waiting thread spins before it sleeps. Long enough to bridge
+/// the gap between two jobs of one forward pass, short enough that a pool
+/// between tokens (or on a shared host) stops burning the core at once.
+/// `POTLUCK_POOL_SPIN_US` overrides it (0 disables spinning).
+pub const SPIN: Duration = Duration::from_micros(40);
 
 /// A job as the workers see it: a borrowed closure whose lifetime `run` guarantees.
 type Job = &'static (dyn Fn(usize) + Sync);
 
-struct State {
-    job: Option<Job>,
-    generation: u64,
-    pending: usize,
-    shutdown: bool,
-}
-
 struct Shared {
-    state: Mutex<State>,
+    /// The current job; written by `run` only while no worker is inside a job.
+    job: Mutex<Option<Job>>,
+    /// Bumped once per job; workers run a job when they see a new value.
+    generation: AtomicU64,
+    /// Worker parts of the current job not yet finished.
+    pending: AtomicUsize,
+    shutdown: AtomicBool,
+    /// Workers asleep (or about to sleep) on `wake`.
+    sleepers: AtomicUsize,
+    /// Whether the caller of `run` sleeps on `done`.
+    caller_sleeping: AtomicBool,
+    /// Guards the sleeps; holds no data.
+    sleep: Mutex<()>,
     wake: Condvar,
     done: Condvar,
+    spin: Duration,
 }
 
 /// A pool of `threads - 1` helpers plus the calling thread.
@@ -39,15 +56,49 @@ impl std::fmt::Debug for ComputePool {
     }
 }
 
+/// Spins until `ready()` or until `limit` has passed; returns whether it became ready.
+#[inline]
+fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    if ready() {
+        return true;
+    }
+    if limit.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        for _ in 0..32 {
+            std::hint::spin_loop();
+            if ready() {
+                return true;
+            }
+        }
+        if start.elapsed() >= limit {
+            return ready();
+        }
+    }
+}
+
 impl ComputePool {
     /// Starts a pool; `threads` of 0 means one per available core.
     pub fn new(threads: usize) -> Self {
         let threads =
             if threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { threads };
+        let spin = std::env::var("POTLUCK_POOL_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(SPIN, Duration::from_micros);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { job: None, generation: 0, pending: 0, shutdown: false }),
+            job: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            caller_sleeping: AtomicBool::new(false),
+            sleep: Mutex::new(()),
             wake: Condvar::new(),
             done: Condvar::new(),
+            spin,
         });
         let handles = (1..threads)
             .map(|part| {
@@ -75,59 +126,74 @@ impl ComputePool {
             f(0);
             return;
         }
+        let sh = &*self.shared;
         // SAFETY: the reference is only used by workers between here and the
         // wait below, which does not return until every part has finished
         // (`pending == 0`), so `f` outlives every use.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
-        {
-            let mut st = lock(&self.shared.state);
-            st.job = Some(job);
-            st.generation += 1;
-            st.pending = self.threads - 1;
+        *lock(&sh.job) = Some(job);
+        sh.pending.store(self.threads - 1, Ordering::SeqCst);
+        sh.generation.fetch_add(1, Ordering::SeqCst);
+        // A worker that registered as a sleeper before the bump is woken here;
+        // one registering after it sees the new generation before sleeping.
+        if sh.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&sh.sleep);
+            sh.wake.notify_all();
         }
-        self.shared.wake.notify_all();
         f(0);
-        let mut st = lock(&self.shared.state);
-        while st.pending > 0 {
-            st = self.shared.done.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SeqCst on both sides of each sleep handshake (flag store, then counter
+        // load; counter update, then flag load), so one side always sees the other.
+        let finished = || sh.pending.load(Ordering::SeqCst) == 0;
+        if !spin_until(sh.spin, finished) {
+            let mut g = lock(&sh.sleep);
+            sh.caller_sleeping.store(true, Ordering::SeqCst);
+            while !finished() {
+                g = sh.done.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            sh.caller_sleeping.store(false, Ordering::SeqCst);
         }
-        st.job = None;
+        *lock(&sh.job) = None;
     }
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn worker(shared: &Shared, part: usize) {
+fn worker(sh: &Shared, part: usize) {
     let mut seen = 0u64;
     loop {
-        let job = {
-            let mut st = lock(&shared.state);
-            while st.generation == seen && !st.shutdown {
-                st = shared.wake.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = || sh.generation.load(Ordering::SeqCst) != seen || sh.shutdown.load(Ordering::SeqCst);
+        if !spin_until(sh.spin, fresh) {
+            let mut g = lock(&sh.sleep);
+            sh.sleepers.fetch_add(1, Ordering::SeqCst);
+            while !fresh() {
+                g = sh.wake.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            if st.shutdown {
-                return;
-            }
-            seen = st.generation;
-            st.job
-        };
+            sh.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+        if sh.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        seen = sh.generation.load(Ordering::Acquire);
+        let job = *lock(&sh.job);
         if let Some(job) = job {
             job(part);
         }
-        let mut st = lock(&shared.state);
-        st.pending -= 1;
-        if st.pending == 0 {
-            shared.done.notify_one();
+        if sh.pending.fetch_sub(1, Ordering::SeqCst) == 1 && sh.caller_sleeping.load(Ordering::SeqCst) {
+            let _g = lock(&sh.sleep);
+            sh.done.notify_one();
         }
     }
 }
 
 impl Drop for ComputePool {
     fn drop(&mut self) {
-        lock(&self.shared.state).shutdown = true;
-        self.shared.wake.notify_all();
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _g = lock(&self.shared.sleep);
+            self.shared.wake.notify_all();
+        }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }

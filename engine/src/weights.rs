@@ -6,29 +6,39 @@ use crate::pool::{split, ComputePool};
 use crate::quant::{self, GgmlType};
 
 /// A `rows × cols` weight matrix (`rows` outputs, `cols` inputs), row-major,
-/// each row a run of `dtype` blocks exactly as GGUF stores it.
+/// each row a run of `dtype` blocks exactly as GGUF stores it, or, when the
+/// kernel in use has a packed kernel for the type, repacked into tiles of
+/// [`quant::TILE`] rows (see [`quant::pack_matrix`]) holding the same bytes.
 #[derive(Debug, Clone)]
 pub struct Matrix {
     dtype: GgmlType,
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// Whether `data` holds packed tiles rather than GGUF rows.
+    packed: bool,
     /// Shared, so a tied lm_head and the embedding hold one copy.
     data: std::sync::Arc<Vec<u8>>,
 }
+
+/// Activation rows per pass over a thread's weight tiles in the packed
+/// matmul: their quantized rows stay in L1/L2 while each weight tile is
+/// reused for all of them.
+const ACT_CHUNK: usize = 32;
 
 impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
         let row_bytes = dtype.row_bytes(cols)?;
-        (dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?).then(|| Self {
-            dtype,
-            rows,
-            cols,
-            row_bytes,
-            // `Arc<Vec>` rather than `Arc<[u8]>`: no copy of a 30 MB embedding.
-            data: std::sync::Arc::new(data),
-        })
+        if !(dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?) {
+            return None;
+        }
+        let (packed, data) = match quant::pack_matrix(dtype, &data, rows, row_bytes) {
+            Some(p) => (true, p),
+            None => (false, data),
+        };
+        // `Arc<Vec>` rather than `Arc<[u8]>`: no copy of a 30 MB embedding.
+        Some(Self { dtype, rows, cols, row_bytes, packed, data: std::sync::Arc::new(data) })
     }
 
     /// Output features.
@@ -56,13 +66,15 @@ impl Matrix {
         self.data.len()
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-
     /// Decodes row `r` (an embedding lookup) into `out`.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        quant::dequantize_row(self.dtype, self.row(r), out);
+        if self.packed {
+            let mut row = vec![0u8; self.row_bytes];
+            quant::unpack_row(self.dtype, &self.data, self.row_bytes, r, &mut row);
+            quant::dequantize_row(self.dtype, &row, out);
+        } else {
+            quant::dequantize_row(self.dtype, &self.data[r * self.row_bytes..(r + 1) * self.row_bytes], out);
+        }
     }
 
     /// `out[i][o] = dot(self[o], x[i])` for every row `i` of `x`.
@@ -72,41 +84,93 @@ impl Matrix {
     /// many threads run. Threads split the output features; each weight row
     /// is read once for the whole batch.
     pub fn matmul(&self, x: &Activations<'_>, out: &mut [f32], pool: &ComputePool) {
-        debug_assert_eq!(x.dim, self.cols);
-        debug_assert_eq!(out.len(), x.n * self.rows);
-        let a = x.quantized(self.dtype.vec_dot_type());
-        // Float weights dot the raw f32 rows; `a` is then empty.
-        let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        let (n, rows, dim, xs) = (x.n, self.rows, x.dim, x.x);
+        Self::matmul_group(&[self], x, &mut [out], pool);
+    }
+
+    /// [`Matrix::matmul`] of several matrices with the same input (q, k, v;
+    /// gate, up) in one pool job, so the threads wake once instead of once
+    /// per matrix. Each thread takes the same share of every matrix's output
+    /// features; results equal separate `matmul` calls bit for bit.
+    pub fn matmul_group(mats: &[&Matrix], x: &Activations<'_>, outs: &mut [&mut [f32]], pool: &ComputePool) {
+        debug_assert_eq!(mats.len(), outs.len());
+        // Quantize on this thread first: the lazily filled cache is not `Sync`.
+        let jobs: Vec<(&Matrix, &[u8], SharedOut)> = mats
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(m, out)| {
+                debug_assert_eq!(x.dim, m.cols);
+                debug_assert_eq!(out.len(), x.n * m.rows);
+                (*m, x.quantized(m.dtype.vec_dot_type()), SharedOut(out.as_mut_ptr()))
+            })
+            .collect();
+        let (n, dim, xs) = (x.n, x.dim, x.x);
         pool.run(&|part| {
-            let out_ptr = &out_ptr;
-            // Tiles of up to ROW_TILE weight rows share each activation row
-            // (bit-identical to one `vec_dot` per row).
-            let range = split(rows, part, pool.threads());
-            let mut tile = [0.0f32; quant::ROW_TILE];
-            for o in range.clone().step_by(quant::ROW_TILE) {
-                let k = (range.end - o).min(quant::ROW_TILE);
-                let w = &self.data[o * self.row_bytes..(o + k) * self.row_bytes];
-                for i in 0..n {
-                    let (ai, xi) = (&a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
-                    quant::vec_dot_rows(self.dtype, w, self.row_bytes, ai, xi, &mut tile[..k]);
-                    for (r, &v) in tile[..k].iter().enumerate() {
-                        // SAFETY: `i * rows + o + r` is in bounds (out.len() == n * rows,
-                        // o + r < rows) and each output row belongs to exactly one part,
-                        // so no two threads write the same element, and `out` outlives
-                        // `pool.run`.
-                        unsafe { *out_ptr.0.add(i * rows + o + r) = v };
-                    }
-                }
+            for (m, a, out) in &jobs {
+                m.matmul_part(n, dim, xs, a, out, part, pool.threads());
             }
         });
     }
+
+    /// This thread's share (`part` of `parts`) of a matmul into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_part(&self, n: usize, dim: usize, xs: &[f32], a: &[u8], out: &SharedOut, part: usize, parts: usize) {
+        // Float weights dot the raw f32 rows; `a` is then empty.
+        let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
+        let rows = self.rows;
+        let put = |i: usize, o: usize, v: f32| {
+            debug_assert!(i < n && o < rows);
+            // SAFETY: `i * rows + o` is in bounds (out.len() == n * rows, o < rows)
+            // and each output feature belongs to exactly one part, so no two
+            // threads write the same element, and `out` outlives `pool.run`.
+            unsafe { *out.0.add(i * rows + o) = v };
+        };
+        if self.packed {
+            let tile_bytes = quant::TILE * self.row_bytes;
+            let nb = self.cols / self.dtype.block_len();
+            let tiles = split(rows.div_ceil(quant::TILE), part, parts);
+            let mut buf = [[0.0f32; quant::TILE]; quant::MAX_ACT];
+            for c0 in (0..n).step_by(ACT_CHUNK) {
+                let c1 = (c0 + ACT_CHUNK).min(n);
+                for t in tiles.clone() {
+                    let tile = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
+                    let live = (rows - t * quant::TILE).min(quant::TILE);
+                    let mut i = c0;
+                    while i < c1 {
+                        let m = (c1 - i).min(quant::MAX_ACT);
+                        quant::dot_packed(self.dtype, tile, nb, &a[i * a_bytes..], a_bytes, &mut buf[..m]);
+                        for (j, lanes) in buf[..m].iter().enumerate() {
+                            for (r, &v) in lanes[..live].iter().enumerate() {
+                                put(i + j, t * quant::TILE + r, v);
+                            }
+                        }
+                        i += m;
+                    }
+                }
+            }
+            return;
+        }
+        // Tiles of up to ROW_TILE weight rows share each activation row
+        // (bit-identical to one `vec_dot` per row).
+        let range = split(rows, part, parts);
+        let mut tile = [0.0f32; quant::ROW_TILE];
+        for o in range.clone().step_by(quant::ROW_TILE) {
+            let k = (range.end - o).min(quant::ROW_TILE);
+            let w = &self.data[o * self.row_bytes..(o + k) * self.row_bytes];
+            for i in 0..n {
+                let (ai, xi) = (&a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
+                quant::vec_dot_rows(self.dtype, w, self.row_bytes, ai, xi, &mut tile[..k]);
+                for (r, &v) in tile[..k].iter().enumerate() {
+                    put(i, o + r, v);
+                }
+            }
+        }
+    }
 }
 
-/// The output buffer shared across compute threads, written at disjoint indices.
+/// An output buffer shared across compute threads, written at disjoint indices.
 struct SharedOut(*mut f32);
-// SAFETY: see the write in `Matrix::matmul`: indices are disjoint per thread.
+// SAFETY: see `Matrix::matmul_part`: each thread writes only the output
+// features of its own part.
 unsafe impl Sync for SharedOut {}
 
 /// A batch of activation rows and, lazily, their quantized forms.
@@ -137,6 +201,67 @@ impl<'a> Activations<'a> {
             GgmlType::Q8_K => &self.q8_k,
             _ => return &[],
         };
-        cell.get_or_init(|| self.x.chunks_exact(self.dim).flat_map(|r| quant::quantize_row(ty, r)).collect())
+        cell.get_or_init(|| {
+            let rb = ty.row_bytes(self.dim).unwrap_or(0);
+            let mut q = vec![0u8; rb * self.n];
+            for (r, o) in self.x.chunks_exact(self.dim).zip(q.chunks_exact_mut(rb.max(1))) {
+                quant::quantize_row_into(ty, r, o);
+            }
+            q
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every output element of `matmul` (packed or not, any batch size and
+    /// thread count, alone or in a group) equals the single-row `vec_dot`
+    /// of the GGUF-layout row, bit for bit.
+    #[test]
+    fn matmul_equals_vec_dot_for_any_batch_and_threads() {
+        let (rows, cols) = (21, 96);
+        for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::F32] {
+            let cols = if dtype == GgmlType::Q4_K { 256 } else { cols };
+            let w: Vec<Vec<u8>> = (0..rows).map(|r| quant::quantize_row(dtype, &noise(cols, r as u64 + 1))).collect();
+            let m = Matrix::new(dtype, rows, cols, w.concat()).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = ComputePool::new(threads);
+                for n in [1, 2, 5, 33, 40] {
+                    let x = noise(n * cols, 1000 + n as u64);
+                    let acts = Activations::new(&x, n, cols);
+                    let mut out = vec![f32::NAN; n * rows];
+                    let mut twice = vec![f32::NAN; n * rows];
+                    Matrix::matmul_group(&[&m, &m], &acts, &mut [&mut out, &mut twice], &pool);
+                    for i in 0..n {
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let a = quant::quantize_row(dtype.vec_dot_type(), xi);
+                        let a = if dtype == GgmlType::F32 { Vec::new() } else { a };
+                        for (o, wr) in w.iter().enumerate() {
+                            let want = quant::vec_dot(dtype, wr, &a, xi);
+                            let got = out[i * rows + o];
+                            assert_eq!(got.to_bits(), want.to_bits(), "{} n={n} t={threads}", dtype.name());
+                            assert_eq!(twice[i * rows + o].to_bits(), want.to_bits());
+                        }
+                    }
+                    let mut row = vec![0.0; cols];
+                    let mut want = vec![0.0; cols];
+                    m.dequantize_row_into(rows - 1, &mut row);
+                    quant::dequantize_row(dtype, &w[rows - 1], &mut want);
+                    assert_eq!(row, want);
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@
 mod float;
 mod kquant;
 mod legacy;
+mod pack;
 mod simd;
 
 use half::f16;
@@ -164,20 +165,27 @@ pub fn quantize_row(dtype: GgmlType, x: &[f32]) -> Vec<u8> {
         return Vec::new();
     };
     let mut out = vec![0u8; n];
-    match dtype {
-        GgmlType::F32 => float::encode_f32(x, &mut out),
-        GgmlType::F16 => float::encode_f16(x, &mut out),
-        GgmlType::BF16 => float::encode_bf16(x, &mut out),
-        GgmlType::Q4_0 => legacy::quantize_q4_0(x, &mut out),
-        GgmlType::Q4_1 => legacy::quantize_q4_1(x, &mut out),
-        GgmlType::Q8_0 | GgmlType::Q8_1 if simd::quantize_row(dtype, x, &mut out) => {}
-        GgmlType::Q8_0 => legacy::quantize_q8_0(x, &mut out),
-        GgmlType::Q8_1 => legacy::quantize_q8_1(x, &mut out),
-        GgmlType::Q4_K => kquant::quantize_q4k(x, &mut out),
-        GgmlType::Q6_K => kquant::quantize_q6k(x, &mut out),
-        GgmlType::Q8_K => kquant::quantize_q8k(x, &mut out),
-    }
+    quantize_row_into(dtype, x, &mut out);
     out
+}
+
+/// [`quantize_row`] into a caller's buffer of exactly `dtype.row_bytes(x.len())`
+/// bytes, so the hot path quantizes a whole batch without allocating per row.
+pub fn quantize_row_into(dtype: GgmlType, x: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(dtype.row_bytes(x.len()), Some(out.len()));
+    match dtype {
+        GgmlType::F32 => float::encode_f32(x, out),
+        GgmlType::F16 => float::encode_f16(x, out),
+        GgmlType::BF16 => float::encode_bf16(x, out),
+        GgmlType::Q4_0 => legacy::quantize_q4_0(x, out),
+        GgmlType::Q4_1 => legacy::quantize_q4_1(x, out),
+        GgmlType::Q8_0 | GgmlType::Q8_1 if simd::quantize_row(dtype, x, out) => {}
+        GgmlType::Q8_0 => legacy::quantize_q8_0(x, out),
+        GgmlType::Q8_1 => legacy::quantize_q8_1(x, out),
+        GgmlType::Q4_K => kquant::quantize_q4k(x, out),
+        GgmlType::Q6_K => kquant::quantize_q6k(x, out),
+        GgmlType::Q8_K => kquant::quantize_q8k(x, out),
+    }
 }
 
 /// Dot product of one weight row (`w`, in `dtype` blocks) with one activation
@@ -217,6 +225,51 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
     if !simd::vec_dot_rows(dtype, w, row_bytes, a, out) {
         for (r, o) in out.iter_mut().enumerate() {
             *o = vec_dot(dtype, &w[r * row_bytes..(r + 1) * row_bytes], a, a_f32);
+        }
+    }
+}
+
+/// Rows per packed weight tile (see [`pack_matrix`]).
+pub const TILE: usize = pack::TILE;
+
+/// Most activation rows one [`dot_packed`] call takes.
+pub const MAX_ACT: usize = simd::MAX_ACT;
+
+/// Repacks a `rows × row_bytes` matrix into interleaved tiles of [`TILE`]
+/// rows when the kernel in use has a packed kernel for `dtype` (one
+/// sequential stream per tile and vector-wide scale loads); `None` keeps the
+/// GGUF layout. The packed form is `rows.div_ceil(TILE) * TILE * row_bytes` long.
+pub fn pack_matrix(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Option<Vec<u8>> {
+    if simd::packs(dtype) {
+        pack::pack(dtype, data, rows, row_bytes)
+    } else {
+        None
+    }
+}
+
+/// Row `r` of a matrix packed by [`pack_matrix`], back in GGUF layout (`out`
+/// is `row_bytes` long), for embedding lookups.
+pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, out: &mut [u8]) {
+    pack::unpack_row(dtype, packed, row_bytes, r, out);
+}
+
+/// Dot products of one packed tile (the [`TILE`] rows of `nb` blocks that
+/// [`pack_matrix`] made) with `out.len()` (1..=[`MAX_ACT`]) activation rows,
+/// quantized to `dtype.vec_dot_type()` and starting `a_stride` bytes apart in
+/// `a`. `out[i][r]` equals [`vec_dot`] of tile row `r` with activation `i`,
+/// bit for bit, whatever `out.len()`.
+pub fn dot_packed(dtype: GgmlType, tile: &[u8], nb: usize, a: &[u8], a_stride: usize, out: &mut [[f32; TILE]]) {
+    if simd::dot_packed(dtype, tile, nb, a, a_stride, out) {
+        return;
+    }
+    // Reference path: rebuild each row and take the scalar dot product.
+    let row_bytes = nb * dtype.block_bytes();
+    let a_bytes = nb * dtype.vec_dot_type().block_bytes();
+    let mut row = vec![0u8; row_bytes];
+    for r in 0..TILE {
+        pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
+        for (i, o) in out.iter_mut().enumerate() {
+            o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
         }
     }
 }

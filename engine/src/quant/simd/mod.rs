@@ -23,6 +23,10 @@ mod x86;
 /// AVX2 register, so each lane keeps the reference's sequential block order.
 pub(crate) const ROW_TILE: usize = 8;
 
+/// Most activation rows one [`dot_packed`] call takes: the unpacked weight
+/// tile stays in registers while each activation row passes over it.
+pub(crate) const MAX_ACT: usize = 4;
+
 /// The kernel family in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -94,6 +98,39 @@ pub(crate) fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8]
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(k) => k.vec_dot_rows(dtype, w, row_bytes, a, out),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(_) => false,
+    }
+}
+
+/// Whether the kernel in use has a packed-tile kernel for `dtype` (see
+/// `quant::pack`); matrices of such types are packed at load time.
+pub(crate) fn packs(dtype: GgmlType) -> bool {
+    match kernel() {
+        Kernel::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(_) => matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon(_) => false,
+    }
+}
+
+/// Dot products of one packed tile's eight rows (`nb` blocks) with
+/// `out.len()` (1..=[`MAX_ACT`]) activation rows `a_stride` bytes apart.
+/// Returns `false` (nothing written) when there is no packed kernel.
+#[inline]
+pub(crate) fn dot_packed(
+    dtype: GgmlType,
+    tile: &[u8],
+    nb: usize,
+    a: &[u8],
+    a_stride: usize,
+    out: &mut [[f32; 8]],
+) -> bool {
+    match kernel() {
+        Kernel::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2(k) => k.dot_packed(dtype, tile, nb, a, a_stride, out),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(_) => false,
     }
@@ -281,6 +318,55 @@ mod tests {
                     assert_eq!(got.to_bits(), want.to_bits(), "{} rows: {got} vs {want}", ty.name());
                 }
             });
+        }
+
+        /// Packed tiles against the scalar reference: every (row, activation)
+        /// output, for 1..=MAX_ACT activation rows per call, partial tiles,
+        /// random and edge-value quants and scales; a row's result must not
+        /// depend on how many activation rows share the call.
+        #[test]
+        fn packed_tiles_are_bit_exact_for_any_activation_count() {
+            let Some(t) = token() else { return };
+            let mut r = Rng(99);
+            for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                let tbb = 8 * ty.block_bytes();
+                for nb in [1, 2, 3, 7, 18, 48] {
+                    for (fi, &wf) in FILLS.iter().enumerate() {
+                        for &af in &FILLS[fi % 2..] {
+                            let k = 1 + (r.next() as usize) % 8;
+                            let rb = nb * ty.block_bytes();
+                            let w: Vec<u8> = (0..k).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
+                            let packed = super::super::super::pack::pack(ty, &w, k, rb).unwrap();
+                            assert_eq!(packed.len(), 8 * rb);
+                            // Activation rows with a gap between them (stride > row).
+                            let ab = nb * ty.vec_dot_type().block_bytes();
+                            let stride = ab + 5;
+                            let acts: Vec<Vec<u8>> = (0..super::super::MAX_ACT)
+                                .map(|i| row(&mut r, ty.vec_dot_type(), nb, if i % 2 == 0 { af } else { Fill::Random }))
+                                .collect();
+                            let mut a = vec![0u8; stride * acts.len()];
+                            for (i, act) in acts.iter().enumerate() {
+                                a[i * stride..i * stride + ab].copy_from_slice(act);
+                            }
+                            let mut alone = [[f32::NAN; 8]; 1];
+                            for m in 1..=super::super::MAX_ACT {
+                                let mut out = vec![[f32::NAN; 8]; m];
+                                assert!(t.dot_packed(ty, &packed, nb, &a, stride, &mut out));
+                                for (i, lanes) in out.iter().enumerate() {
+                                    assert!(t.dot_packed(ty, &packed, nb, &a[i * stride..], stride, &mut alone));
+                                    for (rr, got) in lanes[..k].iter().enumerate() {
+                                        let want = reference(ty, &w[rr * rb..(rr + 1) * rb], &acts[i]);
+                                        assert_eq!(got.to_bits(), want.to_bits(), "{} m={m} i={i} r={rr}", ty.name());
+                                        assert_eq!(got.to_bits(), alone[0][rr].to_bits());
+                                    }
+                                }
+                            }
+                            let mut short = [[0.0f32; 8]; 1];
+                            assert!(!t.dot_packed(ty, &packed[..nb * tbb - 1], nb, &a, stride, &mut short));
+                        }
+                    }
+                }
+            }
         }
 
         #[test]
