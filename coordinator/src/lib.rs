@@ -1,5 +1,52 @@
-//! The Potluck coordinator: API, scheduler, planner and membership
-//! (pipeline and serving issues). For now it re-exports the engine pieces a
-//! coordinator is built from.
+//! The Potluck coordinator: accepts workers, plans layer ranges, ships
+//! shards, and serves the OpenAI-compatible HTTP API by driving the pipeline.
+//!
+//! Entry point: [`run`], on listeners the caller binds (tests use port 0).
 
-pub use potluck_engine::{Sampler, Tokenizer};
+pub mod cluster;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod membership;
+pub mod pipeline;
+pub mod planner;
+pub mod shard_store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use cluster::{Cluster, CoordinatorConfig};
+pub use error::CoordinatorError;
+pub use membership::{InMemoryMembership, Membership, WorkerInfo};
+
+/// Serves gRPC (workers) on `grpc` and HTTP (clients) on `http` until `shutdown`.
+pub async fn run(
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    config: CoordinatorConfig,
+    membership: Arc<dyn Membership>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let cluster = Arc::new(Cluster::new(config, membership)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let planner = tokio::spawn(Arc::clone(&cluster).planning_loop());
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(potluck_proto::v1::coordinator_server::CoordinatorServer::new(grpc::CoordinatorService::new(
+            Arc::clone(&cluster),
+        )))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+    let http_server =
+        axum::serve(http, http::router(Arc::clone(&cluster))).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    planner.abort();
+    let io = |e: String| CoordinatorError::NotReady(format!("server: {e}"));
+    grpc_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
+    http_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
+    Ok(())
+}

@@ -25,6 +25,7 @@ pub mod quant;
 pub mod rng;
 pub mod rope;
 pub mod sampling;
+pub mod shard;
 pub mod stage;
 pub mod tokenizer;
 pub mod weights;

@@ -273,6 +273,8 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Attention scores, one `max_tokens` slice per pool part (grown on demand).
+    scores: Vec<f32>,
 }
 
 impl Scratch {
@@ -286,6 +288,7 @@ impl Scratch {
             proj: vec![0.0; n * c.hidden],
             gate: vec![0.0; n * c.ffn],
             up: vec![0.0; n * c.ffn],
+            scores: Vec::new(),
         }
     }
 }
@@ -333,10 +336,9 @@ impl Block {
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         rms_norm(x, &self.attn_norm, c.rms_eps, &mut s.h);
         {
+            // One pool job for all three: the threads wake once.
             let a = Activations::new(&s.h, n, c.hidden);
-            self.q.matmul(&a, &mut s.q, pool);
-            self.k.matmul(&a, &mut s.k, pool);
-            self.v.matmul(&a, &mut s.v, pool);
+            Matrix::matmul_group(&[&self.q, &self.k, &self.v], &a, &mut [&mut s.q, &mut s.k, &mut s.v], pool);
         }
         if let Some([bq, bk, bv]) = &self.bias {
             add_bias(&mut s.q, bq);
@@ -354,10 +356,9 @@ impl Block {
         rms_norm(x, &self.ffn_norm, c.rms_eps, &mut s.h);
         {
             let a = Activations::new(&s.h, n, c.hidden);
-            self.gate.matmul(&a, &mut s.gate, pool);
-            self.up.matmul(&a, &mut s.up, pool);
+            Matrix::matmul_group(&[&self.gate, &self.up], &a, &mut [&mut s.gate, &mut s.up], pool);
         }
-        swiglu(&mut s.gate, &s.up);
+        parallel_swiglu(&mut s.gate, &s.up, pool);
         self.down.matmul(&Activations::new(&s.gate, n, c.ffn), &mut s.proj, pool);
         add_in_place(x, &s.proj);
     }
@@ -375,13 +376,23 @@ impl Block {
         let shape = AttnShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let hd = c.head_dim;
         let pairs = rows.len() * c.heads;
-        let out = SharedSlice(s.attn.as_mut_ptr());
-        let q = &s.q;
         let max_tokens = rows.iter().map(|r| r.position + 1).max().unwrap_or(0);
+        // One scores buffer per part, reused across layers and calls.
+        let threads = pool.threads();
+        if s.scores.len() < threads * max_tokens {
+            s.scores.resize(threads * max_tokens, 0.0);
+        }
+        let out = SharedSlice(s.attn.as_mut_ptr());
+        let scores_all = SharedSlice(s.scores.as_mut_ptr());
+        let q = &s.q;
         pool.run(&|part| {
-            let out = &out;
-            let mut scores = vec![0.0f32; max_tokens];
-            for pair in split(pairs, part, pool.threads()) {
+            let (out, scores_all) = (&out, &scores_all);
+            // SAFETY: part `part` alone uses `scores[part * max_tokens..][..max_tokens]`,
+            // inside the buffer (sized above), which outlives `pool.run`.
+            let scores = unsafe { std::slice::from_raw_parts_mut(scores_all.0.add(part * max_tokens), max_tokens) };
+            // Pairs are dealt round-robin: in a prompt, later rows attend over
+            // more tokens, so contiguous ranges would load one thread more.
+            for pair in (part..pairs).step_by(threads) {
                 let (i, head) = (pair / c.heads, pair % c.heads);
                 let r = rows[i];
                 let (keys, values) = cache.layer(local, r.session);
@@ -390,7 +401,7 @@ impl Block {
                 // `at..at + hd` of `s.attn`, which outlives `pool.run`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
                 let seen = Visible { keys, values, tokens: r.position + 1 };
-                attend_head(shape, head, &q[at..at + hd], seen, &mut scores, dst);
+                attend_head(shape, head, &q[at..at + hd], seen, scores, dst);
             }
         });
     }
@@ -398,8 +409,29 @@ impl Block {
 
 /// A buffer written by several threads at disjoint ranges.
 struct SharedSlice(*mut f32);
-// SAFETY: writers only touch disjoint ranges; see `Block::attention`.
+// SAFETY: writers only touch disjoint ranges; see `Block::attention` and
+// `parallel_swiglu`.
 unsafe impl Sync for SharedSlice {}
+
+/// `swiglu` split across the pool by element when the batch is big enough
+/// to pay for a wake-up (elementwise, so the split cannot change a result).
+fn parallel_swiglu(gate: &mut [f32], up: &[f32], pool: &ComputePool) {
+    const MIN_PARALLEL: usize = 16 * 1024;
+    if pool.threads() == 1 || gate.len() < MIN_PARALLEL {
+        swiglu(gate, up);
+        return;
+    }
+    let len = gate.len().min(up.len());
+    let g = SharedSlice(gate.as_mut_ptr());
+    pool.run(&|part| {
+        let g = &g;
+        let r = split(len, part, pool.threads());
+        // SAFETY: parts take disjoint ranges of `gate` (which outlives
+        // `pool.run`); `r` lies inside `0..len`.
+        let mine = unsafe { std::slice::from_raw_parts_mut(g.0.add(r.start), r.len()) };
+        swiglu(mine, &up[r]);
+    });
+}
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {

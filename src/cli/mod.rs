@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own module and owns its flags.
 
 mod bench;
+mod cluster;
 mod generate;
 mod perplexity;
 
@@ -20,6 +21,12 @@ enum Command {
     Generate(generate::Args),
     /// Measure perplexity on a text file (llama.cpp's method).
     Perplexity(perplexity::Args),
+    /// Start a local cluster: a coordinator and N worker processes on 127.0.0.1.
+    Up(cluster::UpArgs),
+    /// Run a worker that serves a pipeline stage.
+    Worker(cluster::WorkerArgs),
+    /// Run a coordinator: HTTP API, planner and shard server.
+    Coordinator(cluster::CoordinatorArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -32,6 +39,9 @@ impl Cli {
             Command::Generate(a) => generate::run(a),
             Command::Perplexity(a) => perplexity::run(a),
             Command::Bench(b) => b.run(),
+            Command::Up(a) => cluster::up(a),
+            Command::Worker(a) => cluster::worker(a),
+            Command::Coordinator(a) => cluster::coordinator(a),
         }
     }
 }

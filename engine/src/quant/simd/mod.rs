@@ -401,6 +401,36 @@ mod tests {
             }
         }
 
+        /// Throughput of the packed kernels (`cargo test --release -- --ignored
+        /// --nocapture packed_speed`): GMAC/s for 1..=MAX_ACT activation rows.
+        #[test]
+        #[ignore]
+        fn packed_speed() {
+            let Some(t) = token() else { return };
+            let mut r = Rng(3);
+            let (rows, nb) = (1536, 18);
+            for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                let w = row(&mut r, ty, rows * nb, Fill::Random);
+                let packed = super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).unwrap();
+                let ab = nb * ty.vec_dot_type().block_bytes();
+                let a: Vec<u8> = (0..4).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
+                let tb = 8 * nb * ty.block_bytes();
+                for m in 1..=super::super::MAX_ACT {
+                    let mut out = vec![[0.0f32; 8]; m];
+                    let iters = 300;
+                    let start = std::time::Instant::now();
+                    for _ in 0..iters {
+                        for tile in packed.chunks_exact(tb) {
+                            t.dot_packed(ty, tile, nb, &a, ab, &mut out);
+                        }
+                    }
+                    let s = start.elapsed().as_secs_f64();
+                    let macs = (iters * rows * nb * 32 * m) as f64;
+                    eprintln!("{} m={m}: {:.1} GMAC/s", ty.name(), macs / s / 1e9);
+                }
+            }
+        }
+
         /// Throughput of the kernels on SmolLM2-sized rows (`cargo test --release
         /// -- --ignored --nocapture kernel_speed`).
         #[test]

@@ -1,0 +1,254 @@
+//! The cluster as the coordinator sees it: membership, the current plan with
+//! its epoch, the shards, and applying a new plan to the workers.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
+use potluck_proto::v1 as pb;
+use tokio::sync::{Mutex, RwLock};
+
+use crate::error::CoordinatorError;
+use crate::membership::{Membership, WorkerInfo};
+use crate::pipeline::PipelineConn;
+use crate::planner::{plan, ModelCost, StagePlan};
+use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
+
+/// Default wait after a membership change before re-planning, so a burst of
+/// joins makes one plan, not several.
+pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_millis(300);
+/// Default KV budget asked of each worker.
+pub const DEFAULT_WORKER_KV_BUDGET: u64 = 512 << 20;
+
+/// How the coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// Cluster name.
+    pub cluster: String,
+    /// How hidden states travel between stages.
+    pub wire_dtype: WireDtype,
+    /// Do not plan until this many workers have joined.
+    pub min_workers: usize,
+    /// Wait after a membership change before re-planning.
+    pub hold_down: Duration,
+    /// Where shards are built.
+    pub shard_dir: PathBuf,
+    /// KV budget per worker.
+    pub worker_kv_budget: u64,
+    /// Workers must present this token to join (empty = open).
+    pub join_token: String,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for `model`.
+    pub fn new(model: PathBuf) -> Self {
+        Self {
+            model,
+            cluster: "default".into(),
+            wire_dtype: WireDtype::F16,
+            min_workers: 1,
+            hold_down: DEFAULT_HOLD_DOWN,
+            shard_dir: std::env::temp_dir().join(format!("potluck-shards-{}", std::process::id())),
+            worker_kv_budget: DEFAULT_WORKER_KV_BUDGET,
+            join_token: String::new(),
+        }
+    }
+}
+
+/// The plan in force.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PlanState {
+    /// Increases with every applied plan; workers refuse older epochs.
+    pub epoch: u64,
+    /// The stages, first to last.
+    pub stages: Vec<StagePlan>,
+    /// Whether the plan is loaded on every worker.
+    pub ready: bool,
+    /// Why the last planning attempt failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Shared state of one coordinator.
+pub struct Cluster {
+    config: CoordinatorConfig,
+    membership: Arc<dyn Membership>,
+    shards: Arc<ShardStore>,
+    model: ModelConfig,
+    cost: ModelCost,
+    tokenizer: Tokenizer,
+    state: RwLock<PlanState>,
+    /// The long-lived stream to stage 0; one request at a time uses it.
+    pub(crate) pipeline: Mutex<Option<PipelineConn>>,
+    next_session: AtomicU64,
+    weight_bytes_shipped: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("cluster", &self.config.cluster).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Opens the model and prepares to plan.
+    pub fn new(config: CoordinatorConfig, membership: Arc<dyn Membership>) -> Result<Self, CoordinatorError> {
+        let file = ModelFile::open(&config.model)?;
+        let model = file.config().clone();
+        let tokenizer = file.tokenizer()?;
+        let cost = cost_of(&config.model, &model)?;
+        let shards = Arc::new(ShardStore::new(&config.model, &config.shard_dir, DEFAULT_CHUNK_BYTES));
+        Ok(Self {
+            config,
+            membership,
+            shards,
+            model,
+            cost,
+            tokenizer,
+            state: RwLock::new(PlanState::default()),
+            pipeline: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            weight_bytes_shipped: AtomicU64::new(0),
+        })
+    }
+
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        &self.config.cluster
+    }
+
+    /// The membership in use.
+    pub fn membership(&self) -> &Arc<dyn Membership> {
+        &self.membership
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model's shape.
+    pub fn model(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// A fresh session id.
+    pub fn new_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `token` admits a worker.
+    pub fn join_token_ok(&self, token: &str) -> bool {
+        self.config.join_token.is_empty() || self.config.join_token == token
+    }
+
+    /// The plan in force.
+    pub async fn plan_state(&self) -> PlanState {
+        self.state.read().await.clone()
+    }
+
+    /// Weight bytes the workers reported fetching for their loads.
+    pub fn weight_bytes_shipped(&self) -> u64 {
+        self.weight_bytes_shipped.load(Ordering::Relaxed)
+    }
+
+    /// The shard of `range`, built off the async runtime.
+    pub async fn shard(&self, range: std::ops::Range<usize>) -> Result<Shard, CoordinatorError> {
+        let store = Arc::clone(&self.shards);
+        tokio::task::spawn_blocking(move || store.shard(range))
+            .await
+            .map_err(|e| CoordinatorError::NotReady(format!("shard task: {e}")))?
+    }
+
+    /// One chunk of a shard.
+    pub async fn chunk(&self, digest: String, index: usize) -> Result<(Vec<u8>, String), CoordinatorError> {
+        let store = Arc::clone(&self.shards);
+        tokio::task::spawn_blocking(move || store.chunk(&digest, index))
+            .await
+            .map_err(|e| CoordinatorError::NotReady(format!("chunk task: {e}")))?
+    }
+
+    /// Re-plans whenever membership changes, until `shutdown` fires.
+    pub async fn planning_loop(self: Arc<Self>) {
+        let mut changes = self.membership.changes();
+        loop {
+            let workers = self.membership.workers();
+            if workers.len() >= self.config.min_workers {
+                if let Err(e) = self.apply_plan(&workers).await {
+                    tracing::warn!(error = %e, "planning failed");
+                    self.state.write().await.error = Some(e.to_string());
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(self.config.hold_down).await;
+            changes.borrow_and_update();
+        }
+    }
+
+    /// Plans for `workers`, loads every stage, and makes the plan current.
+    async fn apply_plan(&self, workers: &[WorkerInfo]) -> Result<(), CoordinatorError> {
+        let stages = plan(self.cost, workers)?;
+        let epoch = self.state.read().await.epoch + 1;
+        tracing::info!(epoch, stages = ?stages.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(), "applying plan");
+        let mut loads = Vec::new();
+        for (i, st) in stages.iter().enumerate() {
+            let shard = self.shard(st.start..st.end).await?;
+            let next = stages.get(i + 1).map(|n| n.address.clone()).unwrap_or_default();
+            let req = pb::LoadRequest {
+                epoch,
+                layer_start: u32::try_from(st.start).unwrap_or(u32::MAX),
+                layer_end: u32::try_from(st.end).unwrap_or(u32::MAX),
+                model_id: self.config.model.display().to_string(),
+                shard_digest: shard.digest,
+                next_stage: next,
+                wire_dtype: self.config.wire_dtype.name().to_string(),
+                kv_budget_bytes: self.config.worker_kv_budget,
+            };
+            let st = st.clone();
+            loads.push(tokio::spawn(async move {
+                let worker_err = |m: String| CoordinatorError::Worker {
+                    worker: st.worker.clone(),
+                    address: st.address.clone(),
+                    message: m,
+                };
+                let mut client = pb::stage_client::StageClient::connect(st.address.clone())
+                    .await
+                    .map_err(|e| worker_err(format!("unreachable: {e}")))?;
+                let reply = client.load(req).await.map_err(|s| worker_err(format!("load failed: {}", s.message())))?;
+                Ok::<_, CoordinatorError>(reply.into_inner().transferred_bytes)
+            }));
+        }
+        for l in loads {
+            let bytes = l.await.map_err(|e| CoordinatorError::NotReady(format!("load task: {e}")))??;
+            self.weight_bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
+        }
+        // New plan: the next request opens a fresh stream to the new stage 0.
+        *self.pipeline.lock().await = None;
+        *self.state.write().await = PlanState { epoch, stages, ready: true, error: None };
+        tracing::info!(epoch, "plan ready");
+        Ok(())
+    }
+}
+
+/// Weight bytes per layer, of the embedding and of the head, from the file.
+fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, CoordinatorError> {
+    let g = potluck_engine::gguf::GgufFile::open(path)?;
+    let size = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        g.tensors.iter().filter(|(n, _)| pred(n)).map(|(_, t)| t.n_bytes as u64).sum()
+    };
+    let blocks = size(&|n| n.starts_with("blk."));
+    let embed = size(&|n| n == "token_embd.weight");
+    let output = size(&|n| n == "output.weight");
+    let head = size(&|n| n == "output_norm.weight") + if output > 0 { output } else { embed };
+    Ok(ModelCost { layers: c.layers, layer_bytes: blocks / c.layers.max(1) as u64, embed_bytes: embed, head_bytes: head })
+}

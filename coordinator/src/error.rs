@@ -1,0 +1,47 @@
+//! The coordinator's error type, and its one mapping to gRPC statuses.
+
+use std::path::PathBuf;
+
+/// What can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The engine refused (model file, tokenizer, sampling parameters…).
+    #[error(transparent)]
+    Engine(#[from] potluck_engine::EngineError),
+    /// A file operation failed.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// A worker asked for a shard or chunk that does not exist.
+    #[error("unknown shard {0}")]
+    UnknownShard(String),
+    /// No plan could be made.
+    #[error(transparent)]
+    Plan(#[from] crate::planner::PlanError),
+    /// A worker could not be reached or refused a call.
+    #[error("worker {worker} ({address}): {message}")]
+    Worker {
+        /// Its id.
+        worker: String,
+        /// Its address.
+        address: String,
+        /// What failed.
+        message: String,
+    },
+    /// The pipeline is not ready to serve.
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// A request is invalid.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        match &e {
+            CoordinatorError::UnknownShard(_) => Self::not_found(e.to_string()),
+            CoordinatorError::BadRequest(_) | CoordinatorError::Engine(_) => Self::invalid_argument(e.to_string()),
+            CoordinatorError::NotReady(_) | CoordinatorError::Plan(_) => Self::unavailable(e.to_string()),
+            CoordinatorError::Io(..) | CoordinatorError::Worker { .. } => Self::internal(e.to_string()),
+        }
+    }
+}

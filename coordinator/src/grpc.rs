@@ -1,0 +1,78 @@
+//! The coordinator's gRPC face: workers join and fetch their shards.
+//! Handlers decode, call the domain, encode; errors map in `error.rs`.
+
+use std::sync::Arc;
+
+use potluck_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::Cluster;
+use crate::membership::WorkerInfo;
+
+/// `potluck.v1.Coordinator`.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    cluster: Arc<Cluster>,
+}
+
+impl CoordinatorService {
+    /// Serves `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+impl TryFrom<pb::JoinRequest> for WorkerInfo {
+    type Error = Status;
+
+    fn try_from(r: pb::JoinRequest) -> Result<Self, Status> {
+        if r.worker_id.is_empty() || r.worker_id.len() > 256 {
+            return Err(Status::invalid_argument("worker_id must be 1–256 bytes"));
+        }
+        if !(r.address.starts_with("http://") || r.address.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!("address `{}` is not an http(s) URL", r.address)));
+        }
+        Ok(Self {
+            id: r.worker_id,
+            address: r.address,
+            device: r.device,
+            threads: r.threads,
+            free_memory_bytes: r.free_memory_bytes,
+            version: r.version,
+            joined: 0,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let token = req.get_ref().join_token.clone();
+        if !self.cluster.join_token_ok(&token) {
+            return Err(Status::permission_denied("bad join token"));
+        }
+        let worker = WorkerInfo::try_from(req.into_inner())?;
+        tracing::info!(worker = %worker.id, address = %worker.address, "worker joined");
+        self.cluster.membership().join(worker);
+        Ok(Response::new(pb::JoinReply { cluster: self.cluster.name().to_string() }))
+    }
+
+    async fn shard_manifest(&self, req: Request<pb::ShardRequest>) -> Result<Response<pb::Manifest>, Status> {
+        let r = req.into_inner();
+        let (start, end) = (r.layer_start as usize, r.layer_end as usize);
+        let shard = self.cluster.shard(start..end).await?;
+        Ok(Response::new(pb::Manifest {
+            digest: shard.digest,
+            total_bytes: shard.total_bytes,
+            chunk_bytes: shard.chunk_bytes,
+            chunk_sha256: shard.chunk_sha256,
+            header: Vec::new(),
+        }))
+    }
+
+    async fn shard_chunk(&self, req: Request<pb::ChunkRequest>) -> Result<Response<pb::Chunk>, Status> {
+        let r = req.into_inner();
+        let (data, sha256) = self.cluster.chunk(r.digest, r.index as usize).await?;
+        Ok(Response::new(pb::Chunk { index: r.index, data, sha256 }))
+    }
+}

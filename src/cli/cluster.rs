@@ -1,0 +1,250 @@
+//! `potluck worker`, `potluck coordinator` and `potluck up`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use potluck_coordinator::{CoordinatorConfig, InMemoryMembership};
+use potluck_engine::WireDtype;
+
+/// Default HTTP address of the API.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+/// The model `scripts/fetch-model` puts in place.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Address to serve the Stage service on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The coordinator's gRPC address (host:port or URL).
+    #[arg(long)]
+    coordinator: String,
+    /// URL other nodes use to reach this worker (default: http://127.0.0.1:<port>).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Compute threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where shards are cached by digest.
+    #[arg(long, default_value = potluck_worker::config::DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// Token the coordinator requires to join.
+    #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
+    join_token: String,
+    /// This worker's id (default: its address).
+    #[arg(long, default_value = "")]
+    id: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    /// The model file (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// Address of the gRPC service workers join.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    grpc: String,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = DEFAULT_HTTP)]
+    http: String,
+    /// How hidden states travel between stages.
+    #[arg(long, default_value = "f16")]
+    wire_dtype: WireDtype,
+    /// Wait for this many workers before the first plan.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Token workers must present (empty = open).
+    #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
+    join_token: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// The model file (default: the one `scripts/fetch-model` fetched).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = DEFAULT_HTTP)]
+    http: String,
+    /// How hidden states travel between stages.
+    #[arg(long, default_value = "f16")]
+    wire_dtype: WireDtype,
+    /// Total compute threads, split across the workers (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Where workers cache their shards.
+    #[arg(long, default_value = potluck_worker::config::DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+}
+
+fn url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c().await,
+    };
+    tokio::select! {
+        () = ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+        let config = potluck_worker::WorkerConfig {
+            coordinator: Some(url(&a.coordinator)),
+            advertise: a.advertise,
+            threads: a.threads,
+            device: a.device,
+            cache_dir: a.cache_dir,
+            worker_id: a.id,
+            join_token: a.join_token,
+            ..potluck_worker::WorkerConfig::default()
+        };
+        eprintln!("[potluck] worker listening on {}", listener.local_addr()?);
+        potluck_worker::run(listener, config, terminated()).await?;
+        Ok(())
+    })
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind(&a.grpc).await.with_context(|| format!("binding {}", a.grpc))?;
+        let http = tokio::net::TcpListener::bind(&a.http).await.with_context(|| format!("binding {}", a.http))?;
+        let mut config = CoordinatorConfig::new(a.model);
+        config.wire_dtype = a.wire_dtype;
+        config.min_workers = a.min_workers;
+        config.join_token = a.join_token;
+        eprintln!("[potluck] coordinator: gRPC {}, HTTP http://{}", grpc.local_addr()?, http.local_addr()?);
+        potluck_coordinator::run(grpc, http, config, Arc::new(InMemoryMembership::default()), terminated()).await?;
+        Ok(())
+    })
+}
+
+pub fn up(a: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
+    anyhow::ensure!(
+        a.model.exists(),
+        "model {} not found: run scripts/fetch-model, or pass --model",
+        a.model.display()
+    );
+    let total = if a.threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { a.threads };
+    let per_worker = (total / a.workers).max(1);
+    runtime()?.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc_addr = grpc.local_addr()?;
+        let http = tokio::net::TcpListener::bind(&a.http).await.with_context(|| format!("binding {}", a.http))?;
+        let http_addr = http.local_addr()?;
+        let mut config = CoordinatorConfig::new(a.model.clone());
+        config.wire_dtype = a.wire_dtype;
+        config.min_workers = a.workers;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let coordinator = tokio::spawn(potluck_coordinator::run(
+            grpc,
+            http,
+            config,
+            Arc::new(InMemoryMembership::default()),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for i in 0..a.workers {
+            let child = tokio::process::Command::new(&exe)
+                .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &grpc_addr.to_string()])
+                .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
+                .arg("--cache-dir")
+                .arg(&a.cache_dir)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a worker process")?;
+            children.push(child);
+        }
+        let base = format!("http://{http_addr}");
+        eprintln!("[potluck] {} workers × {per_worker} threads; waiting for the plan…", a.workers);
+        let ready = async {
+            loop {
+                if let Ok(s) = std::net::TcpStream::connect(http_addr) {
+                    drop(s);
+                    if http_ready(http_addr).await {
+                        break;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            () = ready => {
+                println!("Potluck is serving {} on {base}", a.model.display());
+                println!("  cluster: curl -s {base}/v1/cluster");
+                println!(
+                    "  try:     curl -s {base}/v1/completions -H 'Content-Type: application/json' \\\n             -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 32, \"temperature\": 0}}'"
+                );
+                println!("Ctrl-C stops the cluster.");
+            }
+            () = terminated() => {}
+        }
+        // Serve until Ctrl-C (or a worker exits on its own).
+        let exited = futures_first_exit(&mut children);
+        tokio::select! {
+            () = terminated() => {}
+            i = exited => eprintln!("[potluck] worker {i} exited; stopping"),
+        }
+        for c in &mut children {
+            if let Some(pid) = c.id() {
+                // SIGTERM first, so workers shut down cleanly.
+                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        for c in &mut children {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.wait()).await;
+        }
+        let _ = stop_tx.send(());
+        coordinator.await??;
+        Ok(())
+    })
+}
+
+async fn futures_first_exit(children: &mut [tokio::process::Child]) -> usize {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(_)) = c.try_wait() {
+                return i;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+async fn http_ready(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return false };
+    let req = format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}

@@ -1,0 +1,110 @@
+//! What a worker needs to know before it serves: where the coordinator is,
+//! how others reach it, its compute threads and device, and where shards are cached.
+//!
+//! The binary fills this from flags; tests build it directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::WorkerError;
+
+/// Compute device used when none is named: every build can run on the CPU.
+pub const DEFAULT_DEVICE: &str = "cpu";
+/// Compute threads when none are named: 0 means every available core.
+pub const DEFAULT_THREADS: usize = 0;
+/// Where shards are cached when no directory is named (relative to the working directory).
+pub const DEFAULT_CACHE_DIR: &str = "potluck-cache";
+/// How long a starting worker keeps retrying an unreachable coordinator before giving up.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest gRPC message accepted: a prefill batch of hidden states fits with room to spare.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A worker's settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's gRPC URL (`http://host:port`). `None` runs a stand-alone
+    /// worker that never joins and cannot fetch shards.
+    pub coordinator: Option<String>,
+    /// The URL other processes use to reach this worker. `None` means
+    /// `http://127.0.0.1:<listener port>`, right for single-host clusters and tests.
+    pub advertise: Option<String>,
+    /// Compute threads (0 = every available core).
+    pub threads: usize,
+    /// Compute device: `cpu`. `cuda:N` and `metal` are recognised but rejected
+    /// by builds without the matching backend.
+    pub device: String,
+    /// Directory of cached shards, named `<digest>.gguf`.
+    pub cache_dir: PathBuf,
+    /// This worker's name in the cluster. Empty means the advertised address.
+    pub worker_id: String,
+    /// Shared secret presented when joining (empty = none).
+    pub join_token: String,
+    /// How long to retry an unreachable coordinator at start.
+    pub join_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: None,
+            advertise: None,
+            threads: DEFAULT_THREADS,
+            device: DEFAULT_DEVICE.to_string(),
+            cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            worker_id: String::new(),
+            join_token: String::new(),
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+        }
+    }
+}
+
+/// A compute device this build can run on. Parsing rejects devices the build
+/// lacks by name, so a misconfigured GPU node fails at start, not at first token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU.
+    Cpu,
+}
+
+impl Device {
+    /// The name reported to the coordinator and in `Info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = WorkerError;
+
+    fn from_str(s: &str) -> Result<Self, WorkerError> {
+        let s = s.trim();
+        let gpu = |feature: &'static str| Err(WorkerError::DeviceNotBuilt { device: s.to_string(), feature });
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "metal" => gpu("metal"),
+            "cuda" => gpu("cuda"),
+            _ if s.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) => {
+                gpu("cuda")
+            }
+            _ => Err(WorkerError::UnknownDevice(s.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_or_fail_by_name() {
+        assert_eq!("cpu".parse::<Device>().ok(), Some(Device::Cpu));
+        for (name, feature) in [("cuda:0", "cuda"), ("cuda", "cuda"), ("metal", "metal")] {
+            let err = name.parse::<Device>().expect_err(name).to_string();
+            assert!(err.contains(&format!("not built with {feature} support")), "{err}");
+        }
+        assert!(matches!("tpu".parse::<Device>(), Err(WorkerError::UnknownDevice(_))));
+        assert!(matches!("cuda:x".parse::<Device>(), Err(WorkerError::UnknownDevice(_))));
+    }
+}

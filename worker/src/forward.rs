@@ -1,0 +1,148 @@
+//! One upstream `Forward` stream: decode each micro-batch, run it on the
+//! compute thread, then either reply with sampled tokens (last stage) or send
+//! the hidden states down a long-lived stream to the next stage and relay its
+//! replies back unchanged.
+//!
+//! Batches are not awaited end to end: while the next stage works on batch
+//! k, this stage already computes batch k+1. The first error ends the stream
+//! with a status; other streams keep going.
+
+use std::sync::Arc;
+
+use potluck_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::batch::Batch;
+use crate::compute::ForwardOutcome;
+use crate::error::WorkerError;
+use crate::status;
+use crate::worker::Worker;
+
+/// Replies buffered toward the upstream before this stage waits for it.
+pub const REPLY_BUFFER: usize = 64;
+/// Requests buffered toward the next stage before this stage waits for it.
+pub const DOWNSTREAM_BUFFER: usize = 16;
+
+/// What the upstream receives.
+pub(crate) type Replies = ReceiverStream<Result<pb::ForwardReply, Status>>;
+type ReplySender = mpsc::Sender<Result<pb::ForwardReply, Status>>;
+
+/// Serves `upstream` on a task of its own and returns the reply stream.
+pub(crate) fn serve(worker: Arc<Worker>, upstream: Streaming<pb::ForwardRequest>) -> Replies {
+    let (out, replies) = mpsc::channel(REPLY_BUFFER);
+    tokio::spawn(run(worker, upstream, out));
+    ReceiverStream::new(replies)
+}
+
+async fn run(worker: Arc<Worker>, mut upstream: Streaming<pb::ForwardRequest>, out: ReplySender) {
+    let mut stopping = worker.stopping.clone();
+    let mut downstream: Option<Downstream> = None;
+    let failure = loop {
+        let message = tokio::select! {
+            m = upstream.message() => m,
+            _ = stopping.wait_for(|&s| s) => break None,
+        };
+        let request = match message {
+            Ok(Some(r)) => r,
+            Ok(None) => break None,
+            Err(s) => {
+                tracing::debug!(status = %s, "upstream forward stream broke");
+                break None;
+            }
+        };
+        match step(&worker, request, &mut downstream, &out).await {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    if let Some(e) = failure {
+        tracing::warn!(error = %e, "forward stream failed");
+        if let Some(d) = downstream.take() {
+            d.relay.abort();
+        }
+        let _ = out.send(Err(e.into())).await;
+    }
+    // On a clean end, dropping `downstream` ends the next stage's request
+    // stream; its relay finishes once the next stage has answered everything.
+}
+
+/// Handles one request; `Ok(false)` when the upstream has gone away.
+async fn step(
+    worker: &Worker,
+    request: pb::ForwardRequest,
+    downstream: &mut Option<Downstream>,
+    out: &ReplySender,
+) -> Result<bool, WorkerError> {
+    let batch = Batch::try_from(request)?;
+    match worker.compute.forward(batch).await? {
+        ForwardOutcome::Sampled { batch_id, tokens } => {
+            let reply = pb::ForwardReply {
+                batch_id,
+                tokens: tokens
+                    .into_iter()
+                    .map(|(session, s)| pb::SampledToken {
+                        session: session.0,
+                        token: s.token,
+                        logprob: s.logprob,
+                        top: s.top.into_iter().map(|(token, logprob)| pb::TokenLogprob { token, logprob }).collect(),
+                    })
+                    .collect(),
+                error: String::new(),
+            };
+            Ok(out.send(Ok(reply)).await.is_ok())
+        }
+        ForwardOutcome::Forwarded { batch, data, wire, shape: (rows, dim), next_stage } => {
+            let request = batch.to_request(wire, rows, dim, data);
+            let link = match downstream.take() {
+                Some(d) if d.address == next_stage => d,
+                // A new plan may point elsewhere; the old stream drains on its own.
+                _ => Downstream::open(worker, &next_stage, out.clone()).await?,
+            };
+            let link = downstream.insert(link);
+            link.requests.send(request).await.map_err(|_| WorkerError::NextStage {
+                address: link.address.clone(),
+                code: tonic::Code::Unavailable,
+                message: "the stream to the next stage closed".into(),
+            })?;
+            Ok(!out.is_closed())
+        }
+    }
+}
+
+/// A long-lived stream to the next stage, and the task relaying its replies upstream.
+struct Downstream {
+    address: String,
+    requests: mpsc::Sender<pb::ForwardRequest>,
+    relay: JoinHandle<()>,
+}
+
+impl Downstream {
+    async fn open(worker: &Worker, address: &str, out: ReplySender) -> Result<Self, WorkerError> {
+        let mut client = worker.peers.client(address)?;
+        let (requests, rx) = mpsc::channel(DOWNSTREAM_BUFFER);
+        let response = client.forward(ReceiverStream::new(rx)).await.map_err(|s| status::next_stage(address, &s))?;
+        let mut replies = response.into_inner();
+        let addr = address.to_string();
+        let relay = tokio::spawn(async move {
+            loop {
+                match replies.message().await {
+                    Ok(Some(reply)) => {
+                        if out.send(Ok(reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = out.send(Err(status::next_stage(&addr, &s).into())).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Self { address: address.to_string(), requests, relay })
+    }
+}
