@@ -31,25 +31,40 @@ pub(crate) struct LoadOutcome {
 /// What `Info` reports.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerInfo {
+    /// The worker's name in the cluster.
     pub id: String,
+    /// Its compute device.
     pub device: Device,
+    /// Its compute threads.
     pub threads: usize,
+    /// Memory available now, in bytes.
     pub free_memory: u64,
+    /// The loaded plan epoch (0 before any load).
     pub epoch: u64,
+    /// The loaded layers (empty before any load).
     pub layers: Range<usize>,
+    /// KV cache bytes in use.
     pub kv_bytes: usize,
+    /// Shard bytes fetched since start.
     pub transferred_total: u64,
 }
 
 /// Everything a serving worker holds.
 #[derive(Debug)]
 pub(crate) struct Worker {
+    /// The worker's name in the cluster.
     pub id: String,
+    /// Its compute device.
     pub device: Device,
+    /// Its compute threads (resolved, > 0).
     pub threads: usize,
+    /// The thread that owns the stage.
     pub compute: Compute,
+    /// Channels to next stages.
     pub peers: Peers,
+    /// Shards on disk.
     pub shards: ShardCache,
+    /// The coordinator joined at start, if any.
     pub coordinator: Option<CoordinatorLink>,
     /// Shard bytes fetched since start, across loads.
     pub transferred: AtomicU64,

@@ -35,20 +35,15 @@ struct Chain {
 
 impl Chain {
     async fn start(corrupt: Option<u32>) -> Self {
-        let t = std::time::Instant::now();
         let dir = tempfile::tempdir().expect("tempdir");
         let model = TinyModel::default().write_gguf(dir.path()).expect("write model");
-        eprintln!("TIMING write {:?}", t.elapsed());
         let (coordinator, coordinator_url) = start_coordinator(&model, corrupt).await;
         let first = TestWorker::start(&coordinator_url, &dir.path().join("cache-first")).await;
         let last = TestWorker::start(&coordinator_url, &dir.path().join("cache-last")).await;
         let digest = coordinator.digest.clone();
-        let _ = last.client().await;
-        eprintln!("TIMING connected {:?}", t.elapsed());
         let b = last.client().await.load(load_request(1, (2, 4), &digest, "")).await.expect("load last").into_inner();
         let a = first.client().await.load(load_request(1, (0, 2), &digest, &last.url)).await.expect("load first");
         let a = a.into_inner();
-        eprintln!("TIMING loaded {:?}", t.elapsed());
         assert_eq!((a.epoch, b.epoch), (1, 1));
         assert!(a.weight_bytes > 0 && b.weight_bytes > 0);
         Self {

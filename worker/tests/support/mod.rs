@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -88,7 +89,12 @@ pub async fn start_coordinator(path: &Path, corrupt: Option<u32>) -> (Arc<TestCo
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let server = tonic::transport::Server::builder()
         .add_service(CoordinatorServer::from_arc(coordinator.clone()))
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(TcpListenerStream::new(listener).map(|c| {
+            if let Ok(c) = &c {
+                let _ = c.set_nodelay(true);
+            }
+            c
+        }));
     tokio::spawn(server);
     (coordinator, url)
 }
