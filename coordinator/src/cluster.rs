@@ -250,5 +250,10 @@ fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, Coordin
     let embed = size(&|n| n == "token_embd.weight");
     let output = size(&|n| n == "output.weight");
     let head = size(&|n| n == "output_norm.weight") + if output > 0 { output } else { embed };
-    Ok(ModelCost { layers: c.layers, layer_bytes: blocks / c.layers.max(1) as u64, embed_bytes: embed, head_bytes: head })
+    Ok(ModelCost {
+        layers: c.layers,
+        layer_bytes: blocks / c.layers.max(1) as u64,
+        embed_bytes: embed,
+        head_bytes: head,
+    })
 }

@@ -195,7 +195,8 @@ async fn respond(c: Arc<Cluster>, prompt: Vec<u32>, common: &Common, chat: bool)
         json!({"index": 0, "text": text, "finish_reason": finish.reason(), "logprobs": null})
     };
     let object = if chat { "chat.completion" } else { "text_completion" };
-    Ok(Json(json!({"id": id, "object": object, "created": now(), "model": name, "choices": [choice], "usage": usage})).into_response())
+    Ok(Json(json!({"id": id, "object": object, "created": now(), "model": name, "choices": [choice], "usage": usage}))
+        .into_response())
 }
 
 fn stream(
@@ -216,7 +217,9 @@ fn stream(
             } else {
                 json!({"index": 0, "text": delta, "finish_reason": finish})
             };
-            Event::default().data(json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice]}).to_string())
+            Event::default().data(
+                json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice]}).to_string(),
+            )
         };
         if chat {
             let first = json!({"id": id, "object": object, "created": created, "model": name,
@@ -229,7 +232,11 @@ fn stream(
             .generate(generation, |t| {
                 let piece = decoder.push(t.id).unwrap_or_default();
                 // A closed channel means the client went away: stop and free the session.
-                if piece.is_empty() { !tx2.is_closed() } else { tx2.send(Ok(chunk(&piece, None))).is_ok() }
+                if piece.is_empty() {
+                    !tx2.is_closed()
+                } else {
+                    tx2.send(Ok(chunk(&piece, None))).is_ok()
+                }
             })
             .await;
         match result {

@@ -37,7 +37,7 @@ pub async fn run(
         .add_service(potluck_proto::v1::coordinator_server::CoordinatorServer::new(grpc::CoordinatorService::new(
             Arc::clone(&cluster),
         )))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(nodelay(grpc), stopped(stop_rx.clone()));
     let http_server =
         axum::serve(http, http::router(Arc::clone(&cluster))).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
@@ -49,4 +49,18 @@ pub async fn run(
     grpc_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
     http_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
     Ok(())
+}
+
+/// Accepted connections with Nagle off: shard chunks and tokens are small
+/// messages, and Nagle's delayed ACK dance adds ~40 ms to each.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
 }

@@ -163,7 +163,8 @@ impl Cluster {
             if out.len() >= req.max_tokens {
                 return Ok((out, Finish::Length));
             }
-            let row = pb::Row { session, position: u32::try_from(pos).unwrap_or(u32::MAX), sample: true, sampling: None };
+            let row =
+                pb::Row { session, position: u32::try_from(pos).unwrap_or(u32::MAX), sample: true, sampling: None };
             token = c.step(vec![row], vec![t.id]).await?.into_iter().next();
             pos += 1;
         }
@@ -181,8 +182,11 @@ impl Cluster {
             .map_err(|e| worker_err(format!("unreachable: {e}")))?
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
-        let replies =
-            client.forward(ReceiverStream::new(rx)).await.map_err(|s| worker_err(s.message().to_string()))?.into_inner();
+        let replies = client
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| worker_err(s.message().to_string()))?
+            .into_inner();
         Ok(PipelineConn { epoch: state.epoch, tx, rx: replies, next_batch: 1 })
     }
 
@@ -227,7 +231,11 @@ impl PipelineConn {
         Ok(reply
             .tokens
             .into_iter()
-            .map(|t| Token { id: t.token, logprob: t.logprob, top: t.top.into_iter().map(|p| (p.token, p.logprob)).collect() })
+            .map(|t| Token {
+                id: t.token,
+                logprob: t.logprob,
+                top: t.top.into_iter().map(|p| (p.token, p.logprob)).collect(),
+            })
             .collect())
     }
 }

@@ -77,14 +77,17 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
     // Largest-remainder rounding, at least one layer each.
     let mut counts: Vec<usize> = ideal.iter().map(|x| (x.floor() as usize).max(1)).collect();
     while counts.iter().sum::<usize>() > cost.layers {
-        let i = (0..n).filter(|&i| counts[i] > 1).max_by(|&a, &b| (counts[a] as f64 - ideal[a]).total_cmp(&(counts[b] as f64 - ideal[b])));
+        let i = (0..n)
+            .filter(|&i| counts[i] > 1)
+            .max_by(|&a, &b| (counts[a] as f64 - ideal[a]).total_cmp(&(counts[b] as f64 - ideal[b])));
         match i {
             Some(i) => counts[i] -= 1,
             None => break,
         }
     }
     while counts.iter().sum::<usize>() < cost.layers {
-        let i = (0..n).max_by(|&a, &b| (ideal[a] - counts[a] as f64).total_cmp(&(ideal[b] - counts[b] as f64)).then(b.cmp(&a)));
+        let i = (0..n)
+            .max_by(|&a, &b| (ideal[a] - counts[a] as f64).total_cmp(&(ideal[b] - counts[b] as f64)).then(b.cmp(&a)));
         counts[i.unwrap_or(0)] += 1;
     }
     let mut start = 0;
@@ -125,12 +128,18 @@ mod tests {
     #[test]
     fn table() {
         let smol = ModelCost { layers: 30, layer_bytes: 1, embed_bytes: 10, head_bytes: 0 };
-        let cases: Vec<(&str, ModelCost, Vec<u64>, Vec<(usize, usize)>)> = vec![
+        type Case = (&'static str, ModelCost, Vec<u64>, Vec<(usize, usize)>);
+        let cases: Vec<Case> = vec![
             ("one worker takes all", smol, vec![100], vec![(0, 30)]),
             ("equal memory: the embedding holder gets fewer layers", smol, vec![100, 100], vec![(0, 10), (10, 30)]),
             ("three equal", smol, vec![100, 100, 100], vec![(0, 4), (4, 17), (17, 30)]),
             ("a big worker takes more", smol, vec![100, 300], vec![(0, 1), (1, 30)]),
-            ("more workers than layers", ModelCost { layers: 2, layer_bytes: 1, embed_bytes: 0, head_bytes: 0 }, vec![9, 9, 9], vec![(0, 1), (1, 2)]),
+            (
+                "more workers than layers",
+                ModelCost { layers: 2, layer_bytes: 1, embed_bytes: 0, head_bytes: 0 },
+                vec![9, 9, 9],
+                vec![(0, 1), (1, 2)],
+            ),
         ];
         for (name, cost, mems, want) in cases {
             let ws: Vec<WorkerInfo> = mems.iter().enumerate().map(|(i, &m)| worker(&format!("w{i}"), m)).collect();

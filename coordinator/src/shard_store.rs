@@ -99,7 +99,11 @@ impl ShardStore {
             .find(|s| s.digest == digest)
             .cloned()
             .ok_or_else(|| CoordinatorError::UnknownShard(digest.to_string()))?;
-        let sha = shard.chunk_sha256.get(index).cloned().ok_or_else(|| CoordinatorError::UnknownShard(format!("{digest} chunk {index}")))?;
+        let sha = shard
+            .chunk_sha256
+            .get(index)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::UnknownShard(format!("{digest} chunk {index}")))?;
         let start = index as u64 * shard.chunk_bytes;
         let len = shard.chunk_bytes.min(shard.total_bytes - start);
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];

@@ -29,9 +29,9 @@ pub struct WorkerArgs {
     /// cpu, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Where shards are cached by digest.
-    #[arg(long, default_value = potluck_worker::config::DEFAULT_CACHE_DIR)]
-    cache_dir: PathBuf,
+    /// Where shards are cached by digest (default: ~/.cache/potluck/shards).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// Token the coordinator requires to join.
     #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
     join_token: String,
@@ -79,13 +79,25 @@ pub struct UpArgs {
     /// Total compute threads, split across the workers (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Where workers cache their shards.
-    #[arg(long, default_value = potluck_worker::config::DEFAULT_CACHE_DIR)]
-    cache_dir: PathBuf,
+    /// Where workers cache their shards (default: ~/.cache/potluck/shards).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// `$XDG_CACHE_HOME/potluck/shards`, else `~/.cache/potluck/shards`.
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map_or_else(|| PathBuf::from(potluck_worker::config::DEFAULT_CACHE_DIR), |c| c.join("potluck").join("shards"))
 }
 
 fn url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") }
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -110,13 +122,14 @@ async fn terminated() {
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         let config = potluck_worker::WorkerConfig {
             coordinator: Some(url(&a.coordinator)),
             advertise: a.advertise,
             threads: a.threads,
             device: a.device,
-            cache_dir: a.cache_dir,
+            cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
             worker_id: a.id,
             join_token: a.join_token,
             ..potluck_worker::WorkerConfig::default()
@@ -148,7 +161,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         "model {} not found: run scripts/fetch-model, or pass --model",
         a.model.display()
     );
-    let total = if a.threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { a.threads };
+    let total =
+        if a.threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { a.threads };
     let per_worker = (total / a.workers).max(1);
     runtime()?.block_on(async move {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -175,7 +189,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                 .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &grpc_addr.to_string()])
                 .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
                 .arg("--cache-dir")
-                .arg(&a.cache_dir)
+                .arg(a.cache_dir.clone().unwrap_or_else(default_cache_dir))
                 .kill_on_drop(true)
                 .spawn()
                 .context("starting a worker process")?;

@@ -87,7 +87,9 @@ fn a_second_cluster_with_the_same_cache_transfers_no_weights() -> anyhow::Result
 
 #[test]
 fn concurrent_requests_and_bad_requests_do_not_fail_the_server() -> anyhow::Result<()> {
-    let c = std::sync::Arc::new(UpCluster::start(&["--workers", "2"])?);
+    let cache = tempfile::tempdir()?;
+    let dir = cache.path().to_str().context("path")?;
+    let c = std::sync::Arc::new(UpCluster::start(&["--workers", "2", "--cache-dir", dir])?);
     let handles: Vec<_> = (0..4)
         .map(|i| {
             let c = std::sync::Arc::clone(&c);
