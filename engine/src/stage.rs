@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::attention::{attend_head, AttnShape, Visible};
 use crate::config::ModelConfig;
@@ -385,26 +386,37 @@ impl Block {
         let out = SharedSlice(s.attn.as_mut_ptr());
         let scores_all = SharedSlice(s.scores.as_mut_ptr());
         let q = &s.q;
+        let next = AtomicUsize::new(0);
         pool.run(&|part| {
             let (out, scores_all) = (&out, &scores_all);
             // SAFETY: part `part` alone uses `scores[part * max_tokens..][..max_tokens]`,
             // inside the buffer (sized above), which outlives `pool.run`.
             let scores = unsafe { std::slice::from_raw_parts_mut(scores_all.0.add(part * max_tokens), max_tokens) };
-            // Pairs are dealt round-robin: in a prompt, later rows attend over
-            // more tokens, so contiguous ranges would load one thread more.
-            for pair in (part..pairs).step_by(threads) {
-                let (i, head) = (pair / c.heads, pair % c.heads);
-                let r = rows[i];
-                let (keys, values) = cache.layer(local, r.session);
-                let at = i * c.q_dim() + head * hd;
-                // SAFETY: each (row, head) pair owns the disjoint range
-                // `at..at + hd` of `s.attn`, which outlives `pool.run`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
-                let seen = Visible { keys, values, tokens: r.position + 1 };
-                attend_head(shape, head, &q[at..at + hd], seen, scores, dst);
+            // Parts claim small runs of pairs from a shared counter: in a
+            // prompt, later rows attend over more tokens, and a descheduled
+            // thread's pairs go to the others.
+            while let Some(run) = claim(&next, pairs) {
+                for pair in run {
+                    let (i, head) = (pair / c.heads, pair % c.heads);
+                    let r = rows[i];
+                    let (keys, values) = cache.layer(local, r.session);
+                    let at = i * c.q_dim() + head * hd;
+                    // SAFETY: each (row, head) pair owns the disjoint range
+                    // `at..at + hd` of `s.attn`, which outlives `pool.run`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
+                    let seen = Visible { keys, values, tokens: r.position + 1 };
+                    attend_head(shape, head, &q[at..at + hd], seen, scores, dst);
+                }
             }
         });
     }
+}
+
+/// The next run of (row, head) pairs for a thread, or `None` when all are taken.
+fn claim(next: &AtomicUsize, pairs: usize) -> Option<Range<usize>> {
+    const RUN: usize = 4;
+    let start = next.fetch_add(RUN, Ordering::Relaxed);
+    (start < pairs).then(|| start..(start + RUN).min(pairs))
 }
 
 /// A buffer written by several threads at disjoint ranges.

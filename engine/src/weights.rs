@@ -1,6 +1,7 @@
 //! Weight matrices kept in their file format, and the matmul over a batch.
 
 use std::cell::OnceCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::pool::{split, ComputePool};
 use crate::quant::{self, GgmlType};
@@ -20,6 +21,13 @@ pub struct Matrix {
     /// Shared, so a tied lm_head and the embedding hold one copy.
     data: std::sync::Arc<Vec<u8>>,
 }
+
+/// Chunks of output tiles per compute thread in one matmul job: enough that
+/// a stalled thread's share can be taken over, few enough that claiming is cheap.
+const CHUNKS_PER_THREAD: usize = 4;
+
+// The unpacked path cuts rows at the same tile boundaries as the packed one.
+const _: () = assert!(quant::ROW_TILE == quant::TILE);
 
 /// Activation rows per pass over a thread's weight tiles in the packed
 /// matmul: their quantized rows stay in L1/L2 while each weight tile is
@@ -104,30 +112,44 @@ impl Matrix {
             })
             .collect();
         let (n, dim, xs) = (x.n, x.dim, x.x);
-        pool.run(&|part| {
-            for (m, a, out) in &jobs {
-                m.matmul_part(n, dim, xs, a, out, part, pool.threads());
+        // Each matrix's tiles are cut into a few chunks per thread, and parts
+        // claim chunks from a shared counter: if a thread is descheduled (a
+        // busy shared host), the others take over its unclaimed chunks
+        // instead of waiting. Who computes a tile cannot change its values.
+        let per = CHUNKS_PER_THREAD * pool.threads();
+        let chunks: Vec<(usize, std::ops::Range<usize>)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, (m, _, _))| {
+                let tiles = m.rows.div_ceil(quant::TILE);
+                (0..per).map(move |c| (j, split(tiles, c, per))).filter(|(_, r)| !r.is_empty())
+            })
+            .collect();
+        let next = AtomicUsize::new(0);
+        pool.run(&|_part| {
+            while let Some((j, tiles)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let (m, a, out) = &jobs[*j];
+                m.matmul_tiles(n, dim, xs, a, out, tiles.clone());
             }
         });
     }
 
-    /// This thread's share (`part` of `parts`) of a matmul into `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_part(&self, n: usize, dim: usize, xs: &[f32], a: &[u8], out: &SharedOut, part: usize, parts: usize) {
+    /// Output features `tiles.start * TILE .. tiles.end * TILE` (clipped to
+    /// `rows`) of a matmul into `out`, for every activation row.
+    fn matmul_tiles(&self, n: usize, dim: usize, xs: &[f32], a: &[u8], out: &SharedOut, tiles: std::ops::Range<usize>) {
         // Float weights dot the raw f32 rows; `a` is then empty.
         let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
         let rows = self.rows;
         let put = |i: usize, o: usize, v: f32| {
             debug_assert!(i < n && o < rows);
             // SAFETY: `i * rows + o` is in bounds (out.len() == n * rows, o < rows)
-            // and each output feature belongs to exactly one part, so no two
-            // threads write the same element, and `out` outlives `pool.run`.
+            // and each tile is claimed by exactly one thread, so no two threads
+            // write the same element, and `out` outlives `pool.run`.
             unsafe { *out.0.add(i * rows + o) = v };
         };
         if self.packed {
             let tile_bytes = quant::TILE * self.row_bytes;
             let nb = self.cols / self.dtype.block_len();
-            let tiles = split(rows.div_ceil(quant::TILE), part, parts);
             let mut buf = [[0.0f32; quant::TILE]; quant::MAX_ACT];
             for c0 in (0..n).step_by(ACT_CHUNK) {
                 let c1 = (c0 + ACT_CHUNK).min(n);
@@ -151,7 +173,7 @@ impl Matrix {
         }
         // Tiles of up to ROW_TILE weight rows share each activation row
         // (bit-identical to one `vec_dot` per row).
-        let range = split(rows, part, parts);
+        let range = (tiles.start * quant::TILE).min(rows)..(tiles.end * quant::TILE).min(rows);
         let mut tile = [0.0f32; quant::ROW_TILE];
         for o in range.clone().step_by(quant::ROW_TILE) {
             let k = (range.end - o).min(quant::ROW_TILE);
@@ -169,8 +191,8 @@ impl Matrix {
 
 /// An output buffer shared across compute threads, written at disjoint indices.
 struct SharedOut(*mut f32);
-// SAFETY: see `Matrix::matmul_part`: each thread writes only the output
-// features of its own part.
+// SAFETY: see `Matrix::matmul_tiles`: each thread writes only the output
+// features of the tiles it claimed.
 unsafe impl Sync for SharedOut {}
 
 /// A batch of activation rows and, lazily, their quantized forms.
