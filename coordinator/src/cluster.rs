@@ -15,6 +15,7 @@ use crate::membership::{Membership, WorkerInfo};
 use crate::pipeline::PipelineConn;
 use crate::planner::{plan, ModelCost, StagePlan};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
+use crate::traffic::Traffic;
 
 /// Default wait after a membership change before re-planning, so a burst of
 /// joins makes one plan, not several.
@@ -85,6 +86,7 @@ pub struct Cluster {
     pub(crate) pipeline: Mutex<Option<PipelineConn>>,
     next_session: AtomicU64,
     weight_bytes_shipped: AtomicU64,
+    traffic: Arc<Traffic>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -112,6 +114,7 @@ impl Cluster {
             pipeline: Mutex::new(None),
             next_session: AtomicU64::new(1),
             weight_bytes_shipped: AtomicU64::new(0),
+            traffic: Arc::default(),
         })
     }
 
@@ -158,6 +161,11 @@ impl Cluster {
     /// Weight bytes the workers reported fetching for their loads.
     pub fn weight_bytes_shipped(&self) -> u64 {
         self.weight_bytes_shipped.load(Ordering::Relaxed)
+    }
+
+    /// Forward messages and bytes exchanged with stage 0, to show the coordinator only moves tokens.
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
     }
 
     /// The shard of `range`, built off the async runtime.

@@ -78,6 +78,15 @@ async fn ready(State(c): State<Arc<Cluster>>) -> impl IntoResponse {
 
 async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
     let s = c.plan_state().await;
+    // Asked of every stage at once, only here: the forward path never waits on it.
+    let asks: Vec<_> =
+        s.stages.iter().map(|st| tokio::spawn(crate::traffic::stage_hidden_bytes(st.address.clone()))).collect();
+    let mut stages = Vec::with_capacity(asks.len());
+    for (st, ask) in s.stages.iter().zip(asks) {
+        let hidden = ask.await.ok().flatten();
+        stages.push(json!({"worker": st.worker, "address": st.address, "layers": [st.start, st.end],
+            "hidden_bytes_sent": hidden.map(|h| h.0), "hidden_bytes_received": hidden.map(|h| h.1)}));
+    }
     Json(json!({
         "cluster": c.name(),
         "epoch": s.epoch,
@@ -85,8 +94,9 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
         "error": s.error,
         "wire_dtype": c.config().wire_dtype.name(),
         "workers": c.membership().workers(),
-        "stages": s.stages.iter().map(|st| json!({"worker": st.worker, "address": st.address, "layers": [st.start, st.end]})).collect::<Vec<_>>(),
+        "stages": stages,
         "weight_bytes_shipped": c.weight_bytes_shipped(),
+        "traffic": c.traffic().to_json(),
     }))
 }
 

@@ -11,6 +11,7 @@ pub mod membership;
 pub mod pipeline;
 pub mod planner;
 pub mod shard_store;
+pub mod traffic;
 
 use std::future::Future;
 use std::sync::Arc;

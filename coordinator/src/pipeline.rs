@@ -3,8 +3,10 @@
 
 use potluck_engine::SamplingParams;
 use potluck_proto::v1 as pb;
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 
 use crate::cluster::Cluster;
 use crate::error::CoordinatorError;
@@ -19,6 +21,7 @@ pub struct PipelineConn {
     tx: mpsc::Sender<pb::ForwardRequest>,
     rx: tonic::Streaming<pb::ForwardReply>,
     next_batch: u64,
+    traffic: std::sync::Arc<crate::traffic::Traffic>,
 }
 
 /// One sampled token, as the API reports it.
@@ -182,12 +185,19 @@ impl Cluster {
             .map_err(|e| worker_err(format!("unreachable: {e}")))?
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
+        let traffic = std::sync::Arc::clone(self.traffic());
+        let counted = std::sync::Arc::clone(&traffic);
+        // Counted as they leave, so every request on the wire is in the figure.
+        let outgoing = ReceiverStream::new(rx).map(move |r: pb::ForwardRequest| {
+            counted.request(r.encoded_len());
+            r
+        });
         let replies = client
-            .forward(ReceiverStream::new(rx))
+            .forward(outgoing)
             .await
             .map_err(|s| worker_err(s.message().to_string()))?
             .into_inner();
-        Ok(PipelineConn { epoch: state.epoch, tx, rx: replies, next_batch: 1 })
+        Ok(PipelineConn { epoch: state.epoch, tx, rx: replies, next_batch: 1, traffic })
     }
 
     /// Frees a session on every stage (best effort: the TTL is the backstop).
@@ -222,6 +232,7 @@ impl PipelineConn {
             .await
             .map_err(|s| broken(s.message().to_string()))?
             .ok_or_else(|| broken("ended".into()))?;
+        self.traffic.reply(reply.encoded_len());
         if !reply.error.is_empty() {
             return Err(broken(reply.error));
         }

@@ -6,12 +6,17 @@ use std::time::Instant;
 use anyhow::Context as _;
 use potluck_engine::{LocalPipeline, ModelFile, Row, SessionId, Stage, WireDtype};
 
+#[path = "bench_pipeline.rs"]
+mod bench_pipeline;
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// Prompt and decode throughput of the engine in this process.
     Engine(EngineBench),
     /// Weight bytes and peak RSS of a process holding one layer range.
     Memory(MemoryBench),
+    /// Single-stream decode of 1..N-worker loopback clusters and the cost per hop.
+    Pipeline(bench_pipeline::PipelineBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +59,7 @@ impl Bench {
         match self {
             Self::Engine(b) => b.run(),
             Self::Memory(b) => b.run(),
+            Self::Pipeline(b) => b.run(),
         }
     }
 }

@@ -77,6 +77,7 @@ async fn step(
     downstream: &mut Option<Downstream>,
     out: &ReplySender,
 ) -> Result<bool, WorkerError> {
+    worker.hidden.received(request.hidden.as_ref().map_or(0, |h| h.data.len()));
     let batch = Batch::try_from(request)?;
     match worker.compute.forward(batch).await? {
         ForwardOutcome::Sampled { batch_id, tokens } => {
@@ -96,6 +97,7 @@ async fn step(
             Ok(out.send(Ok(reply)).await.is_ok())
         }
         ForwardOutcome::Forwarded { batch, data, wire, shape: (rows, dim), next_stage } => {
+            worker.hidden.sent(data.len());
             let request = batch.to_request(wire, rows, dim, data);
             let link = match downstream.take() {
                 Some(d) if d.address == next_stage => d,

@@ -32,6 +32,7 @@ mod sampler_state;
 mod service;
 mod shard_cache;
 mod status;
+mod traffic;
 mod worker;
 
 use std::future::Future;
@@ -114,6 +115,7 @@ pub async fn run(
         shards,
         coordinator,
         transferred: AtomicU64::new(0),
+        hidden: traffic::HiddenTraffic::default(),
         loading: Mutex::new(()),
         stopping: stopping.clone(),
     });

@@ -69,6 +69,8 @@ impl pb::stage_server::Stage for StageService {
             layer_end: to_u32(i.layers.end),
             kv_bytes_in_use: i.kv_bytes as u64,
             weight_bytes_transferred: i.transferred_total,
+            hidden_bytes_sent: i.hidden_sent,
+            hidden_bytes_received: i.hidden_received,
         }))
     }
 }

@@ -16,6 +16,7 @@ use crate::error::{InvalidRequest, WorkerError};
 use crate::load_spec::LoadSpec;
 use crate::peers::Peers;
 use crate::shard_cache::ShardCache;
+use crate::traffic::HiddenTraffic;
 
 /// The result of a load.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +48,10 @@ pub(crate) struct WorkerInfo {
     pub kv_bytes: usize,
     /// Shard bytes fetched since start.
     pub transferred_total: u64,
+    /// Hidden-state bytes sent to the next stage since start.
+    pub hidden_sent: u64,
+    /// Hidden-state bytes received from the previous stage since start.
+    pub hidden_received: u64,
 }
 
 /// Everything a serving worker holds.
@@ -68,6 +73,8 @@ pub(crate) struct Worker {
     pub coordinator: Option<CoordinatorLink>,
     /// Shard bytes fetched since start, across loads.
     pub transferred: AtomicU64,
+    /// Hidden-state bytes sent downstream and received from upstream.
+    pub hidden: HiddenTraffic,
     /// One load at a time: loads share part files and replace the stage.
     pub loading: Mutex<()>,
     /// Becomes true when the worker shuts down; open streams end.
@@ -122,6 +129,7 @@ impl Worker {
     /// The worker's identity and state.
     pub async fn info(&self) -> Result<WorkerInfo, WorkerError> {
         let snap = self.compute.snapshot().await?;
+        let (hidden_sent, hidden_received) = self.hidden.totals();
         Ok(WorkerInfo {
             id: self.id.clone(),
             device: self.device,
@@ -131,6 +139,8 @@ impl Worker {
             layers: snap.layers,
             kv_bytes: snap.kv_bytes,
             transferred_total: self.transferred.load(Ordering::Relaxed),
+            hidden_sent,
+            hidden_received,
         })
     }
 }

@@ -1,0 +1,60 @@
+//! Counters that show the coordinator is not a hub: it sends and receives
+//! only token-sized messages, while hidden states go worker to worker.
+//!
+//! The coordinator counts its own `Forward` traffic; per-stage hidden-state
+//! bytes come from each worker's `Info`, asked only when `/v1/cluster` is read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use potluck_proto::v1 as pb;
+use serde_json::{json, Value};
+
+/// How long `/v1/cluster` waits for one stage's `Info` before showing nulls.
+pub const INFO_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Messages and encoded bytes on the coordinator's streams to stage 0.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    requests: AtomicU64,
+    request_bytes: AtomicU64,
+    replies: AtomicU64,
+    reply_bytes: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts one `ForwardRequest` of `bytes` encoded bytes sent.
+    pub fn request(&self, bytes: usize) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.request_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one `ForwardReply` of `bytes` encoded bytes received.
+    pub fn reply(&self, bytes: usize) {
+        self.replies.fetch_add(1, Ordering::Relaxed);
+        self.reply_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The counters as `/v1/cluster` shows them.
+    pub fn to_json(&self) -> Value {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "forward_requests": get(&self.requests),
+            "forward_request_bytes": get(&self.request_bytes),
+            "forward_replies": get(&self.replies),
+            "forward_reply_bytes": get(&self.reply_bytes),
+        })
+    }
+}
+
+/// Hidden-state bytes (sent, received) the stage at `address` reports, or
+/// `None` if it does not answer within [`INFO_TIMEOUT`].
+pub async fn stage_hidden_bytes(address: String) -> Option<(u64, u64)> {
+    let ask = async move {
+        let endpoint = tonic::transport::Endpoint::from_shared(address).ok()?.connect_timeout(INFO_TIMEOUT);
+        let mut client = pb::stage_client::StageClient::new(endpoint.connect().await.ok()?);
+        let reply = client.info(pb::InfoRequest {}).await.ok()?.into_inner();
+        Some((reply.hidden_bytes_sent, reply.hidden_bytes_received))
+    };
+    tokio::time::timeout(INFO_TIMEOUT, ask).await.ok().flatten()
+}
