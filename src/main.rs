@@ -6,8 +6,17 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_tracing();
-    match cli.run() {
+    let telemetry = match cli.init_telemetry() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = cli.run();
+    // Flushes queued spans before the process exits.
+    drop(telemetry);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
+use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use tokio::sync::{Mutex, RwLock};
+use tracing::Instrument as _;
 
 use crate::error::CoordinatorError;
 use crate::membership::{Membership, WorkerInfo};
@@ -223,18 +225,25 @@ impl Cluster {
                 kv_budget_bytes: self.config.worker_kv_budget,
             };
             let st = st.clone();
-            loads.push(tokio::spawn(async move {
-                let worker_err = |m: String| CoordinatorError::Worker {
-                    worker: st.worker.clone(),
-                    address: st.address.clone(),
-                    message: m,
-                };
-                let mut client = pb::stage_client::StageClient::connect(st.address.clone())
-                    .await
-                    .map_err(|e| worker_err(format!("unreachable: {e}")))?;
-                let reply = client.load(req).await.map_err(|s| worker_err(format!("load failed: {}", s.message())))?;
-                Ok::<_, CoordinatorError>(reply.into_inner().transferred_bytes)
-            }));
+            let span = tracing::info_span!("stage.load", epoch, worker = %st.worker);
+            loads.push(tokio::spawn(
+                async move {
+                    let worker_err = |m: String| CoordinatorError::Worker {
+                        worker: st.worker.clone(),
+                        address: st.address.clone(),
+                        message: m,
+                    };
+                    let mut client = pb::stage_client::StageClient::connect(st.address.clone())
+                        .await
+                        .map_err(|e| worker_err(format!("unreachable: {e}")))?;
+                    let mut request = tonic::Request::new(req);
+                    TraceHeaders::current().inject(&mut request);
+                    let reply =
+                        client.load(request).await.map_err(|s| worker_err(format!("load failed: {}", s.message())))?;
+                    Ok::<_, CoordinatorError>(reply.into_inner().transferred_bytes)
+                }
+                .instrument(span),
+            ));
         }
         for l in loads {
             let bytes = l.await.map_err(|e| CoordinatorError::NotReady(format!("load task: {e}")))??;

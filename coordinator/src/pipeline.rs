@@ -2,11 +2,13 @@
 //! messages out, sampled tokens back. Hidden states never pass through here.
 
 use potluck_engine::SamplingParams;
+use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
+use tracing::Instrument as _;
 
 use crate::cluster::Cluster;
 use crate::error::CoordinatorError;
@@ -102,15 +104,22 @@ impl Cluster {
             )));
         }
         let session = self.new_session();
-        let mut guard = self.pipeline.lock().await;
-        let result = self.run_session(&mut guard, session, &req, &mut on_token).await;
-        if result.is_err() {
-            // The stream may be broken; the next request reconnects.
-            *guard = None;
+        // The request's trace: every micro-batch carries this span's descendants' context to the workers.
+        let span =
+            tracing::info_span!("generate", session, prompt_tokens = req.prompt.len(), max_tokens = req.max_tokens);
+        async {
+            let mut guard = self.pipeline.lock().await;
+            let result = self.run_session(&mut guard, session, &req, &mut on_token).await;
+            if result.is_err() {
+                // The stream may be broken; the next request reconnects.
+                *guard = None;
+            }
+            drop(guard);
+            self.release(session).await;
+            result
         }
-        drop(guard);
-        self.release(session).await;
-        result
+        .instrument(span)
+        .await
     }
 
     async fn run_session(
@@ -148,7 +157,8 @@ impl Cluster {
                     r
                 })
                 .collect();
-            token = c.step(rows, chunk.to_vec()).await?.into_iter().next();
+            let span = tracing::info_span!("prefill.step", position = pos, tokens = chunk.len());
+            token = c.step(rows, chunk.to_vec()).instrument(span).await?.into_iter().next();
             pos += chunk.len();
         }
         loop {
@@ -168,7 +178,8 @@ impl Cluster {
             }
             let row =
                 pb::Row { session, position: u32::try_from(pos).unwrap_or(u32::MAX), sample: true, sampling: None };
-            token = c.step(vec![row], vec![t.id]).await?.into_iter().next();
+            let span = tracing::info_span!("decode.step", position = pos);
+            token = c.step(vec![row], vec![t.id]).instrument(span).await?.into_iter().next();
             pos += 1;
         }
     }
@@ -192,11 +203,7 @@ impl Cluster {
             counted.request(r.encoded_len());
             r
         });
-        let replies = client
-            .forward(outgoing)
-            .await
-            .map_err(|s| worker_err(s.message().to_string()))?
-            .into_inner();
+        let replies = client.forward(outgoing).await.map_err(|s| worker_err(s.message().to_string()))?.into_inner();
         Ok(PipelineConn { epoch: state.epoch, tx, rx: replies, next_batch: 1, traffic })
     }
 
@@ -206,7 +213,9 @@ impl Cluster {
         if let Some(first) = state.stages.first() {
             match pb::stage_client::StageClient::connect(first.address.clone()).await {
                 Ok(mut c) => {
-                    if let Err(e) = c.release(pb::ReleaseRequest { sessions: vec![session] }).await {
+                    let mut request = tonic::Request::new(pb::ReleaseRequest { sessions: vec![session] });
+                    TraceHeaders::current().inject(&mut request);
+                    if let Err(e) = c.release(request).await {
                         tracing::warn!(session, error = %e.message(), "release failed");
                     }
                 }
@@ -222,8 +231,18 @@ impl PipelineConn {
         let batch_id = self.next_batch;
         self.next_batch += 1;
         let broken = |m: String| CoordinatorError::NotReady(format!("pipeline stream: {m}"));
+        let trace = TraceHeaders::current();
         self.tx
-            .send(pb::ForwardRequest { epoch: self.epoch, batch_id, rows, tokens, hidden: None })
+            .send(pb::ForwardRequest {
+                epoch: self.epoch,
+                batch_id,
+                rows,
+                tokens,
+                hidden: None,
+                // Per message: the stream outlives any one request's trace.
+                traceparent: trace.traceparent,
+                tracestate: trace.tracestate,
+            })
             .await
             .map_err(|_| broken("closed".into()))?;
         let reply = self

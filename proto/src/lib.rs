@@ -3,6 +3,8 @@
 //! `proto ← engine ← {worker, coordinator} ← potluck`; its types never appear
 //! in the public APIs of `engine` or `coordinator`.
 
+pub mod trace_context;
+
 /// The protocol package name, so logs and version checks agree on it.
 pub const PACKAGE: &str = "potluck.v1";
 

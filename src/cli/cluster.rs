@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use potluck_coordinator::{CoordinatorConfig, InMemoryMembership};
 use potluck_engine::WireDtype;
 
+use super::telemetry::{self, Export, OtlpArgs};
+
 /// Default HTTP address of the API.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 /// The model `scripts/fetch-model` puts in place.
@@ -38,6 +40,34 @@ pub struct WorkerArgs {
     /// This worker's id (default: its address).
     #[arg(long, default_value = "")]
     id: String,
+    #[command(flatten)]
+    otlp: OtlpArgs,
+}
+
+impl WorkerArgs {
+    /// Span export as `potluck-worker`, told apart by its id (else its process id).
+    pub fn export(&self) -> Option<Export> {
+        let instance = if self.id.is_empty() { std::process::id().to_string() } else { self.id.clone() };
+        export(&self.otlp, telemetry::WORKER_SERVICE, instance)
+    }
+}
+
+impl CoordinatorArgs {
+    /// Span export as `potluck-coordinator`.
+    pub fn export(&self) -> Option<Export> {
+        export(&self.otlp, telemetry::COORDINATOR_SERVICE, std::process::id().to_string())
+    }
+}
+
+impl UpArgs {
+    /// Span export as `potluck-coordinator` (it runs in this process; its workers export on their own).
+    pub fn export(&self) -> Option<Export> {
+        export(&self.otlp, telemetry::COORDINATOR_SERVICE, std::process::id().to_string())
+    }
+}
+
+fn export(otlp: &OtlpArgs, service: &'static str, instance: String) -> Option<Export> {
+    otlp.endpoint.clone().filter(|e| !e.is_empty()).map(|endpoint| Export { endpoint, service, instance })
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +90,8 @@ pub struct CoordinatorArgs {
     /// Token workers must present (empty = open).
     #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
     join_token: String,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +114,9 @@ pub struct UpArgs {
     /// Where workers cache their shards (default: ~/.cache/potluck/shards).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Also passed on to the workers.
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 /// `$XDG_CACHE_HOME/potluck/shards`, else `~/.cache/potluck/shards`.
@@ -190,6 +225,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                 .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
                 .arg("--cache-dir")
                 .arg(a.cache_dir.clone().unwrap_or_else(default_cache_dir))
+                .args(a.otlp.endpoint.iter().flat_map(|e| ["--otlp-endpoint", e.as_str()]))
                 .kill_on_drop(true)
                 .spawn()
                 .context("starting a worker process")?;

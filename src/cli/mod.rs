@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod generate;
 mod perplexity;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,18 @@ enum Command {
 }
 
 impl Cli {
+    /// Installs logging (stderr, `RUST_LOG`) and, for cluster commands given `--otlp-endpoint`, span
+    /// export. Keep the guard until exit: dropping it flushes the spans still queued.
+    pub fn init_telemetry(&self) -> anyhow::Result<telemetry::Telemetry> {
+        let export = match &self.command {
+            Command::Up(a) => a.export(),
+            Command::Worker(a) => a.export(),
+            Command::Coordinator(a) => a.export(),
+            Command::Generate(_) | Command::Perplexity(_) | Command::Bench(_) => None,
+        };
+        telemetry::init(export)
+    }
+
     /// Runs the chosen subcommand.
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
@@ -44,13 +57,6 @@ impl Cli {
             Command::Coordinator(a) => cluster::coordinator(a),
         }
     }
-}
-
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Flags shared by every command that loads a model in-process.

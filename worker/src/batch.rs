@@ -69,6 +69,9 @@ impl Batch {
                 .collect(),
             tokens: self.tokens.clone(),
             hidden: Some(pb::Hidden { dtype: dtype.name().to_string(), rows: to_u32(rows), dim: to_u32(dim), data }),
+            // The forwarding stage sets these from its own span.
+            traceparent: String::new(),
+            tracestate: String::new(),
         }
     }
 }
@@ -135,6 +138,8 @@ mod tests {
             ],
             tokens: vec![5, 6],
             hidden: None,
+            traceparent: String::new(),
+            tracestate: String::new(),
         }
     }
 

@@ -68,7 +68,8 @@ pub(crate) struct Snapshot {
 
 enum Job {
     Install(Box<Loaded>, oneshot::Sender<Result<(), WorkerError>>),
-    Forward(Box<Batch>, oneshot::Sender<Result<ForwardOutcome, WorkerError>>),
+    /// The span is the caller's, so the compute span joins the micro-batch's trace.
+    Forward(Box<Batch>, tracing::Span, oneshot::Sender<Result<ForwardOutcome, WorkerError>>),
     Release(Vec<SessionId>, oneshot::Sender<(usize, Option<String>)>),
     Snapshot(oneshot::Sender<Snapshot>),
 }
@@ -103,7 +104,7 @@ impl Compute {
 
     /// Runs a batch through the loaded stage.
     pub async fn forward(&self, batch: Batch) -> Result<ForwardOutcome, WorkerError> {
-        self.ask(|tx| Job::Forward(Box::new(batch), tx)).await?
+        self.ask(|tx| Job::Forward(Box::new(batch), tracing::Span::current(), tx)).await?
     }
 
     /// Frees sessions; returns how many were held here, and the next stage.
@@ -140,9 +141,9 @@ fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
                 };
                 let _ = reply.send(result);
             }
-            Job::Forward(batch, reply) => {
+            Job::Forward(batch, caller, reply) => {
                 let result = match state.as_mut() {
-                    Some(s) => forward(s, *batch, pool),
+                    Some(s) => forward(s, *batch, &caller, pool),
                     None => Err(WorkerError::NotLoaded),
                 };
                 let _ = reply.send(result);
@@ -175,15 +176,25 @@ fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
     }
 }
 
-fn forward(s: &mut State, mut batch: Batch, pool: &ComputePool) -> Result<ForwardOutcome, WorkerError> {
+fn forward(
+    s: &mut State,
+    mut batch: Batch,
+    caller: &tracing::Span,
+    pool: &ComputePool,
+) -> Result<ForwardOutcome, WorkerError> {
     let l = &mut s.loaded;
     if batch.epoch != l.epoch {
         return Err(WorkerError::StaleEpoch { got: batch.epoch, current: l.epoch });
     }
     let range = l.stage.range();
-    let _span =
-        tracing::info_span!("stage.forward", batch_id = batch.batch_id, rows = batch.rows.len(), layers = ?range)
-            .entered();
+    let _span = tracing::info_span!(
+        parent: caller,
+        "stage.compute",
+        batch_id = batch.batch_id,
+        rows = batch.rows.len(),
+        layers = ?range
+    )
+    .entered();
     let hidden = batch.hidden.take();
     let input = match (&hidden, l.stage.is_first()) {
         (None, true) => StageInput::Tokens(&batch.tokens),

@@ -9,11 +9,13 @@
 
 use std::sync::Arc;
 
+use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::batch::Batch;
 use crate::compute::ForwardOutcome;
@@ -53,7 +55,8 @@ async fn run(worker: Arc<Worker>, mut upstream: Streaming<pb::ForwardRequest>, o
                 break None;
             }
         };
-        match step(&worker, request, &mut downstream, &out).await {
+        let span = forward_span(&request);
+        match step(&worker, request, &mut downstream, &out).instrument(span).await {
             Ok(true) => {}
             Ok(false) => break None,
             Err(e) => break Some(e),
@@ -68,6 +71,13 @@ async fn run(worker: Arc<Worker>, mut upstream: Streaming<pb::ForwardRequest>, o
     }
     // On a clean end, dropping `downstream` ends the next stage's request
     // stream; its relay finishes once the next stage has answered everything.
+}
+
+/// The `stage.forward` span of one micro-batch, a child of the span that sent it (its `traceparent`).
+fn forward_span(request: &pb::ForwardRequest) -> tracing::Span {
+    let span = tracing::info_span!("stage.forward", batch_id = request.batch_id, rows = request.rows.len());
+    TraceHeaders { traceparent: request.traceparent.clone(), tracestate: request.tracestate.clone() }.parent(&span);
+    span
 }
 
 /// Handles one request; `Ok(false)` when the upstream has gone away.
@@ -98,7 +108,10 @@ async fn step(
         }
         ForwardOutcome::Forwarded { batch, data, wire, shape: (rows, dim), next_stage } => {
             worker.hidden.sent(data.len());
-            let request = batch.to_request(wire, rows, dim, data);
+            let mut request = batch.to_request(wire, rows, dim, data);
+            // Same trace; the parent becomes this stage's `stage.forward` span.
+            let trace = TraceHeaders::current();
+            (request.traceparent, request.tracestate) = (trace.traceparent, trace.tracestate);
             let link = match downstream.take() {
                 Some(d) if d.address == next_stage => d,
                 // A new plan may point elsewhere; the old stream drains on its own.

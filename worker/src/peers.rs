@@ -55,7 +55,9 @@ impl Peers {
     pub async fn release(&self, address: &str, sessions: &[SessionId]) -> Result<u32, WorkerError> {
         let mut client = self.client(address)?;
         let req = pb::ReleaseRequest { sessions: sessions.iter().map(|s| s.0).collect() };
-        match tokio::time::timeout(DEFAULT_RELEASE_TIMEOUT, client.release(req)).await {
+        let mut request = tonic::Request::new(req);
+        potluck_proto::trace_context::TraceHeaders::current().inject(&mut request);
+        match tokio::time::timeout(DEFAULT_RELEASE_TIMEOUT, client.release(request)).await {
             Ok(Ok(reply)) => Ok(reply.into_inner().released),
             Ok(Err(s)) => Err(status::next_stage(address, &s)),
             Err(_) => Err(status::next_stage(address, &tonic::Status::deadline_exceeded("release timed out"))),

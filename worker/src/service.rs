@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use potluck_engine::SessionId;
+use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::error::WorkerError;
 use crate::forward::{self, Replies};
@@ -25,6 +27,12 @@ impl StageService {
     }
 }
 
+/// Makes a unary call's `span` a child of the caller's span named in the `traceparent` metadata.
+fn traced<T>(span: tracing::Span, request: &Request<T>) -> tracing::Span {
+    TraceHeaders::from_metadata(request.metadata()).parent(&span);
+    span
+}
+
 fn to_u32(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
@@ -32,8 +40,9 @@ fn to_u32(v: usize) -> u32 {
 #[tonic::async_trait]
 impl pb::stage_server::Stage for StageService {
     async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReply>, Status> {
+        let span = traced(tracing::info_span!("stage.load"), &request);
         let spec = LoadSpec::try_from(request.into_inner()).map_err(WorkerError::from)?;
-        let out = self.worker.load(spec).await?;
+        let out = self.worker.load(spec).instrument(span).await?;
         Ok(Response::new(pb::LoadReply {
             epoch: out.epoch,
             transferred_bytes: out.transferred,
@@ -51,8 +60,9 @@ impl pb::stage_server::Stage for StageService {
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
+        let span = traced(tracing::info_span!("stage.release"), &request);
         let sessions = request.into_inner().sessions.into_iter().map(SessionId).collect();
-        let released = self.worker.release(sessions).await?;
+        let released = self.worker.release(sessions).instrument(span).await?;
         Ok(Response::new(pb::ReleaseReply { released: to_u32(released) }))
     }
 

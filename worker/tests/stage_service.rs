@@ -114,6 +114,8 @@ fn batch(
             .collect(),
         tokens: tokens.to_vec(),
         hidden: None,
+        traceparent: String::new(),
+        tracestate: String::new(),
     }
 }
 
