@@ -9,13 +9,14 @@ use std::time::Duration;
 use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
 use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::RwLock;
 use tracing::Instrument as _;
 
 use crate::error::CoordinatorError;
 use crate::membership::{Membership, WorkerInfo};
-use crate::pipeline::PipelineConn;
+use crate::metrics::Metrics;
 use crate::planner::{plan, ModelCost, StagePlan};
+use crate::scheduler::{Scheduler, SchedulerConfig, DEFAULT_MAX_BATCH_ROWS, DEFAULT_PREFILL_CHUNK};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
 use crate::traffic::Traffic;
 
@@ -44,6 +45,18 @@ pub struct CoordinatorConfig {
     pub worker_kv_budget: u64,
     /// Workers must present this token to join (empty = open).
     pub join_token: String,
+    /// Most sessions served at once.
+    pub max_sessions: usize,
+    /// Most requests waiting for capacity before new ones get 429.
+    pub queue_capacity: usize,
+    /// Micro-batches in flight at once (`None`: one more than the stages).
+    pub max_inflight: Option<usize>,
+    /// Most prompt tokens one session sends per micro-batch (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Most rows per micro-batch.
+    pub max_batch_rows: usize,
+    /// API keys clients must present as `Authorization: Bearer …` (empty = open).
+    pub api_keys: Vec<String>,
 }
 
 impl CoordinatorConfig {
@@ -58,6 +71,12 @@ impl CoordinatorConfig {
             shard_dir: std::env::temp_dir().join(format!("potluck-shards-{}", std::process::id())),
             worker_kv_budget: DEFAULT_WORKER_KV_BUDGET,
             join_token: String::new(),
+            max_sessions: crate::admission::DEFAULT_MAX_SESSIONS,
+            queue_capacity: crate::admission::DEFAULT_QUEUE_CAPACITY,
+            max_inflight: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -84,8 +103,8 @@ pub struct Cluster {
     cost: ModelCost,
     tokenizer: Tokenizer,
     state: RwLock<PlanState>,
-    /// The long-lived stream to stage 0; one request at a time uses it.
-    pub(crate) pipeline: Mutex<Option<PipelineConn>>,
+    scheduler: Scheduler,
+    metrics: Arc<Metrics>,
     next_session: AtomicU64,
     weight_bytes_shipped: AtomicU64,
     traffic: Arc<Traffic>,
@@ -105,6 +124,23 @@ impl Cluster {
         let tokenizer = file.tokenizer()?;
         let cost = cost_of(&config.model, &model)?;
         let shards = Arc::new(ShardStore::new(&config.model, &config.shard_dir, DEFAULT_CHUNK_BYTES));
+        let metrics = Arc::new(Metrics::default());
+        let traffic = Arc::new(Traffic::default());
+        let scheduler = Scheduler::start(
+            SchedulerConfig {
+                max_sessions: config.max_sessions,
+                queue_capacity: config.queue_capacity,
+                prefill_chunk: config.prefill_chunk,
+                max_batch_rows: config.max_batch_rows,
+                max_inflight: config.max_inflight,
+                worker_kv_budget: config.worker_kv_budget,
+                kv_bytes_per_token_layer: model.kv_bytes_per_token_layer(),
+                context: model.context,
+                stop_ids: tokenizer.stop_ids().to_vec(),
+            },
+            Arc::clone(&metrics),
+            Arc::clone(&traffic),
+        );
         Ok(Self {
             config,
             membership,
@@ -113,10 +149,11 @@ impl Cluster {
             cost,
             tokenizer,
             state: RwLock::new(PlanState::default()),
-            pipeline: Mutex::new(None),
+            scheduler,
+            metrics,
             next_session: AtomicU64::new(1),
             weight_bytes_shipped: AtomicU64::new(0),
-            traffic: Arc::default(),
+            traffic,
         })
     }
 
@@ -145,7 +182,17 @@ impl Cluster {
         &self.config
     }
 
-    /// A fresh session id.
+    /// The scheduler that runs generations.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A fresh number for a response id.
     pub fn new_session(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
@@ -210,6 +257,8 @@ impl Cluster {
         let stages = plan(self.cost, workers)?;
         let epoch = self.state.read().await.epoch + 1;
         tracing::info!(epoch, stages = ?stages.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(), "applying plan");
+        // Quiesce: nothing in flight while workers switch epochs; running sessions move over afterwards.
+        let pause = self.scheduler.pause().await;
         let mut loads = Vec::new();
         for (i, st) in stages.iter().enumerate() {
             let shard = self.shard(st.start..st.end).await?;
@@ -249,9 +298,10 @@ impl Cluster {
             let bytes = l.await.map_err(|e| CoordinatorError::NotReady(format!("load task: {e}")))??;
             self.weight_bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
         }
-        // New plan: the next request opens a fresh stream to the new stage 0.
-        *self.pipeline.lock().await = None;
-        *self.state.write().await = PlanState { epoch, stages, ready: true, error: None };
+        let state = PlanState { epoch, stages, ready: true, error: None };
+        *self.state.write().await = state.clone();
+        self.scheduler.set_plan(state);
+        drop(pause);
         tracing::info!(epoch, "plan ready");
         Ok(())
     }

@@ -33,6 +33,9 @@ pub enum CoordinatorError {
     /// A request is invalid.
     #[error("{0}")]
     BadRequest(String),
+    /// The server is at capacity and its queue is full; the client should retry.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -41,6 +44,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::UnknownShard(_) => Self::not_found(e.to_string()),
             CoordinatorError::BadRequest(_) | CoordinatorError::Engine(_) => Self::invalid_argument(e.to_string()),
             CoordinatorError::NotReady(_) | CoordinatorError::Plan(_) => Self::unavailable(e.to_string()),
+            CoordinatorError::Overloaded(_) => Self::resource_exhausted(e.to_string()),
             CoordinatorError::Io(..) | CoordinatorError::Worker { .. } => Self::internal(e.to_string()),
         }
     }

@@ -1,70 +1,123 @@
-//! The HTTP API: OpenAI-compatible completions (streaming and not), plus
-//! `/ready`, `/health` and `/v1/cluster`. The full API surface and
-//! continuous batching belong to the serving work; here requests take turns.
+//! The HTTP API: OpenAI-compatible `/v1/completions`, `/v1/chat/completions`
+//! and `/v1/models` (streaming and not), plus `/health`, `/ready`,
+//! `/v1/cluster` and `/metrics`.
+//!
+//! Every error is in OpenAI's JSON shape; bodies are size-limited; API keys,
+//! when configured, guard everything under `/v1`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use potluck_engine::{ChatMessage, SamplingParams};
-use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::cluster::Cluster;
+use crate::completion::{self, Endpoint};
 use crate::error::CoordinatorError;
-use crate::pipeline::{Finish, Generation};
+use crate::openai::{self, ChatRequest, CompletionRequest};
+use crate::scheduler::SessionStream;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Default `max_tokens` when a request gives none.
-pub const DEFAULT_MAX_TOKENS: usize = 128;
+/// What a 429 tells the client to wait, in seconds.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// The API router.
 pub fn router(cluster: Arc<Cluster>) -> Router {
+    let api = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster_info))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&cluster), authorize))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&cluster), count))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
-        .route("/v1/cluster", get(cluster_info))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(cluster)
 }
 
 /// An error in OpenAI's JSON shape.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = if self.0.is_client_error() { "invalid_request_error" } else { "server_error" };
-        (self.0, Json(json!({"error": {"message": self.1, "type": kind, "param": null, "code": null}}))).into_response()
+        let (kind, code) = match self.status {
+            StatusCode::UNAUTHORIZED => ("authentication_error", Value::from("invalid_api_key")),
+            StatusCode::NOT_FOUND => ("invalid_request_error", Value::from("not_found")),
+            StatusCode::TOO_MANY_REQUESTS => ("rate_limit_error", Value::from("rate_limit_exceeded")),
+            s if s.is_client_error() => ("invalid_request_error", Value::Null),
+            _ => ("server_error", Value::Null),
+        };
+        let body = json!({"error": {"message": self.message, "type": kind, "param": null, "code": code}});
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
     }
 }
 
 impl From<CoordinatorError> for ApiError {
     fn from(e: CoordinatorError) -> Self {
-        let code = match &e {
+        let status = match &e {
             CoordinatorError::BadRequest(_) | CoordinatorError::Engine(_) => StatusCode::BAD_REQUEST,
+            CoordinatorError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             CoordinatorError::NotReady(_) | CoordinatorError::Plan(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         };
-        Self(code, e.to_string())
+        Self::new(status, e.to_string())
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        Self(r.status(), r.body_text())
+/// Counts every API response by status, for `/metrics`.
+async fn count(State(c): State<Arc<Cluster>>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    c.metrics().request(response.status().as_u16());
+    response
+}
+
+/// Requires `Authorization: Bearer <key>` when API keys are configured.
+async fn authorize(State(c): State<Arc<Cluster>>, request: Request, next: Next) -> Response {
+    let keys = &c.config().api_keys;
+    if keys.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if keys.iter().any(|key| key == k) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key").into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing API key: send `Authorization: Bearer <key>`")
+            .into_response(),
     }
 }
 
@@ -76,19 +129,33 @@ async fn ready(State(c): State<Arc<Cluster>>) -> impl IntoResponse {
     }
 }
 
-async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
+/// `Info` of every stage of the plan in force, asked at once.
+async fn stage_infos(c: &Cluster) -> (crate::cluster::PlanState, Vec<Option<potluck_proto::v1::InfoReply>>) {
     let s = c.plan_state().await;
-    // Asked of every stage at once, only here: the forward path never waits on it.
-    let asks: Vec<_> =
-        s.stages.iter().map(|st| tokio::spawn(crate::traffic::stage_hidden_bytes(st.address.clone()))).collect();
-    let mut stages = Vec::with_capacity(asks.len());
-    for (st, ask) in s.stages.iter().zip(asks) {
-        let hidden = ask.await.ok().flatten();
-        stages.push(json!({"worker": st.worker, "address": st.address, "layers": [st.start, st.end],
-            "hidden_bytes_sent": hidden.map(|h| h.0), "hidden_bytes_received": hidden.map(|h| h.1)}));
+    let asks: Vec<_> = s.stages.iter().map(|st| tokio::spawn(crate::traffic::stage_info(st.address.clone()))).collect();
+    let mut infos = Vec::with_capacity(asks.len());
+    for ask in asks {
+        infos.push(ask.await.ok().flatten());
     }
+    (s, infos)
+}
+
+async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
+    let (s, infos) = stage_infos(&c).await;
+    let stages: Vec<Value> = s
+        .stages
+        .iter()
+        .zip(&infos)
+        .map(|(st, info)| {
+            json!({"worker": st.worker, "address": st.address, "layers": [st.start, st.end],
+                "hidden_bytes_sent": info.as_ref().map(|i| i.hidden_bytes_sent),
+                "hidden_bytes_received": info.as_ref().map(|i| i.hidden_bytes_received),
+                "kv_bytes_in_use": info.as_ref().map(|i| i.kv_bytes_in_use)})
+        })
+        .collect();
     Json(json!({
         "cluster": c.name(),
+        "model": model_name(&c),
         "epoch": s.epoch,
         "ready": s.ready,
         "error": s.error,
@@ -100,170 +167,131 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
     }))
 }
 
-/// Fields shared by both endpoints.
-#[derive(Debug, Deserialize)]
-struct Common {
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    #[serde(default)]
-    stream: bool,
-}
-
-impl Common {
-    fn max_tokens(&self) -> Result<usize, ApiError> {
-        match self.max_completion_tokens.or(self.max_tokens) {
-            None => Ok(DEFAULT_MAX_TOKENS),
-            Some(n) if n >= 1 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
-            Some(n) => Err(ApiError(StatusCode::BAD_REQUEST, format!("max_tokens must be ≥ 1, got {n}"))),
+async fn metrics(State(c): State<Arc<Cluster>>) -> impl IntoResponse {
+    use std::fmt::Write as _;
+    let mut out = c.metrics().render();
+    let (s, infos) = stage_infos(&c).await;
+    out.push_str("# HELP potluck_worker_kv_bytes KV cache bytes in use on each stage's worker.\n");
+    out.push_str("# TYPE potluck_worker_kv_bytes gauge\n");
+    for (i, (st, info)) in s.stages.iter().zip(&infos).enumerate() {
+        if let Some(info) = info {
+            let _ = writeln!(
+                out,
+                "potluck_worker_kv_bytes{{stage=\"{i}\",worker=\"{}\"}} {}",
+                st.worker, info.kv_bytes_in_use
+            );
         }
     }
-
-    fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature.unwrap_or(1.0),
-            top_p: self.top_p.unwrap_or(1.0),
-            seed: self.seed.unwrap_or(0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            ..SamplingParams::default()
+    out.push_str("# HELP potluck_stage_busy_seconds_total Time each stage's worker spent computing micro-batches.\n");
+    out.push_str("# TYPE potluck_stage_busy_seconds_total counter\n");
+    for (i, (st, info)) in s.stages.iter().zip(&infos).enumerate() {
+        if let Some(info) = info {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = info.busy_micros as f64 / 1e6;
+            let _ = writeln!(out, "potluck_stage_busy_seconds_total{{stage=\"{i}\",worker=\"{}\"}} {secs}", st.worker);
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP potluck_plan_epoch The plan epoch in force.\n# TYPE potluck_plan_epoch gauge\npotluck_plan_epoch {}",
+        s.epoch
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    prompt: String,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-fn model_name(c: &Cluster) -> String {
+/// The name the API reports for the model: its file name.
+pub fn model_name(c: &Cluster) -> String {
     c.config().model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+async fn models(State(c): State<Arc<Cluster>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [
+        {"id": model_name(&c), "object": "model", "created": 0, "owned_by": "potluck"}
+    ]}))
+}
+
+fn check_model(c: &Cluster, asked: Option<&String>) -> Result<(), ApiError> {
+    let name = model_name(c);
+    match asked {
+        Some(m) if m != &name && m != "default" => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model `{m}` does not exist here; this server serves `{name}`"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 async fn completions(
     State(c): State<Arc<Cluster>>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
-    let prompt = c.tokenizer().encode(&req.prompt, true).map_err(CoordinatorError::from)?;
-    respond(c, prompt, &req.common, false).await
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let req: CompletionRequest = openai::parse(&body).map_err(ApiError::bad)?;
+    check_model(&c, req.common.model.as_ref())?;
+    let mut plan = req.plan().map_err(ApiError::bad)?;
+    plan.generation.prompt = match req.prompt().map_err(ApiError::bad)? {
+        Ok(text) => c.tokenizer().encode(text, true).map_err(CoordinatorError::from)?,
+        Err(ids) => {
+            let vocab = c.model().vocab;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            }
+            ids.to_vec()
+        }
+    };
+    let stream = req.common.stream;
+    let usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    respond(c, plan, Endpoint::Completions, stream, usage).await
 }
 
 async fn chat_completions(
     State(c): State<Arc<Cluster>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
-    let template = c
-        .tokenizer()
-        .chat_template()
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "this model has no chat template".into()))?;
-    let text = template.render(&req.messages, true).map_err(CoordinatorError::from)?;
-    let prompt = c.tokenizer().encode(&text, true).map_err(CoordinatorError::from)?;
-    respond(c, prompt, &req.common, true).await
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let req: ChatRequest = openai::parse(&body).map_err(ApiError::bad)?;
+    check_model(&c, req.common.model.as_ref())?;
+    let mut plan = req.plan().map_err(ApiError::bad)?;
+    let messages = req.messages().map_err(ApiError::bad)?;
+    let template = c.tokenizer().chat_template().ok_or_else(|| ApiError::bad("this model has no chat template"))?;
+    let text = template.render(&messages, true).map_err(CoordinatorError::from)?;
+    plan.generation.prompt = c.tokenizer().encode(&text, true).map_err(CoordinatorError::from)?;
+    let stream = req.common.stream;
+    let usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    respond(c, plan, Endpoint::Chat, stream, usage).await
 }
 
-async fn respond(c: Arc<Cluster>, prompt: Vec<u32>, common: &Common, chat: bool) -> Result<Response, ApiError> {
-    let name = model_name(&c);
-    if let Some(m) = &common.model {
-        if m != &name && m != "default" {
-            return Err(ApiError(StatusCode::NOT_FOUND, format!("model `{m}` is not served here (try `{name}`)")));
-        }
-    }
-    let generation = Generation { prompt, max_tokens: common.max_tokens()?, sampling: common.sampling() };
-    generation.sampling.validate().map_err(CoordinatorError::from)?;
-    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, c.new_session());
-    let prompt_tokens = generation.prompt.len();
-    if common.stream {
-        return Ok(stream(c, generation, id, name, chat).into_response());
-    }
-    let (tokens, finish) = c.generate(generation, |_| true).await?;
-    let visible: Vec<u32> = tokens.iter().copied().filter(|&t| !c.tokenizer().is_stop(t)).collect();
-    let text = c.tokenizer().decode(&visible).map_err(CoordinatorError::from)?;
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens.len(), "total_tokens": prompt_tokens + tokens.len()});
-    let choice = if chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.reason(), "logprobs": null})
-    } else {
-        json!({"index": 0, "text": text, "finish_reason": finish.reason(), "logprobs": null})
-    };
-    let object = if chat { "chat.completion" } else { "text_completion" };
-    Ok(Json(json!({"id": id, "object": object, "created": now(), "model": name, "choices": [choice], "usage": usage}))
-        .into_response())
-}
-
-fn stream(
+async fn respond(
     c: Arc<Cluster>,
-    generation: Generation,
-    id: String,
-    name: String,
-    chat: bool,
-) -> Sse<UnboundedReceiverStream<Result<Event, Infallible>>> {
-    // Unbounded: tokens are tiny, and `on_token` must not block the pipeline.
-    let (tx, rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
-    tokio::spawn(async move {
-        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
-        let created = now();
-        let chunk = |delta: &str, finish: Option<&str>| {
-            let choice = if chat {
-                json!({"index": 0, "delta": {"content": delta}, "finish_reason": finish})
-            } else {
-                json!({"index": 0, "text": delta, "finish_reason": finish})
-            };
-            Event::default().data(
-                json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice]}).to_string(),
-            )
-        };
-        if chat {
-            let first = json!({"id": id, "object": object, "created": created, "model": name,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
-            let _ = tx.send(Ok(Event::default().data(first.to_string())));
-        }
-        let mut decoder = c.tokenizer().stream_decoder();
-        let tx2 = tx.clone();
-        let result = c
-            .generate(generation, |t| {
-                let piece = decoder.push(t.id).unwrap_or_default();
-                // A closed channel means the client went away: stop and free the session.
-                if piece.is_empty() {
-                    !tx2.is_closed()
-                } else {
-                    tx2.send(Ok(chunk(&piece, None))).is_ok()
-                }
-            })
-            .await;
-        match result {
-            Ok((_, Finish::Cancelled)) => {}
-            Ok((_, finish)) => {
-                let rest = decoder.finish().unwrap_or_default();
-                if !rest.is_empty() {
-                    let _ = tx.send(Ok(chunk(&rest, None)));
-                }
-                let _ = tx.send(Ok(chunk("", Some(finish.reason()))));
-                let _ = tx.send(Ok(Event::default().data("[DONE]")));
-            }
-            Err(e) => {
-                let err = json!({"error": {"message": e.to_string(), "type": "server_error"}});
-                let _ = tx.send(Ok(Event::default().data(err.to_string())));
-            }
-        }
-    });
-    Sse::new(UnboundedReceiverStream::new(rx))
+    plan: openai::Plan,
+    endpoint: Endpoint,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let mut sessions: Vec<SessionStream> = Vec::with_capacity(plan.n);
+    for i in 0..plan.n {
+        let mut g = plan.generation.clone();
+        // Each extra choice draws from its own seed, so sampled choices differ but stay reproducible.
+        g.sampling.seed = g.sampling.seed.wrapping_add(i as u64);
+        // On failure the sessions already admitted are dropped, which cancels them.
+        sessions.push(c.scheduler().submit(g).await?);
+    }
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let r = completion::Response {
+        id: format!("{prefix}-{}", c.new_session()),
+        model: model_name(&c),
+        endpoint,
+        stop: plan.stop,
+        logprobs: plan.logprobs.is_some(),
+        include_usage,
+        prompt_tokens: plan.generation.prompt.len(),
+    };
+    if stream {
+        return Ok(completion::stream(c, sessions, r).into_response());
+    }
+    let body = completion::collect(c, sessions, &r).await.map_err(|m| ApiError::new(StatusCode::BAD_GATEWAY, m))?;
+    Ok(Json(body).into_response())
 }

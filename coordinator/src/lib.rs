@@ -3,14 +3,21 @@
 //!
 //! Entry point: [`run`], on listeners the caller binds (tests use port 0).
 
+pub mod admission;
 pub mod cluster;
+pub mod completion;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod membership;
+pub mod metrics;
+pub mod openai;
 pub mod pipeline;
 pub mod planner;
+pub mod scheduler;
 pub mod shard_store;
+mod stage_link;
+pub mod stop;
 pub mod traffic;
 
 use std::future::Future;

@@ -47,14 +47,14 @@ impl Traffic {
     }
 }
 
-/// Hidden-state bytes (sent, received) the stage at `address` reports, or
-/// `None` if it does not answer within [`INFO_TIMEOUT`].
-pub async fn stage_hidden_bytes(address: String) -> Option<(u64, u64)> {
+/// What the stage at `address` reports about itself (`Info`), or `None` if it
+/// does not answer within [`INFO_TIMEOUT`]. Asked only when `/v1/cluster` or
+/// `/metrics` is read: the forward path never waits on it.
+pub async fn stage_info(address: String) -> Option<pb::InfoReply> {
     let ask = async move {
         let endpoint = tonic::transport::Endpoint::from_shared(address).ok()?.connect_timeout(INFO_TIMEOUT);
         let mut client = pb::stage_client::StageClient::new(endpoint.connect().await.ok()?);
-        let reply = client.info(pb::InfoRequest {}).await.ok()?.into_inner();
-        Some((reply.hidden_bytes_sent, reply.hidden_bytes_received))
+        Some(client.info(pb::InfoRequest {}).await.ok()?.into_inner())
     };
     tokio::time::timeout(INFO_TIMEOUT, ask).await.ok().flatten()
 }

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use potluck_coordinator::{CoordinatorConfig, InMemoryMembership};
 use potluck_engine::WireDtype;
 
+use super::serving::ServingArgs;
 use super::telemetry::{self, Export, OtlpArgs};
 
 /// Default HTTP address of the API.
@@ -91,6 +92,8 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
     join_token: String,
     #[command(flatten)]
+    serving: ServingArgs,
+    #[command(flatten)]
     otlp: OtlpArgs,
 }
 
@@ -114,6 +117,8 @@ pub struct UpArgs {
     /// Where workers cache their shards (default: ~/.cache/potluck/shards).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    serving: ServingArgs,
     /// Also passed on to the workers.
     #[command(flatten)]
     otlp: OtlpArgs,
@@ -183,6 +188,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         config.wire_dtype = a.wire_dtype;
         config.min_workers = a.min_workers;
         config.join_token = a.join_token;
+        a.serving.apply(&mut config)?;
         eprintln!("[potluck] coordinator: gRPC {}, HTTP http://{}", grpc.local_addr()?, http.local_addr()?);
         potluck_coordinator::run(grpc, http, config, Arc::new(InMemoryMembership::default()), terminated()).await?;
         Ok(())
@@ -207,6 +213,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         let mut config = CoordinatorConfig::new(a.model.clone());
         config.wire_dtype = a.wire_dtype;
         config.min_workers = a.workers;
+        a.serving.apply(&mut config)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let coordinator = tokio::spawn(potluck_coordinator::run(
             grpc,

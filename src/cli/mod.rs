@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod generate;
 mod perplexity;
+mod serving;
 mod telemetry;
 
 use clap::{Parser, Subcommand};

@@ -64,6 +64,8 @@ pub(crate) struct Snapshot {
     pub layers: Range<usize>,
     /// KV bytes held.
     pub kv_bytes: usize,
+    /// Time spent running micro-batches since the thread started.
+    pub busy: std::time::Duration,
 }
 
 enum Job {
@@ -126,6 +128,7 @@ struct State {
 
 fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
     let mut state: Option<State> = None;
+    let mut busy = std::time::Duration::ZERO;
     // Replies are best effort: a caller that gave up has dropped its receiver.
     for job in jobs {
         match job {
@@ -142,10 +145,12 @@ fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
                 let _ = reply.send(result);
             }
             Job::Forward(batch, caller, reply) => {
+                let started = std::time::Instant::now();
                 let result = match state.as_mut() {
                     Some(s) => forward(s, *batch, &caller, pool),
                     None => Err(WorkerError::NotLoaded),
                 };
+                busy += started.elapsed();
                 let _ = reply.send(result);
             }
             Job::Release(sessions, reply) => {
@@ -165,11 +170,15 @@ fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
                 let _ = reply.send(result);
             }
             Job::Snapshot(reply) => {
-                let snap = state.as_ref().map_or_else(Snapshot::default, |s| Snapshot {
-                    epoch: s.loaded.epoch,
-                    layers: s.loaded.stage.range(),
-                    kv_bytes: s.loaded.cache.used_bytes(),
-                });
+                let snap = state.as_ref().map_or_else(
+                    || Snapshot { busy, ..Snapshot::default() },
+                    |s| Snapshot {
+                        epoch: s.loaded.epoch,
+                        layers: s.loaded.stage.range(),
+                        kv_bytes: s.loaded.cache.used_bytes(),
+                        busy,
+                    },
+                );
                 let _ = reply.send(snap);
             }
         }

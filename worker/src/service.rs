@@ -81,6 +81,7 @@ impl pb::stage_server::Stage for StageService {
             weight_bytes_transferred: i.transferred_total,
             hidden_bytes_sent: i.hidden_sent,
             hidden_bytes_received: i.hidden_received,
+            busy_micros: u64::try_from(i.busy.as_micros()).unwrap_or(u64::MAX),
         }))
     }
 }

@@ -52,6 +52,8 @@ pub(crate) struct WorkerInfo {
     pub hidden_sent: u64,
     /// Hidden-state bytes received from the previous stage since start.
     pub hidden_received: u64,
+    /// Time the compute thread spent on micro-batches since start.
+    pub busy: std::time::Duration,
 }
 
 /// Everything a serving worker holds.
@@ -141,6 +143,7 @@ impl Worker {
             transferred_total: self.transferred.load(Ordering::Relaxed),
             hidden_sent,
             hidden_received,
+            busy: snap.busy,
         })
     }
 }

@@ -1,0 +1,143 @@
+//! The coordinator's end of the pipeline: one long-lived `Forward` stream to
+//! stage 0 carrying every micro-batch of a plan epoch, and a reader task that
+//! hands each reply (sampled tokens, or the failure of some stage) to the
+//! scheduler. Hidden states never pass through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_proto::trace_context::TraceHeaders;
+use potluck_proto::v1 as pb;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+
+use crate::error::CoordinatorError;
+use crate::planner::StagePlan;
+use crate::traffic::Traffic;
+
+/// How long opening the stream to stage 0 may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a `Release` may take before it is given up.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Micro-batches buffered toward stage 0.
+const SEND_BUFFER: usize = 64;
+
+/// One reply (or the end of the stream) from a link.
+#[derive(Debug)]
+pub(crate) struct LinkEvent {
+    /// Which link it came from, so replies of a replaced link are ignored.
+    pub link: u64,
+    /// The reply, or why the stream ended.
+    pub reply: Result<pb::ForwardReply, String>,
+}
+
+/// An open stream to the first stage of one plan epoch.
+#[derive(Debug)]
+pub(crate) struct StageLink {
+    /// Distinguishes this link's events from those of links it replaced.
+    pub id: u64,
+    /// The plan epoch stamped on every micro-batch.
+    pub epoch: u64,
+    /// Stage 0, for errors and releases.
+    pub first: StagePlan,
+    requests: mpsc::Sender<pb::ForwardRequest>,
+    client: pb::stage_client::StageClient<tonic::transport::Channel>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for StageLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl StageLink {
+    /// Opens the stream; replies go to `events`.
+    pub async fn open(
+        id: u64,
+        epoch: u64,
+        first: &StagePlan,
+        traffic: Arc<Traffic>,
+        events: mpsc::UnboundedSender<LinkEvent>,
+    ) -> Result<Self, CoordinatorError> {
+        let worker_err = |m: String| CoordinatorError::Worker {
+            worker: first.worker.clone(),
+            address: first.address.clone(),
+            message: m,
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(first.address.clone())
+            .map_err(|e| worker_err(format!("bad address: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| worker_err(format!("unreachable: {e}")))?;
+        let client = pb::stage_client::StageClient::new(channel).max_decoding_message_size(64 << 20);
+        let (requests, rx) = mpsc::channel(SEND_BUFFER);
+        let counted = Arc::clone(&traffic);
+        // Counted as they leave, so every request on the wire is in the figure.
+        let outgoing = ReceiverStream::new(rx).map(move |r: pb::ForwardRequest| {
+            counted.request(r.encoded_len());
+            r
+        });
+        let mut forward_client = client.clone();
+        let mut replies = tokio::time::timeout(CONNECT_TIMEOUT, forward_client.forward(outgoing))
+            .await
+            .map_err(|_| worker_err("did not answer the Forward stream in time".into()))?
+            .map_err(|s| worker_err(s.message().to_string()))?
+            .into_inner();
+        let reader = tokio::spawn(async move {
+            loop {
+                let reply = match replies.message().await {
+                    Ok(Some(r)) => {
+                        traffic.reply(r.encoded_len());
+                        Ok(r)
+                    }
+                    Ok(None) => Err("the pipeline stream ended".to_string()),
+                    Err(s) => Err(s.message().to_string()),
+                };
+                let end = reply.is_err();
+                if events.send(LinkEvent { link: id, reply }).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Self { id, epoch, first: first.clone(), requests, client, reader })
+    }
+
+    /// Sends one micro-batch, stamped with this link's epoch and the current trace.
+    pub async fn send(&self, batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>) -> Result<(), CoordinatorError> {
+        let trace = TraceHeaders::current();
+        let request = pb::ForwardRequest {
+            epoch: self.epoch,
+            batch_id,
+            rows,
+            tokens,
+            hidden: None,
+            traceparent: trace.traceparent,
+            tracestate: trace.tracestate,
+        };
+        self.requests.send(request).await.map_err(|_| CoordinatorError::Worker {
+            worker: self.first.worker.clone(),
+            address: self.first.address.clone(),
+            message: "the pipeline stream closed".into(),
+        })
+    }
+
+    /// Frees `sessions` on every stage, in the background (a failure is logged).
+    pub fn release(&self, sessions: Vec<u64>) {
+        if sessions.is_empty() {
+            return;
+        }
+        let mut client = self.client.clone();
+        tokio::spawn(async move {
+            let mut request = tonic::Request::new(pb::ReleaseRequest { sessions: sessions.clone() });
+            request.set_timeout(RELEASE_TIMEOUT);
+            TraceHeaders::current().inject(&mut request);
+            if let Err(e) = client.release(request).await {
+                tracing::warn!(?sessions, error = %e.message(), "release failed");
+            }
+        });
+    }
+}
