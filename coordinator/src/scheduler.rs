@@ -538,7 +538,11 @@ impl Core {
 
     /// The stream to stage 0 broke: every running session depended on it.
     fn link_broken(&mut self, message: &str) {
-        tracing::warn!(error = %message, "pipeline stream failed");
+        if self.sessions.is_empty() {
+            tracing::info!(error = %message, "pipeline stream closed while idle");
+        } else {
+            tracing::warn!(error = %message, sessions = self.sessions.len(), "pipeline stream failed");
+        }
         self.inflight.clear();
         self.fail_all(&format!("pipeline failed: {message}"));
         self.link = None;

@@ -8,6 +8,8 @@ use potluck_engine::{LocalPipeline, ModelFile, Row, SessionId, Stage, WireDtype}
 
 #[path = "bench_pipeline.rs"]
 mod bench_pipeline;
+#[path = "bench_serve.rs"]
+mod bench_serve;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
@@ -17,6 +19,8 @@ pub enum Bench {
     Memory(MemoryBench),
     /// Single-stream decode of 1..N-worker loopback clusters and the cost per hop.
     Pipeline(bench_pipeline::PipelineBench),
+    /// Aggregate decode, time to first token and inter-token latency under concurrent streams.
+    Serve(bench_serve::ServeBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +64,7 @@ impl Bench {
             Self::Engine(b) => b.run(),
             Self::Memory(b) => b.run(),
             Self::Pipeline(b) => b.run(),
+            Self::Serve(b) => b.run(),
         }
     }
 }
@@ -72,6 +77,16 @@ pub fn peak_rss_mb() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Prints a benchmark's report: one JSON line for scripts, or indented for people.
+fn print_report(report: &serde_json::Value, one_line: bool) -> anyhow::Result<()> {
+    if one_line {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

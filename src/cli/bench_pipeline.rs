@@ -44,9 +44,10 @@ pub struct PipelineBench {
 }
 
 /// A `potluck up` child process; SIGTERM on drop so its workers exit too.
-struct UpChild {
+pub(super) struct UpChild {
     child: Child,
-    http: String,
+    /// `host:port` of its HTTP API.
+    pub(super) http: String,
 }
 
 impl Drop for UpChild {
@@ -112,12 +113,7 @@ impl PipelineBench {
             "overhead_per_hop_us": Value::Object(per_hop),
             "one_worker_overhead_vs_engine_us": one.map(|r| (1.0 / r - 1.0 / engine) * 1e6),
         });
-        if self.json {
-            println!("{report}");
-        } else {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        Ok(())
+        super::print_report(&report, self.json)
     }
 
     /// In-process decode at one thread: the floor a pipeline is compared with.
@@ -160,12 +156,30 @@ impl PipelineBench {
     }
 
     fn start(&self, n: usize, cache: &std::path::Path) -> anyhow::Result<UpChild> {
+        let n = n.to_string();
+        let cache = cache.to_string_lossy();
+        let model = self.model.to_string_lossy();
+        UpChild::start(&[
+            "--workers",
+            &n,
+            "--threads",
+            &n,
+            "--wire-dtype",
+            &self.wire_dtype,
+            "--model",
+            &model,
+            "--cache-dir",
+            &cache,
+        ])
+    }
+}
+
+impl UpChild {
+    /// Starts `potluck up --http 127.0.0.1:0 ARGS` and waits until it prints its URL.
+    pub(super) fn start(args: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["up", "--http", "127.0.0.1:0", "--workers", &n.to_string(), "--threads", &n.to_string()])
-            .args(["--wire-dtype", &self.wire_dtype, "--model"])
-            .arg(&self.model)
-            .arg("--cache-dir")
-            .arg(cache)
+            .args(["up", "--http", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting potluck up")?;

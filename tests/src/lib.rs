@@ -121,23 +121,46 @@ impl Drop for UpCluster {
 
 /// A minimal HTTP/1.1 client (Connection: close), enough for JSON APIs in tests.
 pub fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let (status, _, body) = http_exchange(addr, method, path, body.unwrap_or("").as_bytes(), "")?;
+    Ok((status, body))
+}
+
+/// Sends raw `body` bytes with `extra_headers` (each ending in `\r\n`); returns (status, head, body).
+///
+/// The body is written from another thread while the response is read, so a
+/// server that answers before reading a huge body (413) is still heard.
+pub fn http_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    extra_headers: &str,
+) -> anyhow::Result<(u16, String, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
-    )?;
+    );
+    let mut writer = s.try_clone()?;
+    let payload = [head.as_bytes(), body].concat();
+    let sender = std::thread::spawn(move || {
+        // The server may answer and close before taking all of a body it refuses.
+        let _ = writer.write_all(&payload);
+    });
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let read = s.read_to_end(&mut raw);
+    let _ = sender.join();
+    if raw.is_empty() {
+        read?;
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed response"))?;
     let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-    Ok((status, body))
+    Ok((status, head.to_string(), body))
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -151,4 +174,82 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A server-sent-event stream on a raw HTTP/1.0 connection.
+///
+/// HTTP/1.0 has no chunked framing, so the events arrive as plain lines and
+/// the test can stop reading, and hang up, after any event: exactly what a
+/// client that goes away does.
+#[derive(Debug)]
+pub struct SseStream {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    /// The response's HTTP status.
+    pub status: u16,
+}
+
+impl SseStream {
+    /// POSTs `body` to `path` and reads the response head.
+    pub fn open(addr: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<Self> {
+        use std::io::{BufRead as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+        let body = body.to_string();
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+        }
+        Ok(Self { reader, status })
+    }
+
+    /// The payload of the next `data:` line, or `None` at the end of the stream.
+    pub fn next_data(&mut self) -> anyhow::Result<Option<String>> {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Ok(None);
+            }
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                return Ok(Some(data.trim_start().to_string()));
+            }
+        }
+    }
+
+    /// Every remaining `data:` payload, up to and including `[DONE]`.
+    pub fn rest(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        while let Some(d) = self.next_data()? {
+            let done = d == "[DONE]";
+            out.push(d);
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Values of the Prometheus series `name` in `text`, with their label sets.
+pub fn metric(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').map_or((series, ""), |(n, rest)| (n, rest.trim_end_matches('}')));
+            (n == name).then(|| Some((labels.to_string(), value.parse().ok()?)))?
+        })
+        .collect()
 }

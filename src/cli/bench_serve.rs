@@ -1,0 +1,227 @@
+//! `potluck bench serve`: aggregate decode throughput and latency of a real
+//! `potluck up` cluster under growing numbers of concurrent streams, with
+//! each stage's busy fraction read from `/metrics`.
+//!
+//! Every figure of one run comes from the same cluster, side by side, so the
+//! ratio of 16 streams to 1 is meaningful on a noisy machine even when the
+//! absolute numbers are not.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use serde_json::{json, Value};
+
+use super::bench_pipeline::UpChild;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeBench {
+    /// Model file.
+    #[arg(long, default_value = crate::cli::cluster::DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Compute threads per worker.
+    #[arg(long, default_value_t = 1)]
+    threads_per_worker: usize,
+    /// Concurrent streams to measure, e.g. 1,4,16,64.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Requests each stream makes, one after another.
+    #[arg(long, default_value_t = 2)]
+    requests: usize,
+    /// Tokens per request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Shard cache for the workers (default: a fresh directory, removed after).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one stream saw of one request.
+struct Timing {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    tokens: u64,
+}
+
+impl ServeBench {
+    pub fn run(self) -> anyhow::Result<()> {
+        ensure!(
+            self.model.exists(),
+            "model {} not found: run scripts/fetch-model or pass --model",
+            self.model.display()
+        );
+        ensure!(self.workers >= 1, "--workers must be at least 1");
+        ensure!(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1");
+        ensure!(
+            !self.concurrency.is_empty() && self.concurrency.iter().all(|&c| c >= 1),
+            "--concurrency wants counts ≥ 1"
+        );
+        ensure!(self.requests >= 1 && self.max_tokens >= 2, "--requests ≥ 1 and --max-tokens ≥ 2");
+        let temp = std::env::temp_dir().join(format!("potluck-bench-serve-{}", std::process::id()));
+        let cache = self.cache_dir.clone().unwrap_or_else(|| temp.clone());
+        let most = self.concurrency.iter().copied().max().unwrap_or(1);
+        let (workers, threads) = (self.workers.to_string(), (self.workers * self.threads_per_worker).to_string());
+        let (model, cache_s, sessions) =
+            (self.model.to_string_lossy(), cache.to_string_lossy(), most.max(64).to_string());
+        let up = UpChild::start(&[
+            "--workers",
+            &workers,
+            "--threads",
+            &threads,
+            "--model",
+            &model,
+            "--cache-dir",
+            &cache_s,
+            "--max-sessions",
+            &sessions,
+            "--queue",
+            &sessions,
+        ])?;
+        stream(&up.http, "warm-up", 0, 4)?;
+        let mut rows = Vec::new();
+        for &c in &self.concurrency {
+            let row = self.measure(&up.http, c);
+            if let Err(e) = &row {
+                eprintln!("[bench] {c} streams failed: {e:#}");
+            }
+            rows.push((c, row.ok()));
+        }
+        drop(up);
+        if self.cache_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        let one =
+            rows.iter().find(|(c, _)| *c == 1).and_then(|(_, r)| r.as_ref()).and_then(|r| r["decode_tok_s"].as_f64());
+        let mut by = serde_json::Map::new();
+        for (c, row) in rows {
+            let mut row = row.unwrap_or(Value::Null);
+            if let (Some(base), Some(rate)) = (one, row["decode_tok_s"].as_f64()) {
+                row["vs_one_stream"] = json!(rate / base);
+            }
+            by.insert(c.to_string(), row);
+        }
+        let report = json!({
+            "model": self.model.display().to_string(),
+            "workers": self.workers,
+            "threads_per_worker": self.threads_per_worker,
+            "requests_per_stream": self.requests,
+            "max_tokens": self.max_tokens,
+            "concurrency": Value::Object(by),
+        });
+        super::print_report(&report, self.json)
+    }
+
+    /// Runs `c` streams at once, each making `requests` requests, and summarises them.
+    #[allow(clippy::cast_precision_loss)]
+    fn measure(&self, http: &str, c: usize) -> anyhow::Result<Value> {
+        let before = busy_seconds(http)?;
+        let start = Instant::now();
+        let handles: Vec<_> = (0..c)
+            .map(|i| {
+                let (http, requests, max_tokens) = (http.to_string(), self.requests, self.max_tokens);
+                std::thread::spawn(move || -> anyhow::Result<Vec<Timing>> {
+                    (0..requests)
+                        .map(|r| stream(&http, &format!("Stream {i}, request {r}:"), i * 100 + r, max_tokens))
+                        .collect()
+                })
+            })
+            .collect();
+        let mut timings = Vec::new();
+        for h in handles {
+            timings.extend(h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let after = busy_seconds(http)?;
+        let tokens: u64 = timings.iter().map(|t| t.tokens).sum();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut ttft: Vec<f64> = timings.iter().map(|t| ms(t.ttft)).collect();
+        let mut itl: Vec<f64> = timings.iter().flat_map(|t| t.gaps.iter().map(|&g| ms(g))).collect();
+        let busy: Vec<f64> = after.iter().zip(&before).map(|(a, b)| (a - b) / wall).collect();
+        let row = json!({
+            "decode_tok_s": tokens as f64 / wall,
+            "tokens": tokens,
+            "seconds": wall,
+            "ttft_ms": {"p50": percentile(&mut ttft, 0.5), "p99": percentile(&mut ttft, 0.99)},
+            "itl_ms": {"p50": percentile(&mut itl, 0.5), "p99": percentile(&mut itl, 0.99)},
+            "stage_busy_fraction": busy,
+        });
+        eprintln!("[bench] {c} streams: {row}");
+        Ok(row)
+    }
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Each stage's busy seconds so far, in stage order, from `/metrics`.
+fn busy_seconds(http: &str) -> anyhow::Result<Vec<f64>> {
+    let mut s = std::net::TcpStream::connect(http)?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n")?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text)?;
+    let mut stages: Vec<(usize, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("potluck_stage_busy_seconds_total{stage=\""))
+        .filter_map(|rest| {
+            let (stage, rest) = rest.split_once('"')?;
+            Some((stage.parse().ok()?, rest.rsplit_once(' ')?.1.parse().ok()?))
+        })
+        .collect();
+    stages.sort_by_key(|&(s, _)| s);
+    Ok(stages.into_iter().map(|(_, v)| v).collect())
+}
+
+/// One streaming completion over HTTP/1.0 (events are plain lines); times each token's arrival.
+fn stream(http: &str, prompt: &str, seed: usize, max_tokens: usize) -> anyhow::Result<Timing> {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": true,
+        "stream_options": {"include_usage": true}})
+    .to_string();
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(http)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    ensure!(line.contains(" 200 "), "request failed: {line}");
+    let (mut arrivals, mut tokens) = (Vec::new(), 0);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).context("an event that is not JSON")?;
+        ensure!(v.get("error").is_none(), "stream failed: {data}");
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        } else if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            arrivals.push(start.elapsed());
+        }
+    }
+    let ttft = arrivals.first().copied().context("no token arrived")?;
+    let gaps = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    Ok(Timing { ttft, gaps, tokens })
+}
