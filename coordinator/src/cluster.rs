@@ -317,10 +317,21 @@ fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, Coordin
     let embed = size(&|n| n == "token_embd.weight");
     let output = size(&|n| n == "output.weight");
     let head = size(&|n| n == "output_norm.weight") + if output > 0 { output } else { embed };
+    // Multiply-adds per token: one per weight of every matrix (norms and biases are noise).
+    let elements = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        g.tensors
+            .iter()
+            .filter(|(n, t)| pred(n) && t.dims.len() == 2)
+            .map(|(_, t)| t.dims.iter().product::<usize>() as u64)
+            .sum()
+    };
+    let head_name = if output > 0 { "output.weight" } else { "token_embd.weight" };
     Ok(ModelCost {
         layers: c.layers,
         layer_bytes: blocks / c.layers.max(1) as u64,
         embed_bytes: embed,
         head_bytes: head,
+        layer_macs: elements(&|n| n.starts_with("blk.")) / c.layers.max(1) as u64,
+        head_macs: elements(&|n| n == head_name),
     })
 }

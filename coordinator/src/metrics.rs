@@ -71,6 +71,8 @@ pub struct Metrics {
     pub batches: AtomicU64,
     /// Rows in those micro-batches.
     pub batch_rows: AtomicU64,
+    /// Running sessions moved to a new plan (re-prefilled from their tokens).
+    pub replayed_sessions: AtomicU64,
     /// Time from a request's arrival to its first token.
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of one request.
@@ -116,6 +118,13 @@ impl Metrics {
         scalar(&mut out, "potluck_active_sessions", "gauge", "Sessions being served.", &self.active_sessions);
         scalar(&mut out, "potluck_batches_total", "counter", "Micro-batches sent to the pipeline.", &self.batches);
         scalar(&mut out, "potluck_batch_rows_total", "counter", "Rows in those micro-batches.", &self.batch_rows);
+        scalar(
+            &mut out,
+            "potluck_replayed_sessions_total",
+            "counter",
+            "Running sessions moved to a new plan by re-prefilling their tokens.",
+            &self.replayed_sessions,
+        );
         self.time_to_first_token.render(
             &mut out,
             "potluck_time_to_first_token_seconds",

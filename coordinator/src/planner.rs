@@ -1,8 +1,13 @@
-//! Placement: contiguous layer ranges, in proportion to each worker's memory.
+//! Placement: contiguous layer ranges that balance compute, within memory.
 //!
-//! The first stage also holds the embedding and the last the lm_head, so
-//! they get fewer layers for the same memory. A plan that does not fit is an
-//! error naming the shortfall; it never over-commits a worker.
+//! A pipeline runs at the pace of its slowest stage, so the first choice is
+//! the split that gives every worker work in proportion to its speed (its
+//! compute threads), counting the last stage's lm_head, which costs as much
+//! as several layers, and not the first stage's embedding, a mere lookup.
+//! If that split does not fit some worker's memory, layers go in proportion
+//! to memory instead, where the first stage also holds the embedding and the
+//! last the lm_head. A plan that fits neither way is an error naming the
+//! shortfall; it never over-commits a worker.
 
 use crate::membership::WorkerInfo;
 
@@ -17,6 +22,10 @@ pub struct ModelCost {
     pub embed_bytes: u64,
     /// Weight bytes of the final norm and lm_head (last stage).
     pub head_bytes: u64,
+    /// Multiply-adds of one block per token (0 = unknown: split by memory).
+    pub layer_macs: u64,
+    /// Multiply-adds of the lm_head per token.
+    pub head_macs: u64,
 }
 
 /// One stage of a plan.
@@ -48,8 +57,8 @@ pub enum PlanError {
     },
 }
 
-/// Splits the model over `workers` (in order) in proportion to their free memory.
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
+/// Splits the model over `workers` (in order): compute-balanced if it fits, else by memory.
+#[allow(clippy::cast_precision_loss)]
 pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, PlanError> {
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
@@ -57,26 +66,68 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
     let workers = &workers[..workers.len().min(cost.layers)];
     let n = workers.len();
     let total = cost.layers as u64 * cost.layer_bytes + cost.embed_bytes + cost.head_bytes;
-    let mem: Vec<u64> = workers.iter().map(|w| w.free_memory_bytes).collect();
-    let available: u64 = mem.iter().sum();
+    let mem: Vec<f64> = workers.iter().map(|w| w.free_memory_bytes as f64).collect();
+    let available: u64 = workers.iter().map(|w| w.free_memory_bytes).sum();
     if available < total {
         return Err(PlanError::NotEnoughMemory { needed: total, available });
     }
-    // Ideal weight share of each worker, minus its fixed extras, in layers.
-    let mut ideal: Vec<f64> = mem
-        .iter()
-        .enumerate()
-        .map(|(i, &m)| {
-            let share = total as f64 * m as f64 / available as f64;
-            let extra = if i == 0 { cost.embed_bytes } else { 0 } + if i == n - 1 { cost.head_bytes } else { 0 };
-            ((share - extra as f64) / cost.layer_bytes.max(1) as f64).max(1.0)
+    let weight_bytes = |i: usize, layers: usize| {
+        layers as u64 * cost.layer_bytes
+            + if i == 0 { cost.embed_bytes } else { 0 }
+            + if i == n - 1 { cost.head_bytes } else { 0 }
+    };
+    let fits = |counts: &[usize]| {
+        counts.iter().enumerate().find_map(|(i, &c)| {
+            let need = weight_bytes(i, c);
+            (need > workers[i].free_memory_bytes)
+                .then_some(PlanError::NotEnoughMemory { needed: need, available: workers[i].free_memory_bytes })
         })
-        .collect();
+    };
+    let mut counts = None;
+    if cost.layer_macs > 0 {
+        let speed: Vec<f64> = workers.iter().map(|w| f64::from(w.threads.max(1))).collect();
+        let by_compute = split(cost.layers, cost.layer_macs, &speed, |i| if i == n - 1 { cost.head_macs } else { 0 });
+        if fits(&by_compute).is_none() {
+            counts = Some(by_compute);
+        }
+    }
+    let counts = match counts {
+        Some(c) => c,
+        None => {
+            let by_memory = split(cost.layers, cost.layer_bytes, &mem, |i| weight_bytes(i, 0));
+            if let Some(e) = fits(&by_memory) {
+                return Err(e);
+            }
+            by_memory
+        }
+    };
+    let mut start = 0;
+    Ok(workers
+        .iter()
+        .zip(&counts)
+        .map(|(w, &c)| {
+            let stage = StagePlan { worker: w.id.clone(), address: w.address.clone(), start, end: start + c };
+            start += c;
+            stage
+        })
+        .collect())
+}
+
+/// Layer counts (at least one each, summing to `layers`) that give worker `i`
+/// a share of the total cost in proportion to `share[i]`, where a layer costs
+/// `unit` and worker `i` also carries `extra(i)`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
+fn split(layers: usize, unit: u64, share: &[f64], extra: impl Fn(usize) -> u64) -> Vec<usize> {
+    let n = share.len();
+    let total = (layers as u64 * unit + (0..n).map(&extra).sum::<u64>()) as f64;
+    let shares: f64 = share.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut ideal: Vec<f64> =
+        (0..n).map(|i| ((total * share[i] / shares - extra(i) as f64) / unit.max(1) as f64).max(1.0)).collect();
     let sum: f64 = ideal.iter().sum();
-    ideal.iter_mut().for_each(|x| *x *= cost.layers as f64 / sum);
+    ideal.iter_mut().for_each(|x| *x *= layers as f64 / sum);
     // Largest-remainder rounding, at least one layer each.
     let mut counts: Vec<usize> = ideal.iter().map(|x| (x.floor() as usize).max(1)).collect();
-    while counts.iter().sum::<usize>() > cost.layers {
+    while counts.iter().sum::<usize>() > layers {
         let i = (0..n)
             .filter(|&i| counts[i] > 1)
             .max_by(|&a, &b| (counts[a] as f64 - ideal[a]).total_cmp(&(counts[b] as f64 - ideal[b])));
@@ -85,24 +136,12 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
             None => break,
         }
     }
-    while counts.iter().sum::<usize>() < cost.layers {
+    while counts.iter().sum::<usize>() < layers {
         let i = (0..n)
             .max_by(|&a, &b| (ideal[a] - counts[a] as f64).total_cmp(&(ideal[b] - counts[b] as f64)).then(b.cmp(&a)));
         counts[i.unwrap_or(0)] += 1;
     }
-    let mut start = 0;
-    let mut stages = Vec::with_capacity(n);
-    for (i, (w, &c)) in workers.iter().zip(&counts).enumerate() {
-        let need = c as u64 * cost.layer_bytes
-            + if i == 0 { cost.embed_bytes } else { 0 }
-            + if i == n - 1 { cost.head_bytes } else { 0 };
-        if need > w.free_memory_bytes {
-            return Err(PlanError::NotEnoughMemory { needed: need, available: w.free_memory_bytes });
-        }
-        stages.push(StagePlan { worker: w.id.clone(), address: w.address.clone(), start, end: start + c });
-        start += c;
-    }
-    Ok(stages)
+    counts
 }
 
 #[cfg(test)]
@@ -127,16 +166,23 @@ mod tests {
 
     #[test]
     fn table() {
-        let smol = ModelCost { layers: 30, layer_bytes: 1, embed_bytes: 10, head_bytes: 0 };
+        let smol =
+            ModelCost { layers: 30, layer_bytes: 1, embed_bytes: 10, head_bytes: 0, layer_macs: 0, head_macs: 0 };
+        // SmolLM2's shape: a block is 3.5 M multiply-adds, the lm_head 28 M (8 blocks' worth).
+        let compute =
+            ModelCost { layers: 30, layer_bytes: 2, embed_bytes: 30, head_bytes: 30, layer_macs: 35, head_macs: 283 };
         type Case = (&'static str, ModelCost, Vec<u64>, Vec<(usize, usize)>);
         let cases: Vec<Case> = vec![
             ("one worker takes all", smol, vec![100], vec![(0, 30)]),
             ("equal memory: the embedding holder gets fewer layers", smol, vec![100, 100], vec![(0, 10), (10, 30)]),
             ("three equal", smol, vec![100, 100, 100], vec![(0, 4), (4, 17), (17, 30)]),
             ("a big worker takes more", smol, vec![100, 300], vec![(0, 1), (1, 30)]),
+            ("compute: the lm_head's stage gets fewer layers", compute, vec![1000, 1000], vec![(0, 19), (19, 30)]),
+            ("compute: three equal", compute, vec![1000, 1000, 1000], vec![(0, 13), (13, 26), (26, 30)]),
+            ("compute does not fit: by memory", compute, vec![60, 1000], vec![(0, 1), (1, 30)]),
             (
                 "more workers than layers",
-                ModelCost { layers: 2, layer_bytes: 1, embed_bytes: 0, head_bytes: 0 },
+                ModelCost { layers: 2, layer_bytes: 1, embed_bytes: 0, head_bytes: 0, layer_macs: 0, head_macs: 0 },
                 vec![9, 9, 9],
                 vec![(0, 1), (1, 2)],
             ),
@@ -150,7 +196,8 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_fit() {
-        let cost = ModelCost { layers: 10, layer_bytes: 10, embed_bytes: 50, head_bytes: 50 };
+        let cost =
+            ModelCost { layers: 10, layer_bytes: 10, embed_bytes: 50, head_bytes: 50, layer_macs: 1, head_macs: 1 };
         assert_eq!(plan(cost, &[]), Err(PlanError::NoWorkers));
         assert!(matches!(plan(cost, &[worker("a", 100)]), Err(PlanError::NotEnoughMemory { needed: 200, .. })));
     }

@@ -349,9 +349,12 @@ impl Core {
             self.fail(id, "the plan changed while this request was in flight".into());
         }
         // Every other session re-prefills its tokens on the new pipeline and goes on from there.
-        for s in self.sessions.values_mut() {
+        let mut moved = 0;
+        for s in self.sessions.values_mut().filter(|s| s.sent > 0) {
             s.sent = 0;
+            moved += 1;
         }
+        self.metrics.replayed_sessions.fetch_add(moved, Ordering::Relaxed);
         tracing::info!(
             epoch = plan.epoch,
             capacity_tokens = capacity,

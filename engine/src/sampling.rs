@@ -91,15 +91,13 @@ pub struct Sampled {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
 }
 
 impl Sampler {
     /// A sampler whose draws are fixed by `params.seed`.
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        let rng = Rng::new(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self { params })
     }
 
     /// Picks the next token. `history` holds the tokens penalties look at.
@@ -125,48 +123,88 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l) };
+        // The draw depends only on the seed and the position (the history's length), not on how many
+        // draws came before: a session replayed on a new pipeline continues exactly where it was.
+        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l, history.len()) };
         let (logprob, top) = log_probs(logits, token, p.top_logprobs);
         Sampled { token, logprob, top }
     }
 
+    /// A seeded draw from the temperature-scaled distribution, truncated by
+    /// top-k, top-p and min-p. Only as much of the vocabulary is sorted as the
+    /// truncations can keep (a few dozen tokens, typically, not 50,000), and
+    /// with no truncation nothing is sorted at all.
     #[allow(clippy::cast_possible_truncation)]
-    fn draw(&mut self, l: &[f32]) -> u32 {
+    fn draw(&self, l: &[f32], position: usize) -> u32 {
         let p = &self.params;
-        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v / p.temperature)).collect();
+        let mut rng = Rng::new(p.seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut cand: Vec<(u32, f32)> =
+            l.iter().enumerate().filter(|(_, v)| !v.is_nan()).map(|(i, &v)| (i as u32, v / p.temperature)).collect();
+        if cand.is_empty() {
+            return argmax(l);
+        }
         // Stable order: by logit descending, ties by id, so draws are reproducible.
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, order);
             cand.truncate(p.top_k);
         }
-        let max = cand.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= f64::from(p.top_p) {
-                    keep = keep.min(i + 1);
-                    break;
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |v: f32| f64::from(v - max).exp();
+        let total: f64 = cand.iter().map(|c| weight(c.1)).sum();
+        if p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Nothing more to cut: walk the candidates as they are.
+            if p.top_k > 0 {
+                cand.sort_unstable_by(order);
+            }
+            let mut target = rng.next_f64() * total;
+            for c in &cand {
+                target -= weight(c.1);
+                if target < 0.0 {
+                    return c.0;
                 }
             }
+            return cand[cand.len() - 1].0;
         }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * f64::from(p.min_p);
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut target = self.rng.next_f64() * total;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            target -= q;
-            if target < 0.0 {
-                return cand[i].0;
+        // Sort a head of the candidates, growing it until top-p and min-p are settled within it.
+        let mut k = 64.min(cand.len());
+        loop {
+            if k < cand.len() {
+                cand.select_nth_unstable_by(k - 1, order);
             }
+            cand[..k].sort_unstable_by(order);
+            let probs: Vec<f64> = cand[..k].iter().map(|c| weight(c.1) / total).collect();
+            let mut keep = k;
+            let mut settled = k == cand.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                if let Some(i) = probs.iter().position(|q| {
+                    acc += q;
+                    acc >= f64::from(p.top_p)
+                }) {
+                    keep = i + 1;
+                    settled = true;
+                }
+            }
+            if p.min_p > 0.0 {
+                let floor = probs[0] * f64::from(p.min_p);
+                let above = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+                keep = keep.min(above);
+                settled |= above < k;
+            }
+            if settled {
+                let kept: f64 = probs[..keep].iter().sum();
+                let mut target = rng.next_f64() * kept;
+                for (i, q) in probs[..keep].iter().enumerate() {
+                    target -= q;
+                    if target < 0.0 {
+                        return cand[i].0;
+                    }
+                }
+                return cand[keep - 1].0;
+            }
+            k = (k * 4).min(cand.len());
         }
-        cand[keep - 1].0
     }
 }
 
@@ -232,12 +270,52 @@ mod tests {
         let params = SamplingParams { temperature: 1.5, seed: 42, ..Default::default() };
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p).expect("params");
-            (0..50).map(|_| s.sample(&logits(), &[]).token).collect::<Vec<_>>()
+            // A growing history: each draw is at a new position.
+            (0..50).map(|i| s.sample(&logits(), &vec![0; i]).token).collect::<Vec<_>>()
         };
         assert_eq!(run(params.clone()), run(params.clone()));
         assert!(run(SamplingParams { top_k: 2, ..params.clone() }).iter().all(|t| [1, 4].contains(t)));
         assert!(run(SamplingParams { min_p: 0.5, ..params.clone() }).iter().all(|t| [1, 4, 2].contains(t)));
         assert!(run(SamplingParams { top_p: 0.01, ..params }).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn partial_sorting_keeps_exactly_the_nucleus() {
+        // A big vocabulary: the head of the sort must grow until top-p and min-p are settled.
+        let mut rng = Rng::new(7);
+        #[allow(clippy::cast_possible_truncation)]
+        let logits: Vec<f32> = (0..3000).map(|_| (rng.next_f64() * 12.0) as f32).collect();
+        let mut sorted: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let weights: Vec<f64> = sorted.iter().map(|c| f64::from(c.1 - sorted[0].1).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for (top_p, min_p) in [(0.9, 0.0), (0.5, 0.0), (1.0, 0.2), (0.95, 0.05)] {
+            let mut acc = 0.0;
+            let by_p = weights.iter().position(|w| {
+                acc += w / total;
+                acc >= f64::from(top_p)
+            });
+            let by_p = by_p.map_or(weights.len(), |i| i + 1);
+            let by_min = weights.iter().take_while(|&&w| w >= weights[0] * f64::from(min_p)).count();
+            let nucleus: std::collections::HashSet<u32> = sorted[..by_p.min(by_min)].iter().map(|c| c.0).collect();
+            let params = SamplingParams { temperature: 1.0, top_p, min_p, seed: 3, ..Default::default() };
+            let mut s = Sampler::new(params).expect("params");
+            let drawn: Vec<u32> = (0..300).map(|i| s.sample(&logits, &vec![0; i]).token).collect();
+            assert!(drawn.iter().collect::<std::collections::HashSet<_>>().len() > 1, "draws vary with position");
+            assert!(drawn.iter().all(|t| nucleus.contains(t)), "top_p {top_p} min_p {min_p}");
+            assert!(nucleus.len() > 64 || top_p < 0.9, "the head had to grow past its first 64");
+        }
+    }
+
+    #[test]
+    fn a_draw_depends_on_seed_and_position_only() {
+        let params = SamplingParams { temperature: 1.0, seed: 11, ..Default::default() };
+        let history: Vec<u32> = (0..20).collect();
+        let mut a = Sampler::new(params.clone()).expect("params");
+        let sequential: Vec<u32> = (0..20).map(|i| a.sample(&logits(), &history[..i]).token).collect();
+        // A fresh sampler (a replay on a new pipeline) at position 13 continues the same stream.
+        let mut b = Sampler::new(params).expect("params");
+        assert_eq!(b.sample(&logits(), &history[..13]).token, sequential[13]);
     }
 
     #[test]
