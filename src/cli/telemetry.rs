@@ -68,7 +68,9 @@ pub fn init(export: Option<Export>) -> anyhow::Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("warn,{}=info", potluck_worker::PROGRESS_TARGET))
     });
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // Colour codes only for a terminal: in a log file or journald they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
     let Some(export) = export else {
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(Telemetry::default());

@@ -20,9 +20,23 @@ use potluck_tests::{http_request, require_real_model, Announce, Daemon};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "Once upon a time";
+/// The paused engine's idle time per step: about a loopback round trip plus gRPC work.
+const PAUSE: Duration = Duration::from_micros(300);
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// CPU time (ns) the process `pid` has run so far, summed over its threads
+/// (`/proc/<pid>/task/*/schedstat`): under load, wall time measures the
+/// other tenants too, CPU time mostly this process's own work.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -36,12 +50,16 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-/// In-process: prefill, then `tokens` decode steps of forward + greedy sample; µs per step and the tokens.
+/// In-process: prefill, then `tokens` decode steps of forward + greedy sample; µs per step (pauses
+/// excluded) and the tokens. A `pause` after each step idles the thread as a worker's compute thread
+/// idles while its reply travels and the next request comes: it tells how much of a worker's extra
+/// CPU time is the engine running on a cache that went cold meanwhile.
 fn engine_run(
     pipe: &mut LocalPipeline,
     session: u64,
     prompt: &[u32],
     tokens: usize,
+    pause: Duration,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
     let s = SessionId(session);
     let mut sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() })?;
@@ -56,46 +74,56 @@ fn engine_run(
         let logits = pipe.forward(&[row], &[token])?;
         token = sampler.sample(logits.row(0), &history).token;
         out.push(token);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
-    let us = t.elapsed().as_secs_f64() * 1e6 / tokens as f64;
+    let us = t.elapsed().saturating_sub(pause * u32::try_from(tokens)?).as_secs_f64() * 1e6 / tokens as f64;
     pipe.release(s);
     Ok((us, out))
 }
 
+type Stream = (tokio::sync::mpsc::Sender<pb::ForwardRequest>, tonic::Streaming<pb::ForwardReply>);
+
+/// One micro-batch to the worker and its sampled token back.
+async fn step(stream: &mut Stream, request: pb::ForwardRequest) -> anyhow::Result<u32> {
+    stream.0.send(request).await.map_err(|_| anyhow::anyhow!("stream closed"))?;
+    let reply = stream.1.message().await?.context("stream ended")?;
+    reply.tokens.first().map(|t| t.token).context("no token")
+}
+
 /// Straight to the worker: the same steps over one Forward stream; µs per step and the tokens.
 async fn worker_run(
-    stream: &mut (tokio::sync::mpsc::Sender<pb::ForwardRequest>, tonic::Streaming<pb::ForwardReply>),
+    stream: &mut Stream,
     epoch: u64,
     session: u64,
     prompt: &[u32],
     tokens: usize,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
-    let mut batch_id = session << 16;
-    let mut step = |rows: Vec<pb::Row>, tokens: Vec<u32>| {
-        batch_id += 1;
-        let request = pb::ForwardRequest { epoch, batch_id, rows, tokens, ..Default::default() };
-        let (tx, rx) = (&stream.0, &mut stream.1);
-        async move {
-            tx.send(request).await.map_err(|_| anyhow::anyhow!("stream closed"))?;
-            let reply = rx.message().await?.context("stream ended")?;
-            reply.tokens.first().map(|t| t.token).context("no token")
-        }
+    let batch = |batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>| pb::ForwardRequest {
+        epoch,
+        batch_id,
+        rows,
+        tokens,
+        ..Default::default()
     };
     let greedy = pb::Sampling { temperature: 0.0, ..Default::default() };
     let rows = (0..prompt.len())
-        .map(|i| pb::Row {
-            session,
-            position: u32::try_from(i)?,
-            sample: i + 1 == prompt.len(),
-            sampling: (i == 0).then_some(greedy),
+        .map(|i| {
+            Ok(pb::Row {
+                session,
+                position: u32::try_from(i)?,
+                sample: i + 1 == prompt.len(),
+                sampling: (i == 0).then_some(greedy),
+            })
         })
         .collect::<Result<_, std::num::TryFromIntError>>()?;
-    let mut token = step(rows, prompt.to_vec()).await?;
+    let mut token = step(stream, batch(0, rows, prompt.to_vec())).await?;
     let mut out = vec![token];
     let t = Instant::now();
     for i in 0..tokens {
         let row = pb::Row { session, position: u32::try_from(prompt.len() + i)?, sample: true, sampling: None };
-        token = step(vec![row], vec![token]).await?;
+        token = step(stream, batch(1 + i as u64, vec![row], vec![token])).await?;
         out.push(token);
     }
     Ok((t.elapsed().as_secs_f64() * 1e6 / tokens as f64, out))
@@ -125,11 +153,11 @@ fn one_worker_per_token_cost_side_by_side() -> anyhow::Result<()> {
     let model = require_real_model()?;
     let cache = tempfile::tempdir()?;
     let args: Vec<&OsStr> = ["coordinator", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--model"]
-        .iter()
+        .into_iter()
         .map(OsStr::new)
         .chain([model.as_os_str()])
         .collect();
-    let (_coordinator, line) = Daemon::start(&args, Announce::Stderr, "coordinator: gRPC ")?;
+    let (coordinator, line) = Daemon::start(&args, Announce::Stderr, "coordinator: gRPC ")?;
     let (grpc, http) = line.split_once(", HTTP http://").context("coordinator line")?;
     let worker_args: Vec<&OsStr> = [
         "worker",
@@ -143,11 +171,11 @@ fn one_worker_per_token_cost_side_by_side() -> anyhow::Result<()> {
         grpc,
         "--cache-dir",
     ]
-    .iter()
+    .into_iter()
     .map(OsStr::new)
     .chain([cache.path().as_os_str()])
     .collect();
-    let (_worker, _) = Daemon::start(&worker_args, Announce::Stderr, "worker listening on ")?;
+    let (worker, _) = Daemon::start(&worker_args, Announce::Stderr, "worker listening on ")?;
     let deadline = Instant::now() + Duration::from_secs(180);
     let cluster = loop {
         let v: Value = serde_json::from_str(&http_request(http, "GET", "/v1/cluster", None)?.1)?;
@@ -172,26 +200,50 @@ fn one_worker_per_token_cost_side_by_side() -> anyhow::Result<()> {
     })?;
     coordinator_run(http, 4)?; // warm-up: the coordinator's stream is open, caches are warm
 
-    let (mut engine, mut worker, mut coordinator) = (Vec::new(), Vec::new(), Vec::new());
+    let (me, wp, cp) = (std::process::id(), worker.pid(), coordinator.pid());
+    // CPU µs per token of the processes in `pids` while `f` runs (prefill included: it is the same on every path).
+    let cpu = |pids: &[u32], f: &mut dyn FnMut() -> anyhow::Result<f64>| -> anyhow::Result<(f64, f64)> {
+        let before: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
+        let wall = f()?;
+        let after: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
+        Ok((wall, (after - before) as f64 / 1e3 / tokens as f64))
+    };
+    let mut rows: [Vec<f64>; 8] = Default::default();
     for run in 0..runs {
         let session = 1_000_000 + run as u64;
-        let (e, want) = engine_run(&mut pipe, session, &prompt, tokens)?;
-        let (w, got) = rt.block_on(worker_run(&mut stream, epoch, session, &prompt, tokens))?;
-        ensure!(got == want, "the worker's tokens differ from the engine's:\n{got:?}\n{want:?}");
-        let (c, _) = coordinator_run(http, tokens)?;
-        eprintln!("run {run}: engine {e:.0} µs/token, worker {w:.0}, via coordinator {c:.0} (load {})", load_average());
-        (engine.push(e), worker.push(w), coordinator.push(c));
+        let mut want = Vec::new();
+        let (e, e_cpu) = cpu(&[me], &mut || {
+            let (us, t) = engine_run(&mut pipe, session, &prompt, tokens, Duration::ZERO)?;
+            want = t;
+            Ok(us)
+        })?;
+        let (p, p_cpu) = cpu(&[me], &mut || Ok(engine_run(&mut pipe, session + 500, &prompt, tokens, PAUSE)?.0))?;
+        let (w, w_cpu) = cpu(&[wp], &mut || {
+            let (us, got) = rt.block_on(worker_run(&mut stream, epoch, session, &prompt, tokens))?;
+            ensure!(got == want, "the worker's tokens differ from the engine's:\n{got:?}\n{want:?}");
+            Ok(us)
+        })?;
+        let (c, c_cpu) = cpu(&[wp, cp], &mut || Ok(coordinator_run(http, tokens)?.0))?;
+        eprintln!(
+            "run {run}: µs/token wall (cpu): engine {e:.0} ({e_cpu:.0}), paused engine {p:.0} ({p_cpu:.0}), \
+             worker {w:.0} ({w_cpu:.0}), via coordinator {c:.0} ({c_cpu:.0}); load {}",
+            load_average()
+        );
+        for (row, v) in rows.iter_mut().zip([e, w, c, e_cpu, w_cpu, c_cpu, p, p_cpu]) {
+            row.push(v);
+        }
     }
-    let (e, w, c) = (median(engine), median(worker), median(coordinator));
+    let [e, w, c, e_cpu, w_cpu, c_cpu, p, p_cpu] = rows.map(median);
     let report = json!({
         "tokens": tokens,
         "runs": runs,
         "load_average": load_average(),
-        "engine_us_per_token": e.round(),
-        "worker_direct_us_per_token": w.round(),
-        "via_coordinator_us_per_token": c.round(),
-        "worker_overhead_us": (w - e).round(),
-        "coordinator_overhead_us": (c - w).round(),
+        "engine_pause_us": PAUSE.as_micros(),
+        "wall_us_per_token": {"engine": e.round(), "paused_engine": p.round(), "worker_direct": w.round(), "via_coordinator": c.round()},
+        "cpu_us_per_token": {"engine": e_cpu.round(), "paused_engine": p_cpu.round(), "worker_direct": w_cpu.round(),
+            "via_coordinator_worker_plus_coordinator": c_cpu.round()},
+        "worker_overhead_us": {"wall": (w - e).round(), "cpu": (w_cpu - e_cpu).round()},
+        "coordinator_overhead_us": {"wall": (c - w).round(), "cpu": (c_cpu - w_cpu).round()},
     });
     println!("{report}");
     Ok(())
