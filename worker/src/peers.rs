@@ -39,16 +39,22 @@ impl Peers {
     /// Asks the stage at `address` for its worker id and remembers it; best effort.
     pub async fn learn_name(&self, address: &str) {
         let Ok(mut client) = self.client(address) else { return };
-        match tokio::time::timeout(DEFAULT_NAME_TIMEOUT, client.info(pb::InfoRequest {})).await {
-            Ok(Ok(reply)) => {
-                let id = reply.into_inner().worker_id;
-                if !id.is_empty() && id != address {
-                    lock(&self.names).insert(address.to_string(), id);
-                }
+        let id = match tokio::time::timeout(DEFAULT_NAME_TIMEOUT, client.info(pb::InfoRequest {})).await {
+            Ok(Ok(reply)) => Some(reply.into_inner().worker_id).filter(|id| !id.is_empty() && id != address),
+            Ok(Err(s)) => {
+                tracing::debug!(address, status = %s, "next stage did not say its id");
+                None
             }
-            Ok(Err(s)) => tracing::debug!(address, status = %s, "next stage did not say its id"),
-            Err(_) => tracing::debug!(address, "next stage did not say its id in time"),
-        }
+            Err(_) => {
+                tracing::debug!(address, "next stage did not say its id in time");
+                None
+            }
+        };
+        // A name learnt for an earlier plan may belong to another worker now.
+        match id {
+            Some(id) => lock(&self.names).insert(address.to_string(), id),
+            None => lock(&self.names).remove(address),
+        };
     }
 
     /// How errors name the stage at `address`: `worker-1 (http://…)` once its id is known, else the URL.
