@@ -41,6 +41,9 @@ pub struct WorkerArgs {
     /// This worker's id (default: its address).
     #[arg(long, default_value = "")]
     id: String,
+    /// How shard downloads are shown: auto (a bar if stderr is a terminal, else log lines), bar, log or off.
+    #[arg(long, default_value = "auto")]
+    progress: potluck_worker::ProgressStyle,
     #[command(flatten)]
     otlp: OtlpArgs,
 }
@@ -172,6 +175,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
             worker_id: a.id,
             join_token: a.join_token,
+            progress: a.progress,
             ..potluck_worker::WorkerConfig::default()
         };
         eprintln!("[potluck] worker listening on {}", listener.local_addr()?);
@@ -230,6 +234,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             let child = tokio::process::Command::new(&exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &grpc_addr.to_string()])
                 .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
+                // Several workers share this terminal: bars redrawn in place would overwrite each other.
+                .args(["--progress", "log"])
                 .arg("--cache-dir")
                 .arg(a.cache_dir.clone().unwrap_or_else(default_cache_dir))
                 .args(a.otlp.endpoint.iter().flat_map(|e| ["--otlp-endpoint", e.as_str()]))

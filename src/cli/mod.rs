@@ -72,6 +72,11 @@ pub struct EngineArgs {
     /// Split the model into this many in-process stages (for testing splits).
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// Cut the model into stages at these layers instead, e.g. `10,20` runs
+    /// layers [0, 10), [10, 20) and [20, end): the boundaries a cluster plan
+    /// reports, so a pipeline can be compared with one process exactly.
+    #[arg(long, value_delimiter = ',', conflicts_with = "stages")]
+    pub split_at: Vec<usize>,
     /// How hidden states pass between in-process stages.
     #[arg(long, default_value = "f32")]
     pub wire_dtype: potluck_engine::WireDtype,
@@ -86,7 +91,7 @@ impl EngineArgs {
         use anyhow::Context as _;
         let file = potluck_engine::ModelFile::open(&self.model)
             .with_context(|| format!("loading {}", self.model.display()))?;
-        let bounds = potluck_engine::LocalPipeline::even_boundaries(file.config().layers, self.stages);
+        let bounds = stage_boundaries(file.config().layers, self.stages, &self.split_at)?;
         let pipe = potluck_engine::LocalPipeline::load(
             &file,
             &bounds,
@@ -95,5 +100,55 @@ impl EngineArgs {
             self.threads,
         )?;
         Ok((file, pipe))
+    }
+}
+
+/// The boundaries `[0, …, layers]` of the stages: cut at `split_at` if given,
+/// else `stages` near-equal parts. A cut outside `1..layers` or out of order
+/// is an error naming the flag, so a typo cannot silently run another split.
+fn stage_boundaries(layers: usize, stages: usize, split_at: &[usize]) -> anyhow::Result<Vec<usize>> {
+    if split_at.is_empty() {
+        anyhow::ensure!(stages >= 1, "--stages must be at least 1");
+        anyhow::ensure!(stages <= layers, "--stages {stages}: the model has only {layers} layers");
+        return Ok(potluck_engine::LocalPipeline::even_boundaries(layers, stages));
+    }
+    let shown = split_at.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut bounds = vec![0];
+    for &cut in split_at {
+        anyhow::ensure!(
+            (1..layers).contains(&cut),
+            "--split-at {shown}: cut {cut} is outside 1..{layers} (the model has {layers} layers)"
+        );
+        anyhow::ensure!(
+            bounds.last().is_some_and(|&prev| cut > prev),
+            "--split-at {shown}: cuts must increase strictly"
+        );
+        bounds.push(cut);
+    }
+    bounds.push(layers);
+    Ok(bounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stage_boundaries;
+
+    #[test]
+    fn stage_boundaries_come_from_cuts_or_a_stage_count() {
+        assert_eq!(stage_boundaries(30, 1, &[]).ok(), Some(vec![0, 30]));
+        assert_eq!(stage_boundaries(30, 3, &[]).ok(), Some(vec![0, 10, 20, 30]));
+        assert_eq!(stage_boundaries(30, 1, &[7, 19]).ok(), Some(vec![0, 7, 19, 30]));
+        assert_eq!(stage_boundaries(30, 1, &[29]).ok(), Some(vec![0, 29, 30]));
+        for (stages, cuts, needle) in [
+            (1, &[0][..], "outside 1..30"),
+            (1, &[30][..], "outside 1..30"),
+            (1, &[12, 12][..], "increase strictly"),
+            (1, &[20, 10][..], "increase strictly"),
+            (0, &[][..], "at least 1"),
+            (31, &[][..], "only 30 layers"),
+        ] {
+            let err = stage_boundaries(30, stages, cuts).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(needle), "{stages} stages, cuts {cuts:?}: {err:?}");
+        }
     }
 }

@@ -61,12 +61,16 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber: stderr logs filtered by `RUST_LOG` (default: warnings), plus OTLP span
+/// Installs the global subscriber: stderr logs filtered by `RUST_LOG` (default: warnings, and a worker's
+/// shard download progress, which an operator waiting for a cold start needs to see), plus OTLP span
 /// export at info level for Potluck's crates when `export` is set.
 pub fn init(export: Option<Export>) -> anyhow::Result<Telemetry> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("warn,{}=info", potluck_worker::PROGRESS_TARGET))
+    });
+    // Colour codes only for a terminal: in a log file or journald they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
     let Some(export) = export else {
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(Telemetry::default());

@@ -58,54 +58,86 @@ pub fn potluck(args: &[&str]) -> anyhow::Result<Run> {
     })
 }
 
-/// A `potluck up` cluster started for a test; stopped (SIGTERM) on drop.
-#[derive(Debug)]
-pub struct UpCluster {
-    child: std::process::Child,
-    /// `host:port` of its HTTP API.
-    pub http: String,
+/// Which output of a [`Daemon`] announces that it is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// Standard output (`potluck up` prints its URL there).
+    Stdout,
+    /// Standard error (`potluck coordinator` and `potluck worker` log their addresses there).
+    Stderr,
 }
 
-impl UpCluster {
-    /// Starts `potluck up` with `args` and waits until it reports its URL.
-    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+/// A long-running `potluck` process started for a test: SIGTERM, then SIGKILL, on drop.
+///
+/// Its announcing output is read on a thread for its whole life (a full pipe
+/// would stall it) and kept, so a failing test can show what it said.
+#[derive(Debug)]
+pub struct Daemon {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `potluck args…` and waits (up to 120 s) for a line of `announce`
+    /// containing `marker`; returns the daemon and the rest of that line after the marker.
+    pub fn start(args: &[&std::ffi::OsStr], announce: Announce, marker: &str) -> anyhow::Result<(Self, String)> {
         use std::io::BufRead as _;
-        let model = require_real_model()?;
-        let mut child = std::process::Command::new(potluck_bin()?)
-            .args(["up", "--http", "127.0.0.1:0", "--model"])
-            .arg(&model)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        use std::process::Stdio;
+        let mut cmd = std::process::Command::new(potluck_bin()?);
+        cmd.args(args);
+        match announce {
+            Announce::Stdout => cmd.stdout(Stdio::piped()),
+            Announce::Stderr => cmd.stderr(Stdio::piped()),
+        };
+        let mut child = cmd.spawn()?;
+        let out: Box<dyn std::io::Read + Send> = match announce {
+            Announce::Stdout => Box::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?),
+            Announce::Stderr => Box::new(child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?),
+        };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let (kept, marker_owned) = (std::sync::Arc::clone(&log), marker.to_string());
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.split(" on http://").nth(1) {
-                    let _ = tx.send(url.trim().to_string());
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split_once(marker_owned.as_str()).map(|(_, r)| r) {
+                    let _ = tx.send(rest.trim().to_string());
+                }
+                if let Ok(mut l) = kept.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
                 }
             }
         });
-        let mut cluster = Self { child, http: String::new() };
-        cluster.http = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .map_err(|_| anyhow::anyhow!("potluck up did not become ready in 120 s"))?;
-        Ok(cluster)
+        let daemon = Self { child, log };
+        let rest = rx.recv_timeout(std::time::Duration::from_secs(120)).map_err(|_| {
+            anyhow::anyhow!("potluck {args:?} did not print `{marker}` in 120 s; it said:\n{}", daemon.log())
+        })?;
+        Ok((daemon, rest))
     }
 
-    /// POSTs JSON and returns (status, body).
-    pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
-        http_request(&self.http, "POST", path, Some(&body.to_string()))
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
-    /// GETs a path and returns (status, body).
-    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_request(&self.http, "GET", path, None)
+    /// What it printed on its announcing output so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Kills it at once (SIGKILL: no clean shutdown, sockets reset) and reaps it.
+    pub fn kill_hard(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 
-impl Drop for UpCluster {
+impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = std::process::Command::new("kill").arg(self.child.id().to_string()).status();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
@@ -116,6 +148,37 @@ impl Drop for UpCluster {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `potluck up` cluster started for a test; stopped (SIGTERM) on drop.
+#[derive(Debug)]
+pub struct UpCluster {
+    _daemon: Daemon,
+    /// `host:port` of its HTTP API.
+    pub http: String,
+}
+
+impl UpCluster {
+    /// Starts `potluck up` with `args` and waits until it reports its URL.
+    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let model = require_real_model()?;
+        let mut all: Vec<&std::ffi::OsStr> =
+            ["up", "--http", "127.0.0.1:0", "--model"].iter().map(std::ffi::OsStr::new).collect();
+        all.push(model.as_os_str());
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        let (daemon, http) = Daemon::start(&all, Announce::Stdout, " on http://")?;
+        Ok(Self { _daemon: daemon, http })
+    }
+
+    /// POSTs JSON and returns (status, body).
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
+        http_request(&self.http, "POST", path, Some(&body.to_string()))
+    }
+
+    /// GETs a path and returns (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_request(&self.http, "GET", path, None)
     }
 }
 

@@ -27,6 +27,12 @@ fn bad_models_prompts_and_flags_fail_cleanly() -> anyhow::Result<()> {
     assert_clean_failure(&["generate", "--model", t, "--prompt", &long, "--max-tokens", "4"], "context length")?;
     assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--temperature=-1"], "temperature")?;
     assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--wire-dtype", "f8"], "f8")?;
+    assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--split-at", "9"], "outside 1..")?;
+    assert_clean_failure(&["generate", "--model", t, "--prompt", "hi", "--split-at", "x"], "--split-at")?;
+    assert_clean_failure(
+        &["generate", "--model", t, "--prompt", "hi", "--split-at", "1", "--stages", "2"],
+        "cannot be used",
+    )?;
     assert_clean_failure(&["bench", "memory", "--model", t, "--layers", "3..99"], "invalid")?;
     let ok = potluck(&["generate", "--model", t, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"])?;
     assert!(ok.success, "tiny model failed: {}", ok.stderr);

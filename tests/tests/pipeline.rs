@@ -13,21 +13,29 @@ const PROMPTS: [&str; 5] = [
     "Water is made of",
 ];
 
-fn single_process(prompt: &str, tokens: usize) -> anyhow::Result<String> {
+/// Greedy `potluck generate` in one process; `split` adds flags such as `--split-at` and `--wire-dtype`.
+fn single_process(prompt: &str, tokens: usize, split: &[&str]) -> anyhow::Result<String> {
     let model = require_real_model()?;
-    let run = potluck(&[
-        "generate",
-        "--model",
-        model.to_str().context("path")?,
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        &tokens.to_string(),
-        "--temperature",
-        "0",
-    ])?;
-    ensure!(run.success, "generate failed: {}", run.stderr);
+    let tokens = tokens.to_string();
+    let mut args =
+        vec!["generate", "--model", model.to_str().context("path")?, "--prompt", prompt, "--max-tokens", &tokens];
+    args.extend(["--temperature", "0"]);
+    args.extend(split);
+    let run = potluck(&args)?;
+    ensure!(run.success, "generate {split:?} failed: {}", run.stderr);
     Ok(run.stdout)
+}
+
+/// The plan's stages as `/v1/cluster` reports them: `[start, end)` layers, first to last.
+fn stage_ranges(c: &UpCluster) -> anyhow::Result<Vec<(u64, u64)>> {
+    let (_, body) = c.get("/v1/cluster")?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    v["stages"]
+        .as_array()
+        .context("stages")?
+        .iter()
+        .map(|s| Ok((s["layers"][0].as_u64().context("start")?, s["layers"][1].as_u64().context("end")?)))
+        .collect()
 }
 
 fn completion(c: &UpCluster, prompt: &str, tokens: usize) -> anyhow::Result<String> {
@@ -40,7 +48,7 @@ fn completion(c: &UpCluster, prompt: &str, tokens: usize) -> anyhow::Result<Stri
 
 #[test]
 fn f32_wire_pipelines_of_1_to_4_workers_equal_one_process() -> anyhow::Result<()> {
-    let expected: Vec<String> = PROMPTS.iter().map(|p| single_process(p, 64)).collect::<Result<_, _>>()?;
+    let expected: Vec<String> = PROMPTS.iter().map(|p| single_process(p, 64, &[])).collect::<Result<_, _>>()?;
     let cache = tempfile::tempdir()?;
     for workers in [1, 2, 3, 4] {
         let c = UpCluster::start(&[
@@ -53,13 +61,39 @@ fn f32_wire_pipelines_of_1_to_4_workers_equal_one_process() -> anyhow::Result<()
             "--cache-dir",
             cache.path().to_str().context("path")?,
         ])?;
-        let (_, cluster) = c.get("/v1/cluster")?;
-        let v: serde_json::Value = serde_json::from_str(&cluster)?;
-        let stages = v["stages"].as_array().context("stages")?;
-        assert_eq!(stages.len(), workers, "{cluster}");
-        assert_eq!(stages.last().context("last")?["layers"][1], 30);
+        let stages = stage_ranges(&c)?;
+        assert_eq!(stages.len(), workers, "{stages:?}");
+        assert_eq!(stages.last().context("last")?.1, 30);
         for (p, want) in PROMPTS.iter().zip(&expected) {
             assert_eq!(&completion(&c, p, 64)?, want, "{workers} workers, prompt {p:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The default f16 wire rounds hidden states at each stage boundary, so the
+/// reference is the in-process engine rounding through f16 at the very same
+/// cuts the plan chose: then every token must match.
+#[test]
+fn f16_wire_pipelines_equal_the_engine_f16_hand_off_at_the_same_cuts() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    for workers in [2, 3] {
+        let c = UpCluster::start(&[
+            "--workers",
+            &workers.to_string(),
+            "--threads",
+            "2",
+            "--cache-dir",
+            cache.path().to_str().context("path")?,
+        ])?;
+        let stages = stage_ranges(&c)?;
+        assert_eq!(stages.len(), workers, "{stages:?}");
+        assert_eq!((stages[0].0, stages[workers - 1].1), (0, 30), "{stages:?}");
+        assert!(stages.windows(2).all(|w| w[0].1 == w[1].0), "stages must be contiguous: {stages:?}");
+        let cuts = stages[1..].iter().map(|s| s.0.to_string()).collect::<Vec<_>>().join(",");
+        for p in PROMPTS {
+            let want = single_process(p, 64, &["--split-at", &cuts, "--wire-dtype", "f16"])?;
+            assert_eq!(completion(&c, p, 64)?, want, "{workers} workers cut at {cuts}, prompt {p:?}");
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::WorkerError;
+use crate::shard_progress::ProgressStyle;
 
 /// Compute device used when none is named: every build can run on the CPU.
 pub const DEFAULT_DEVICE: &str = "cpu";
@@ -41,6 +42,8 @@ pub struct WorkerConfig {
     pub join_token: String,
     /// How long to retry an unreachable coordinator at start.
     pub join_timeout: Duration,
+    /// How shard downloads are shown.
+    pub progress: ProgressStyle,
 }
 
 impl Default for WorkerConfig {
@@ -54,6 +57,7 @@ impl Default for WorkerConfig {
             worker_id: String::new(),
             join_token: String::new(),
             join_timeout: DEFAULT_JOIN_TIMEOUT,
+            progress: ProgressStyle::default(),
         }
     }
 }

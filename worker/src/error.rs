@@ -90,10 +90,10 @@ pub enum WorkerError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// The next stage could not be reached or failed the batch.
-    #[error("next stage {address}: {message}")]
+    #[error("next stage {stage}: {message}")]
     NextStage {
-        /// The next stage's URL.
-        address: String,
+        /// The next stage: its worker id and URL when known, else its URL.
+        stage: String,
         /// The gRPC code to pass upstream.
         code: tonic::Code,
         /// What happened.

@@ -119,7 +119,7 @@ async fn step(
             };
             let link = downstream.insert(link);
             link.requests.send(request).await.map_err(|_| WorkerError::NextStage {
-                address: link.address.clone(),
+                stage: worker.peers.describe(&link.address),
                 code: tonic::Code::Unavailable,
                 message: "the stream to the next stage closed".into(),
             })?;
@@ -139,9 +139,9 @@ impl Downstream {
     async fn open(worker: &Worker, address: &str, out: ReplySender) -> Result<Self, WorkerError> {
         let mut client = worker.peers.client(address)?;
         let (requests, rx) = mpsc::channel(DOWNSTREAM_BUFFER);
-        let response = client.forward(ReceiverStream::new(rx)).await.map_err(|s| status::next_stage(address, &s))?;
+        let stage = worker.peers.describe(address);
+        let response = client.forward(ReceiverStream::new(rx)).await.map_err(|s| status::next_stage(&stage, &s))?;
         let mut replies = response.into_inner();
-        let addr = address.to_string();
         let relay = tokio::spawn(async move {
             loop {
                 match replies.message().await {
@@ -152,7 +152,7 @@ impl Downstream {
                     }
                     Ok(None) => break,
                     Err(s) => {
-                        let _ = out.send(Err(status::next_stage(&addr, &s).into())).await;
+                        let _ = out.send(Err(status::next_stage(&stage, &s).into())).await;
                         break;
                     }
                 }

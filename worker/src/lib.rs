@@ -17,6 +17,7 @@
 //! - `compute`: the thread that owns the stage, KV cache and samplers;
 //! - `sampler_state`: per-session samplers and histories (last stage);
 //! - `shard_cache`, `coordinator_link`: verified, resumable shard download;
+//!   `shard_progress`: a bar on a terminal, log lines otherwise;
 //! - `peers`: channels to the next stage; `capability`: free memory.
 
 mod batch;
@@ -31,6 +32,7 @@ mod peers;
 mod sampler_state;
 mod service;
 mod shard_cache;
+pub mod shard_progress;
 mod status;
 mod traffic;
 mod worker;
@@ -49,6 +51,7 @@ pub use config::DEFAULT_MAX_MESSAGE_BYTES;
 pub use config::{Device, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_THREADS};
 pub use error::{InvalidManifest, InvalidRequest, WorkerError};
 pub use shard_cache::CHUNK_TRIES;
+pub use shard_progress::{ProgressStyle, PROGRESS_TARGET};
 
 /// The worker's version, reported when joining and in `Info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -71,7 +74,7 @@ pub async fn run(
     let local = listener.local_addr().map_err(|source| WorkerError::Io { path: "listener".into(), source })?;
     let advertise = config.advertise.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", local.port()));
     let id = if config.worker_id.is_empty() { advertise.clone() } else { config.worker_id.clone() };
-    let shards = shard_cache::ShardCache::open(&config.cache_dir)?;
+    let shards = shard_cache::ShardCache::open(&config.cache_dir)?.with_progress(config.progress, &id);
 
     let (stop, stopping) = watch::channel(false);
     tokio::spawn(async move {

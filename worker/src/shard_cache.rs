@@ -16,6 +16,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::config::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::error::{InvalidManifest, WorkerError};
+use crate::shard_progress::{ProgressStyle, ShardProgress};
 
 /// Fetch attempts per chunk before the load fails.
 pub const CHUNK_TRIES: u32 = 3;
@@ -96,13 +97,30 @@ pub(crate) struct CachedShard {
 #[derive(Debug, Clone)]
 pub(crate) struct ShardCache {
     dir: PathBuf,
+    progress: ProgressStyle,
+    label: String,
 }
 
 impl ShardCache {
     /// A cache in `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, WorkerError> {
         std::fs::create_dir_all(dir).map_err(|source| WorkerError::Io { path: dir.to_path_buf(), source })?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self { dir: dir.to_path_buf(), progress: ProgressStyle::default(), label: String::new() })
+    }
+
+    /// Shows downloads in `style`, each line starting with `label` (the worker's id).
+    pub fn with_progress(self, style: ProgressStyle, label: &str) -> Self {
+        Self { progress: style, label: label.to_string(), ..self }
+    }
+
+    /// How progress lines name a shard: the worker, then the digest's first 12 hex digits.
+    fn shard_label(&self, digest: &str) -> String {
+        let short = digest.get(..12).unwrap_or(digest);
+        if self.label.is_empty() {
+            format!("shard {short}")
+        } else {
+            format!("{} shard {short}", self.label)
+        }
     }
 
     /// The path of a complete shard. `digest` must already be checked to be hex.
@@ -123,10 +141,12 @@ impl ShardCache {
             let path = path.to_path_buf();
             move |source| WorkerError::Io { path, source }
         };
+        let label = self.shard_label(&manifest.digest);
         if done.exists() {
+            let checking = std::time::Instant::now();
             let missing = scan(&done, manifest).await?;
             if missing.is_empty() {
-                tracing::info!(digest = %manifest.digest, "shard found in cache");
+                ShardProgress::cached(self.progress, &label, manifest.total_bytes, checking.elapsed());
                 return Ok(CachedShard { path: done, transferred: 0 });
             }
             tracing::warn!(digest = %manifest.digest, damaged = missing.len(), "cached shard is damaged; repairing");
@@ -142,24 +162,21 @@ impl ShardCache {
             .map_err(io(&part))?;
         file.set_len(manifest.total_bytes).await.map_err(io(&part))?;
         let missing = scan(&part, manifest).await?;
-        let kept = manifest.chunks() as usize - missing.len();
-        tracing::info!(digest = %manifest.digest, chunks = manifest.chunks(), kept, "fetching shard");
+        let to_fetch: u64 = missing.iter().map(|&i| manifest.span(i).1).sum();
+        let mut progress =
+            ShardProgress::start(self.progress, &label, manifest.total_bytes, manifest.total_bytes - to_fetch);
         let mut transferred = 0;
-        let mut last_decile = 0;
-        for (done_chunks, &index) in missing.iter().enumerate() {
+        for &index in &missing {
             let data = fetch_verified(manifest, source, index, &mut transferred).await?;
             let (offset, _) = manifest.span(index);
             file.seek(SeekFrom::Start(offset)).await.map_err(io(&part))?;
             file.write_all(&data).await.map_err(io(&part))?;
-            let decile = (done_chunks + 1) * 10 / missing.len();
-            if decile > last_decile {
-                last_decile = decile;
-                tracing::info!(digest = %manifest.digest, percent = decile * 10, transferred, "shard download");
-            }
+            progress.advance(data.len() as u64);
         }
         file.sync_all().await.map_err(io(&part))?;
         drop(file);
         tokio::fs::rename(&part, &done).await.map_err(io(&part))?;
+        progress.finish();
         Ok(CachedShard { path: done, transferred })
     }
 }

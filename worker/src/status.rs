@@ -40,16 +40,20 @@ fn engine_code(e: &EngineError) -> Code {
 }
 
 /// A status from (or about) the next stage, as this stage reports it upstream:
-/// same code, message naming the next stage.
-pub(crate) fn next_stage(address: &str, status: &Status) -> WorkerError {
+/// same code, message naming the next stage (`stage`, from `Peers::describe`)
+/// and the causes, each once (transport errors repeat their sources' text).
+pub(crate) fn next_stage(stage: &str, status: &Status) -> WorkerError {
     let mut message = status.message().to_string();
     let mut cause = std::error::Error::source(status);
     while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
         cause = c.source();
     }
-    WorkerError::NextStage { address: address.to_string(), code: status.code(), message }
+    WorkerError::NextStage { stage: stage.to_string(), code: status.code(), message }
 }
 
 #[cfg(test)]
@@ -66,5 +70,10 @@ mod tests {
         let next: Status = next_stage("http://10.0.0.2:7001", &Status::unavailable("connection refused")).into();
         assert_eq!(next.code(), Code::Unavailable);
         assert!(next.message().contains("http://10.0.0.2:7001"));
+        // A cause whose text is already in the message is not repeated.
+        let nested = Status::from_error(Box::new(std::io::Error::other("connection refused")));
+        let next: Status = next_stage("w1 (http://10.0.0.2:7001)", &nested).into();
+        assert_eq!(next.message().matches("connection refused").count(), 1, "{}", next.message());
+        assert!(next.message().starts_with("next stage w1 (http://10.0.0.2:7001): "), "{}", next.message());
     }
 }

@@ -102,6 +102,9 @@ impl Worker {
         if !stage.is_last() && spec.next_stage.is_none() {
             return Err(InvalidRequest::MissingNextStage { start: spec.layers.start, end: spec.layers.end }.into());
         }
+        if let Some(next) = &spec.next_stage {
+            self.peers.learn_name(next).await;
+        }
         let weight_bytes = stage.weight_bytes() as u64;
         let cache = stage.new_cache(spec.kv_budget);
         let loaded = Loaded { stage, cache, epoch: spec.epoch, wire: spec.wire, next_stage: spec.next_stage };
