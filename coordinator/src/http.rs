@@ -268,6 +268,11 @@ async fn respond(
     stream: bool,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
+    let state = c.plan_state().await;
+    if !state.ready {
+        let why = state.error.unwrap_or_else(|| "no plan is loaded yet".into());
+        return Err(CoordinatorError::NotReady(why).into());
+    }
     let mut sessions: Vec<SessionStream> = Vec::with_capacity(plan.n);
     for i in 0..plan.n {
         let mut g = plan.generation.clone();

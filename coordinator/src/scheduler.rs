@@ -41,6 +41,8 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 pub const DEFAULT_MAX_BATCH_ROWS: usize = 512;
 /// How long a pause waits for micro-batches in flight before giving up on them.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a micro-batch may stay in the pipeline before the pipeline counts as stuck.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often waiting and idle sessions are checked for a client that went away.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -203,8 +205,8 @@ struct Core {
     next_turn: u64,
     sessions: BTreeMap<u64, Session>,
     waiting: VecDeque<(u64, Session)>,
-    /// Micro-batches in the pipeline: the sessions in each and their span.
-    inflight: HashMap<u64, (Vec<u64>, tracing::Span)>,
+    /// Micro-batches in the pipeline: the sessions in each, their span, and when they left.
+    inflight: HashMap<u64, (Vec<u64>, tracing::Span, Instant)>,
     admission: Admission,
     paused: bool,
     pause_waiters: Vec<oneshot::Sender<()>>,
@@ -286,6 +288,9 @@ impl Core {
             )));
         }
         g.sampling.validate()?;
+        if self.plan.is_none() {
+            return Err(CoordinatorError::NotReady("no plan is loaded yet".into()));
+        }
         self.admission.may_wait(needed, self.waiting.len()).map_err(|r| match r {
             Refusal::QueueFull { .. } => CoordinatorError::Overloaded(r.to_string()),
             Refusal::TooLarge { .. } => CoordinatorError::BadRequest(r.to_string()),
@@ -344,7 +349,7 @@ impl Core {
             self.link = None;
         }
         // Whatever is still in flight ran on the old plan; those sessions cannot be trusted to continue.
-        let stale: Vec<u64> = self.inflight.drain().flat_map(|(_, (s, _))| s).collect();
+        let stale: Vec<u64> = self.inflight.drain().flat_map(|(_, (s, _, _))| s).collect();
         for id in stale {
             self.fail(id, "the plan changed while this request was in flight".into());
         }
@@ -459,7 +464,7 @@ impl Core {
         }
         self.metrics.batches.fetch_add(1, Ordering::Relaxed);
         self.metrics.batch_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        self.inflight.insert(batch_id, (members, span.clone()));
+        self.inflight.insert(batch_id, (members, span.clone(), Instant::now()));
         Some((batch_id, rows, tokens, span))
     }
 
@@ -472,7 +477,7 @@ impl Core {
             Ok(r) => return self.link_broken(&r.error),
             Err(e) => return self.link_broken(&e),
         };
-        let Some((members, _span)) = self.inflight.remove(&reply.batch_id) else {
+        let Some((members, _span, _)) = self.inflight.remove(&reply.batch_id) else {
             return self.link_broken(&format!("a reply for unknown micro-batch {}", reply.batch_id));
         };
         for id in &members {
@@ -554,6 +559,9 @@ impl Core {
 
     /// Drops waiting requests whose client went away, and idle sessions likewise.
     fn reap(&mut self) {
+        if self.inflight.values().any(|(_, _, sent)| sent.elapsed() > BATCH_TIMEOUT) {
+            return self.link_broken(&format!("a micro-batch got no answer in {BATCH_TIMEOUT:?}; a stage is stuck"));
+        }
         self.waiting.retain(|(_, s)| !s.events.is_closed());
         let idle: Vec<u64> =
             self.sessions.iter().filter(|(_, s)| !s.in_flight && s.events.is_closed()).map(|(&id, _)| id).collect();

@@ -22,6 +22,10 @@ use crate::traffic::Traffic;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a `Release` may take before it is given up.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle connection to stage 0 is pinged, so a frozen or vanished host is noticed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Micro-batches buffered toward stage 0.
 const SEND_BUFFER: usize = 64;
 
@@ -72,7 +76,11 @@ impl StageLink {
             .map_err(|e| worker_err(format!("bad address: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| worker_err(format!("unreachable: {e}")))?;
+        let endpoint = endpoint
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| worker_err(format!("unreachable: {}", causes(&e))))?;
         let client = pb::stage_client::StageClient::new(channel).max_decoding_message_size(64 << 20);
         let (requests, rx) = mpsc::channel(SEND_BUFFER);
         let counted = Arc::clone(&traffic);
@@ -87,6 +95,7 @@ impl StageLink {
             .map_err(|_| worker_err("did not answer the Forward stream in time".into()))?
             .map_err(|s| worker_err(s.message().to_string()))?
             .into_inner();
+        let via = format!("via stage 0, worker {} at {}", first.worker, first.address);
         let reader = tokio::spawn(async move {
             loop {
                 let reply = match replies.message().await {
@@ -94,8 +103,8 @@ impl StageLink {
                         traffic.reply(r.encoded_len());
                         Ok(r)
                     }
-                    Ok(None) => Err("the pipeline stream ended".to_string()),
-                    Err(s) => Err(s.message().to_string()),
+                    Ok(None) => Err(format!("the pipeline stream ended ({via})")),
+                    Err(s) => Err(format!("{} ({via})", status_text(&s))),
                 };
                 let end = reply.is_err();
                 if events.send(LinkEvent { link: id, reply }).is_err() || end {
@@ -139,5 +148,29 @@ impl StageLink {
                 tracing::warn!(?sessions, error = %e.message(), "release failed");
             }
         });
+    }
+}
+
+/// An error with every cause it wraps (tonic's "transport error" alone says nothing).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A status's message, or its code and causes when the message is empty.
+fn status_text(s: &tonic::Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}: {}", s.code(), causes(s))
+    } else {
+        s.message().to_string()
     }
 }

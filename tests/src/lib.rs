@@ -317,47 +317,6 @@ pub fn metric(text: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// A `potluck` server process (coordinator or worker) started by a test; SIGTERM, then SIGKILL, on drop.
-#[derive(Debug)]
-pub struct Daemon {
-    child: std::process::Child,
-}
-
-impl Daemon {
-    /// Starts `potluck ARGS`, its output discarded unless `POTLUCK_TEST_LOGS` is set.
-    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
-        let quiet = std::env::var_os("POTLUCK_TEST_LOGS").is_none();
-        let out = || if quiet { std::process::Stdio::null() } else { std::process::Stdio::inherit() };
-        let child = std::process::Command::new(potluck_bin()?).args(args).stdout(out()).stderr(out()).spawn()?;
-        Ok(Self { child })
-    }
-
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").arg(self.child.id().to_string()).status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback address with a port free at the time of asking.
-pub fn free_addr() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
-
 /// Polls `check` every 100 ms until it returns `Some`, for at most `limit`.
 pub fn wait_for<T>(limit: std::time::Duration, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = std::time::Instant::now() + limit;

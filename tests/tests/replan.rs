@@ -6,11 +6,17 @@
 //! and seeded alike: a draw depends only on the seed and the position).
 
 use anyhow::{ensure, Context as _};
-use potluck_tests::{free_addr, http_request, metric, potluck, require_real_model, wait_for, Daemon, SseStream};
+use std::ffi::OsStr;
+
+use potluck_tests::{http_request, metric, potluck, require_real_model, wait_for, Announce, Daemon, SseStream};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 const TOKENS: usize = 300;
+
+fn args<'a>(a: &[&'a str]) -> Vec<&'a OsStr> {
+    a.iter().map(|s| OsStr::new(*s)).collect()
+}
 
 fn generate(model: &str, temperature: &str, seed: &str) -> anyhow::Result<String> {
     let run = potluck(&[
@@ -40,13 +46,27 @@ fn cluster(http: &str) -> anyhow::Result<Value> {
 fn streams_survive_a_worker_joining_and_end_as_one_process_would() -> anyhow::Result<()> {
     let model = require_real_model()?;
     let model = model.to_str().context("path")?;
-    let (grpc, http) = (free_addr()?, free_addr()?);
     let dir = tempfile::tempdir()?;
+    let (_coordinator, line) = Daemon::start(
+        &args(&[
+            "coordinator",
+            "--model",
+            model,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--wire-dtype",
+            "f32",
+        ]),
+        Announce::Stderr,
+        "coordinator: gRPC ",
+    )?;
+    let (grpc, http) = line.split_once(", HTTP http://").with_context(|| format!("odd line {line:?}"))?;
+    let (grpc, http) = (grpc.to_string(), http.to_string());
     let cache = dir.path().to_str().context("path")?;
-    let _coordinator =
-        Daemon::start(&["coordinator", "--model", model, "--grpc", &grpc, "--http", &http, "--wire-dtype", "f32"])?;
     let worker = |id: &str| {
-        Daemon::start(&[
+        let a = args(&[
             "worker",
             "--listen",
             "127.0.0.1:0",
@@ -58,7 +78,8 @@ fn streams_survive_a_worker_joining_and_end_as_one_process_would() -> anyhow::Re
             id,
             "--cache-dir",
             cache,
-        ])
+        ]);
+        Daemon::start(&a, Announce::Stderr, "worker listening on ").map(|(d, _)| d)
     };
     let _first = worker("first")?;
     wait_for(std::time::Duration::from_secs(60), || cluster(&http).ok().filter(|c| c["ready"] == true).map(|_| ()))?;
