@@ -90,6 +90,7 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
     Json(json!({
         "cluster": c.name(),
         "epoch": s.epoch,
+        "leader": c.leader(),
         "ready": s.ready,
         "error": s.error,
         "wire_dtype": c.config().wire_dtype.name(),

@@ -43,9 +43,14 @@ impl EtcdClient {
         Ok((reply.ttl > 0).then_some(reply.ttl))
     }
 
-    /// Opens a keep-alive stream for `lease`.
+    /// Opens a keep-alive stream for `lease`, refreshing it once on the way
+    /// (etcd sends the stream's headers only with its first reply, so the first
+    /// request must be on its way before the call can complete).
     pub async fn keep_alive(&self, lease: i64) -> Result<KeepAlive, EtcdError> {
         let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::LeaseKeepAliveRequest { id: lease })
+            .await
+            .map_err(|_| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason: "closed".into() })?;
         let mut client = pb::lease_client::LeaseClient::new(self.channel.clone());
         let opened = tokio::time::timeout(
             self.call_timeout(),
@@ -57,7 +62,9 @@ impl EtcdClient {
             Ok(Err(s)) => return Err(EtcdError::rpc("Lease.KeepAlive", &s)),
             Err(_) => return Err(EtcdError::Timeout { rpc: "Lease.KeepAlive", after: self.call_timeout() }),
         };
-        Ok(KeepAlive { lease, tx, replies, timeout: self.call_timeout() })
+        let mut keep = KeepAlive { lease, tx, replies, timeout: self.call_timeout() };
+        keep.receive().await?;
+        Ok(keep)
     }
 }
 
@@ -74,8 +81,15 @@ impl KeepAlive {
     /// Refreshes the lease once; returns the TTL it now has. A lease etcd no
     /// longer knows (TTL 0) is [`EtcdError::LeaseLost`].
     pub async fn refresh(&mut self) -> Result<Duration, EtcdError> {
+        self.tx
+            .send(pb::LeaseKeepAliveRequest { id: self.lease })
+            .await
+            .map_err(|_| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason: "closed".into() })?;
+        self.receive().await
+    }
+
+    async fn receive(&mut self) -> Result<Duration, EtcdError> {
         let ended = |reason: String| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason };
-        self.tx.send(pb::LeaseKeepAliveRequest { id: self.lease }).await.map_err(|_| ended("closed".into()))?;
         let reply = match tokio::time::timeout(self.timeout, self.replies.message()).await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Err(ended("etcd closed it".into())),
@@ -86,5 +100,69 @@ impl KeepAlive {
             return Err(EtcdError::LeaseLost(self.lease));
         }
         Ok(Duration::from_secs(u64::try_from(reply.ttl).unwrap_or(1)))
+    }
+}
+
+/// Pause between attempts to reach etcd again while keeping a lease.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// A lease held for as long as this process wants it: refreshed over a
+/// keep-alive stream that is reopened after etcd restarts. Shared by worker
+/// registration and the coordinators' election.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    client: EtcdClient,
+    lease: i64,
+    ttl: Duration,
+    stream: Option<KeepAlive>,
+}
+
+impl LeaseKeeper {
+    /// Grants a fresh lease of `ttl`.
+    pub async fn grant(client: &EtcdClient, ttl: Duration) -> Result<Self, EtcdError> {
+        let (lease, granted) = client.grant(ttl).await?;
+        Ok(Self { client: client.clone(), lease, ttl: granted, stream: None })
+    }
+
+    /// The lease id, to attach keys to.
+    pub fn id(&self) -> i64 {
+        self.lease
+    }
+
+    /// The TTL etcd granted; refresh well within it (a third is customary).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Refreshes the lease. `false` means it is lost: etcd says it is gone, or
+    /// etcd could not be reached for a whole TTL (someone else may hold what it guarded).
+    pub async fn refresh(&mut self) -> bool {
+        let give_up = tokio::time::Instant::now() + self.ttl;
+        loop {
+            let outcome = match self.stream.as_mut() {
+                // Opening the stream refreshes the lease once.
+                None => self.client.keep_alive(self.lease).await.map(|s| self.stream = Some(s)),
+                Some(s) => s.refresh().await.map(drop),
+            };
+            match outcome {
+                Ok(()) => return true,
+                Err(EtcdError::LeaseLost(_)) => return false,
+                Err(e) => {
+                    tracing::debug!(lease = self.lease, error = %e, "keep-alive interrupted; reopening");
+                    self.stream = None;
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return false;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Revokes the lease (best effort: it expires on its own otherwise).
+    pub async fn revoke(self) {
+        if let Err(e) = self.client.revoke(self.lease).await {
+            tracing::warn!(lease = self.lease, error = %e, "could not revoke the lease; it will expire");
+        }
     }
 }

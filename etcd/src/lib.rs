@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod error;
 mod lease;
+mod records;
 mod watch;
 
 /// Generated etcd v3 messages and client stubs (package `etcdserverpb`).
@@ -25,5 +26,6 @@ pub mod pb {
 pub use client::{prefix_end, EtcdClient, KeyValue};
 pub use config::{EtcdConfig, EtcdTls, DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT};
 pub use error::EtcdError;
-pub use lease::KeepAlive;
+pub use lease::{KeepAlive, LeaseKeeper};
+pub use records::{ClusterKeys, LeaderRecord, ModelShape, PlanRecord, PlanStageRecord, WorkerRecord};
 pub use watch::{Watch, WatchEvent};

@@ -1,0 +1,100 @@
+//! A real etcd for integration tests: Debian's `etcd` binary (package
+//! `etcd-server`) on free loopback ports with a temporary data directory.
+//! It can be stopped and started again on the same ports and data, to test
+//! what survives an etcd restart. Dropped, it is stopped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// A running (or stopped, restartable) etcd.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+/// The etcd binary: `POTLUCK_ETCD`, else `etcd` on the PATH.
+fn binary() -> PathBuf {
+    std::env::var_os("POTLUCK_ETCD").map_or_else(|| PathBuf::from("etcd"), PathBuf::from)
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it reports healthy.
+    pub fn start() -> anyhow::Result<Self> {
+        let mut e = Self { child: None, dir: tempfile::tempdir()?, client_port: free_port()?, peer_port: free_port()? };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    /// The client endpoint, `127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
+        let child = Command::new(binary())
+            .args(["--name", "potluck-test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("potluck-test={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {} (install Debian's etcd-server package)", binary().display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((200, body)) = crate::http_request(&self.endpoint(), "GET", "/health", None) {
+                if body.contains("true") {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    anyhow::bail!("etcd exited with {status}: {}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("etcd did not become healthy in 30 s: {}", self.log())
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Stops etcd gracefully (SIGTERM), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            crate::process::terminate(&mut c);
+        }
+    }
+
+    /// Stops it and starts it again on the same ports and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
