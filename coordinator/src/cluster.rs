@@ -334,8 +334,7 @@ impl Cluster {
                 tracing::info!(epoch = rec.epoch, "adopting the stored plan: the workers still hold it");
                 let mut pipe = self.quiesce().await;
                 *pipe = None;
-                *self.state.write().await =
-                    PlanState { epoch: rec.epoch, stages, ready: true, error: None, instances };
+                *self.state.write().await = PlanState { epoch: rec.epoch, stages, ready: true, error: None, instances };
                 return Ok(());
             }
         }
@@ -345,7 +344,12 @@ impl Cluster {
     }
 
     /// Loads `stages` on every worker as `epoch` and makes the plan current.
-    async fn apply_plan(&self, epoch: u64, stages: Vec<StagePlan>, instances: Vec<String>) -> Result<(), CoordinatorError> {
+    async fn apply_plan(
+        &self,
+        epoch: u64,
+        stages: Vec<StagePlan>,
+        instances: Vec<String>,
+    ) -> Result<(), CoordinatorError> {
         if let Some(store) = &self.store {
             // Reserve the epoch first, so a leader that dies mid-load has its successor skip it.
             store.write(epoch, false, &stages, &instances).await?;
@@ -407,7 +411,8 @@ impl Cluster {
             state.epoch = state.epoch.max(epoch);
             return Err(e);
         }
-        *self.state.write().await = PlanState { epoch, stages: stages.clone(), ready: true, error: None, instances: instances.clone() };
+        *self.state.write().await =
+            PlanState { epoch, stages: stages.clone(), ready: true, error: None, instances: instances.clone() };
         drop(pipe);
         if let Some(store) = &self.store {
             store.write(epoch, true, &stages, &instances).await?;

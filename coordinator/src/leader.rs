@@ -111,7 +111,8 @@ impl Election {
                         Err(e) => tracing::warn!(error = %e, "election: reading our leader key"),
                     },
                     Ok((false, holder)) => {
-                        let record = holder.as_ref().and_then(|kv| serde_json::from_slice::<LeaderRecord>(&kv.value).ok());
+                        let record =
+                            holder.as_ref().and_then(|kv| serde_json::from_slice::<LeaderRecord>(&kv.value).ok());
                         match (holder, record) {
                             // Our own key from a lease we lost (etcd was away): take it back now
                             // rather than wait for that lease to run out.

@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn plan_order_keeps_planned_workers_first() {
-        let mut ws: Vec<WorkerInfo> = ["a", "b", "c"].iter().map(|id| w(id)).collect();
+        let mut ws: Vec<WorkerInfo> = ["a", "b", "c"].into_iter().map(w).collect();
         ws[0].joined = 3;
         ws[1].joined = 1;
         ws[2].joined = 2;

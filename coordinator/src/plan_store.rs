@@ -52,7 +52,13 @@ impl PlanStore {
     }
 
     /// Writes the plan, only while we still lead.
-    pub async fn write(&self, epoch: u64, ready: bool, stages: &[StagePlan], instances: &[String]) -> Result<(), CoordinatorError> {
+    pub async fn write(
+        &self,
+        epoch: u64,
+        ready: bool,
+        stages: &[StagePlan],
+        instances: &[String],
+    ) -> Result<(), CoordinatorError> {
         let Some((guard, token)) = self.election.fencing_token() else { return Err(CoordinatorError::NotLeader) };
         let record = PlanRecord {
             epoch,
@@ -70,7 +76,8 @@ impl PlanStore {
                 .collect(),
             leader: self.election.me().id.clone(),
         };
-        let value = serde_json::to_vec(&record).map_err(|e| CoordinatorError::NotReady(format!("encoding the plan: {e}")))?;
+        let value =
+            serde_json::to_vec(&record).map_err(|e| CoordinatorError::NotReady(format!("encoding the plan: {e}")))?;
         if self.client.put_guarded(guard, token, &self.keys.plan(), value).await? {
             Ok(())
         } else {
@@ -80,7 +87,8 @@ impl PlanStore {
 
     /// Publishes the model's shape for the workers' probe.
     pub async fn publish_model(&self, shape: &ModelShape) -> Result<(), CoordinatorError> {
-        let value = serde_json::to_vec(shape).map_err(|e| CoordinatorError::NotReady(format!("encoding the model shape: {e}")))?;
+        let value = serde_json::to_vec(shape)
+            .map_err(|e| CoordinatorError::NotReady(format!("encoding the model shape: {e}")))?;
         self.client.put(&self.keys.model(), value, 0).await?;
         Ok(())
     }
@@ -92,7 +100,10 @@ pub fn stages_of(record: &PlanRecord) -> (Vec<StagePlan>, Vec<String>) {
         .stages
         .iter()
         .map(|s| {
-            (StagePlan { worker: s.worker.clone(), address: s.address.clone(), start: s.start, end: s.end }, s.instance.clone())
+            (
+                StagePlan { worker: s.worker.clone(), address: s.address.clone(), start: s.start, end: s.end },
+                s.instance.clone(),
+            )
         })
         .unzip()
 }

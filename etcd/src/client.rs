@@ -66,7 +66,11 @@ impl EtcdClient {
     pub async fn connect(config: EtcdConfig) -> Result<Self, EtcdError> {
         let endpoints = config.endpoints()?;
         let channel = if endpoints.len() == 1 {
-            endpoints.into_iter().next().map(|e| e.connect_lazy()).ok_or_else(|| EtcdError::Config("no endpoints".into()))?
+            endpoints
+                .into_iter()
+                .next()
+                .map(|e| e.connect_lazy())
+                .ok_or_else(|| EtcdError::Config("no endpoints".into()))?
         } else {
             Channel::balance_list(endpoints.into_iter())
         };

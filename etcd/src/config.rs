@@ -53,10 +53,7 @@ impl EtcdConfig {
     /// The endpoints as URLs with the scheme TLS implies.
     pub fn urls(&self) -> Vec<String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        self.endpoints
-            .iter()
-            .map(|e| if e.contains("://") { e.clone() } else { format!("{scheme}://{e}") })
-            .collect()
+        self.endpoints.iter().map(|e| if e.contains("://") { e.clone() } else { format!("{scheme}://{e}") }).collect()
     }
 
     pub(crate) fn endpoints(&self) -> Result<Vec<Endpoint>, EtcdError> {
@@ -75,7 +72,9 @@ impl EtcdConfig {
                     .keep_alive_timeout(Duration::from_secs(3))
                     .keep_alive_while_idle(true);
                 if let Some(tls) = &tls {
-                    e = e.tls_config(tls.clone()).map_err(|err| EtcdError::Config(format!("TLS for `{url}`: {err}")))?;
+                    e = e
+                        .tls_config(tls.clone())
+                        .map_err(|err| EtcdError::Config(format!("TLS for `{url}`: {err}")))?;
                 }
                 Ok(e)
             })
@@ -83,7 +82,7 @@ impl EtcdConfig {
     }
 }
 
-fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, EtcdError> {
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, EtcdError> {
     std::fs::read(path).map_err(|e| EtcdError::Config(format!("{what} {}: {e}", path.display())))
 }
 

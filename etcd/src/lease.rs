@@ -15,8 +15,10 @@ impl EtcdClient {
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let req = pb::LeaseGrantRequest { ttl: secs, id: 0 };
-        let reply = self
-            .unary("Lease.Grant", req, |ch, r| async move { pb::lease_client::LeaseClient::new(ch).lease_grant(r).await })
+        let reply =
+            self.unary("Lease.Grant", req, |ch, r| async move {
+                pb::lease_client::LeaseClient::new(ch).lease_grant(r).await
+            })
             .await?;
         if !reply.error.is_empty() {
             return Err(EtcdError::Rpc { rpc: "Lease.Grant", code: tonic::Code::Unknown, message: reply.error });
@@ -27,8 +29,12 @@ impl EtcdClient {
     /// Revokes a lease: every key attached to it goes at once.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
         let req = pb::LeaseRevokeRequest { id: lease };
-        self.unary("Lease.Revoke", req, |ch, r| async move { pb::lease_client::LeaseClient::new(ch).lease_revoke(r).await })
-            .await?;
+        self.unary(
+            "Lease.Revoke",
+            req,
+            |ch, r| async move { pb::lease_client::LeaseClient::new(ch).lease_revoke(r).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -52,11 +58,9 @@ impl EtcdClient {
             .await
             .map_err(|_| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason: "closed".into() })?;
         let mut client = pb::lease_client::LeaseClient::new(self.channel.clone());
-        let opened = tokio::time::timeout(
-            self.call_timeout(),
-            client.lease_keep_alive(self.request(ReceiverStream::new(rx))),
-        )
-        .await;
+        let opened =
+            tokio::time::timeout(self.call_timeout(), client.lease_keep_alive(self.request(ReceiverStream::new(rx))))
+                .await;
         let replies = match opened {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) => return Err(EtcdError::rpc("Lease.KeepAlive", &s)),

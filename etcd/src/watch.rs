@@ -32,7 +32,8 @@ impl EtcdClient {
             .await
             .map_err(|_| EtcdError::StreamEnded { rpc: "Watch", reason: "closed".into() })?;
         let mut client = pb::watch_client::WatchClient::new(self.channel.clone());
-        let opened = tokio::time::timeout(self.call_timeout(), client.watch(self.request(ReceiverStream::new(rx)))).await;
+        let opened =
+            tokio::time::timeout(self.call_timeout(), client.watch(self.request(ReceiverStream::new(rx)))).await;
         let replies = match opened {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) => return Err(EtcdError::rpc("Watch", &s)),

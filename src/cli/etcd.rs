@@ -37,7 +37,10 @@ impl EtcdArgs {
     pub fn config(&self) -> anyhow::Result<Option<EtcdConfig>> {
         let Some(endpoints) = &self.etcd else {
             anyhow::ensure!(
-                self.etcd_ca.is_none() && self.etcd_cert.is_none() && self.etcd_key.is_none() && self.etcd_user.is_none(),
+                self.etcd_ca.is_none()
+                    && self.etcd_cert.is_none()
+                    && self.etcd_key.is_none()
+                    && self.etcd_user.is_none(),
                 "etcd TLS and auth flags need --etcd"
             );
             return Ok(None);
@@ -64,7 +67,9 @@ impl EtcdArgs {
 
     /// A connected client (authenticated when credentials are given).
     pub async fn client(&self, config: EtcdConfig) -> anyhow::Result<EtcdClient> {
-        EtcdClient::connect(config).await.with_context(|| format!("connecting to etcd at {}", self.etcd.as_deref().unwrap_or("")))
+        EtcdClient::connect(config)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", self.etcd.as_deref().unwrap_or("")))
     }
 }
 

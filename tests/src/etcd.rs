@@ -86,9 +86,10 @@ impl Etcd {
         }
     }
 
-    /// Stops it and starts it again on the same ports and data directory.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    /// Stops it, stays down for `down`, and starts it again on the same ports and data directory.
+    pub fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
         self.stop();
+        std::thread::sleep(down);
         self.spawn()
     }
 }

@@ -51,9 +51,23 @@ impl Cluster {
             id,
             self.logs.path(),
             &[
-                "coordinator", "--model", &self.model, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                "--etcd", &etcd, "--cluster", &self.name, "--id", id, "--hold-down-ms", HOLD_DOWN_MS,
-                "--leader-ttl", TTL,
+                "coordinator",
+                "--model",
+                &self.model,
+                "--grpc",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--etcd",
+                &etcd,
+                "--cluster",
+                &self.name,
+                "--id",
+                id,
+                "--hold-down-ms",
+                HOLD_DOWN_MS,
+                "--leader-ttl",
+                TTL,
             ],
         )?;
         let line = p.wait_for_line("HTTP http://", Duration::from_secs(60))?;
@@ -68,8 +82,21 @@ impl Cluster {
             id,
             self.logs.path(),
             &[
-                "worker", "--listen", "127.0.0.1:0", "--etcd", &etcd, "--cluster", &self.name, "--id", id,
-                "--threads", "1", "--lease-ttl", TTL, "--cache-dir", &cache,
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--etcd",
+                &etcd,
+                "--cluster",
+                &self.name,
+                "--id",
+                id,
+                "--threads",
+                "1",
+                "--lease-ttl",
+                TTL,
+                "--cache-dir",
+                &cache,
             ],
         )
     }
@@ -142,7 +169,9 @@ impl Load {
                     Ok((200, _)) => {
                         o.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok((code, body)) => e.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(format!("{code}: {body}")),
+                    Ok((code, body)) => {
+                        e.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(format!("{code}: {body}"))
+                    }
                     Err(err) => e.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(err.to_string()),
                 }
             }
@@ -204,15 +233,16 @@ fn workers_join_leave_and_die_on_a_live_cluster() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let mut w2 = c.worker("w2")?;
     let mut w3 = c.worker("w3")?;
-    let (three, took) =
-        wait_cluster(&http, "3 stages", |v| ready(v) && stages(v) == 3 && epoch(v) > epoch(&one))?;
+    let (three, took) = wait_cluster(&http, "3 stages", |v| ready(v) && stages(v) == 3 && epoch(v) > epoch(&one))?;
     eprintln!("figure: 1 -> 3 workers re-planned in {took:?} (epoch {} -> {})", epoch(&one), epoch(&three));
     std::thread::sleep(Duration::from_secs(1));
     let (ok, errors) = load.finish();
     ensure!(errors.is_empty(), "the client saw errors during the join: {errors:?}");
     ensure!(ok > 0, "the looping client completed nothing");
     eprintln!("figure: {ok} completions, 0 errors, across the join");
-    let workers: Vec<&str> = three["workers"].as_array().context("workers")?.iter().filter_map(|w| w["id"].as_str()).collect();
+    let mut workers: Vec<&str> =
+        three["workers"].as_array().context("workers")?.iter().filter_map(|w| w["id"].as_str()).collect();
+    workers.sort_unstable();
     ensure!(workers == ["w1", "w2", "w3"], "workers {workers:?}");
     ensure!(three["leader"] == "coord-a", "leader: {}", three["leader"]);
     ensure!(
@@ -237,10 +267,15 @@ fn workers_join_leave_and_die_on_a_live_cluster() -> anyhow::Result<()> {
     let now = cluster_json(&http)?;
     ensure!(st["epoch"] == now["epoch"] && st["leader"] == now["leader"], "status {st} vs cluster {now}");
     let brief = |v: &Value| -> Vec<(Value, Value)> {
-        v["stages"].as_array().map(|a| a.iter().map(|s| (s["worker"].clone(), s["layers"].clone())).collect()).unwrap_or_default()
+        v["stages"]
+            .as_array()
+            .map(|a| a.iter().map(|s| (s["worker"].clone(), s["layers"].clone())).collect())
+            .unwrap_or_default()
     };
     ensure!(brief(&st) == brief(&now), "stages: status {st} vs cluster {now}");
-    let ids = |v: &Value| -> Vec<Value> { v["workers"].as_array().map(|a| a.iter().map(|w| w["id"].clone()).collect()).unwrap_or_default() };
+    let ids = |v: &Value| -> Vec<Value> {
+        v["workers"].as_array().map(|a| a.iter().map(|w| w["id"].clone()).collect()).unwrap_or_default()
+    };
     ensure!(ids(&st) == ids(&now), "workers: status {st} vs cluster {now}");
     let text = potluck(&["status", "--etcd", &etcd, "--cluster", &c.name])?;
     ensure!(text.success, "status failed: {}", text.stderr);
@@ -258,7 +293,7 @@ fn workers_join_leave_and_die_on_a_live_cluster() -> anyhow::Result<()> {
     // kill -9 mid-request: the request in flight fails clearly (no hang); after the
     // lease runs out the cluster re-plans and requests succeed again.
     let h = http.clone();
-    let in_flight = std::thread::spawn(move || complete(&h, "Write a long story about a dragon.", 400));
+    let in_flight = std::thread::spawn(move || complete(&h, "1, 2, 3, 4, 5, 6, 7,", 400));
     std::thread::sleep(Duration::from_millis(800));
     let killed_at = Instant::now();
     w2.kill9();
@@ -291,8 +326,8 @@ fn standby_takes_over_and_etcd_restarts() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut c = Cluster::new("ha")?;
     let (mut a, http_a) = c.coordinator("coord-a")?;
-    let _w1 = c.worker("w1")?;
-    let _w2 = c.worker("w2")?;
+    let w1 = c.worker("w1")?;
+    let w2 = c.worker("w2")?;
     let (planned, _) = wait_cluster(&http_a, "first plan", |v| ready(v) && stages(v) == 2)?;
     ensure!(planned["leader"] == "coord-a", "{planned}");
     let (mut b, http_b) = c.coordinator("coord-b")?;
@@ -330,9 +365,12 @@ fn standby_takes_over_and_etcd_restarts() -> anyhow::Result<()> {
     ensure!(epoch(&now) >= epoch(&planned), "epoch went back: {} < {}", epoch(&now), epoch(&planned));
     ok_completion(&http_b)?;
 
-    // etcd restart: nothing of Potluck restarts; the cluster serves again and the
-    // workers are registered again.
-    c.etcd.restart()?;
+    // etcd restart, down for longer than the lease TTL: the workers' leases and
+    // the leadership lapse. Nothing of Potluck restarts; the workers register
+    // again, coord-b is elected again, and the cluster serves.
+    let registrations = |w: &Proc| w.log().matches("registered in etcd").count();
+    let before = (registrations(&w1), registrations(&w2));
+    c.etcd.restart(Duration::from_secs(3))?;
     let back = Instant::now();
     let mut served = false;
     while back.elapsed() < PATIENCE {
@@ -354,6 +392,11 @@ fn standby_takes_over_and_etcd_restarts() -> anyhow::Result<()> {
         }
         ensure!(Instant::now() < deadline, "after the etcd restart: {}", run.stdout);
         std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while registrations(&w1) <= before.0 || registrations(&w2) <= before.1 {
+        ensure!(Instant::now() < deadline, "the workers did not register again: {}\n{}", w1.log(), w2.log());
+        std::thread::sleep(Duration::from_millis(100));
     }
     ensure!(b.running(), "coordinator b exited: {}", b.log());
     ok_completion(&http_b)?;

@@ -55,7 +55,9 @@ pub fn layer_micros(shape: &ModelShape, threads: usize) -> Result<f64, WorkerErr
         for position in 0..=STEPS {
             let row = Row { session: SessionId(1), position, logits: false };
             let started = Instant::now();
-            stage.forward(&[row], StageInput::Tokens(&[u32::try_from(position).unwrap_or(0)]), &mut cache, &pool).map_err(engine)?;
+            stage
+                .forward(&[row], StageInput::Tokens(&[u32::try_from(position).unwrap_or(0)]), &mut cache, &pool)
+                .map_err(engine)?;
             if position > 0 {
                 times.push(started.elapsed().as_secs_f64() * 1e6);
             }
