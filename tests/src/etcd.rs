@@ -16,6 +16,18 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<ServerTls>,
+}
+
+/// PEM files for an etcd that serves TLS and requires client certificates.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// CA that signed the server and client certificates.
+    pub ca: PathBuf,
+    /// Server certificate (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 /// The etcd binary: `POTLUCK_ETCD`, else `etcd` on the PATH.
@@ -31,7 +43,26 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Etcd {
     /// Starts etcd and waits until it reports healthy.
     pub fn start() -> anyhow::Result<Self> {
-        let mut e = Self { child: None, dir: tempfile::tempdir()?, client_port: free_port()?, peer_port: free_port()? };
+        let mut e = Self {
+            child: None,
+            dir: tempfile::tempdir()?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            tls: None,
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    /// Starts etcd serving TLS on its client port, requiring client certificates signed by `tls.ca`.
+    pub fn start_tls(tls: ServerTls) -> anyhow::Result<Self> {
+        let mut e = Self {
+            child: None,
+            dir: tempfile::tempdir()?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            tls: Some(tls),
+        };
         e.spawn()?;
         Ok(e)
     }
@@ -42,10 +73,22 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(t) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "potluck-test", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -59,6 +102,10 @@ impl Etcd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            // With TLS, /health needs a client certificate: an accepting port will do.
+            if self.tls.is_some() && std::net::TcpStream::connect(self.endpoint()).is_ok() {
+                return Ok(());
+            }
             if let Ok((200, body)) = crate::http_request(&self.endpoint(), "GET", "/health", None) {
                 if body.contains("true") {
                     return Ok(());
