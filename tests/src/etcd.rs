@@ -146,3 +146,52 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// Standard base64 (etcd's JSON gateway carries keys and values this way).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Etcd {
+    /// Calls etcd's JSON gateway (`/v3/...`) on a plain-text etcd.
+    pub fn gateway(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let (code, reply) = crate::http_request(&self.endpoint(), "POST", path, Some(&body.to_string()))?;
+        anyhow::ensure!(code == 200, "etcd {path}: {code} {reply}");
+        Ok(serde_json::from_str(&reply)?)
+    }
+
+    /// Deletes `key` and writes it back with the same value and lease: to the
+    /// watchers, the key went away and came back (a flap).
+    pub fn flap(&self, key: &str) -> anyhow::Result<()> {
+        let k = base64(key.as_bytes());
+        let got = self.gateway("/v3/kv/range", &serde_json::json!({"key": k}))?;
+        let kv = got["kvs"].get(0).ok_or_else(|| anyhow::anyhow!("{key} is not in etcd"))?.clone();
+        self.gateway("/v3/kv/deleterange", &serde_json::json!({"key": k}))?;
+        self.gateway("/v3/kv/put", &serde_json::json!({"key": k, "value": kv["value"], "lease": kv["lease"]}))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        for (raw, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("/potluck/a", "L3BvdGx1Y2svYQ==")]
+        {
+            assert_eq!(super::base64(raw.as_bytes()), enc);
+        }
+    }
+}

@@ -251,6 +251,15 @@ fn workers_join_leave_and_die_on_a_live_cluster() -> anyhow::Result<()> {
         three["workers"][0]
     );
 
+    // A flap shorter than the hold-down (w3's key deleted and written back at
+    // once, as a blip would look to the watch) causes no re-plan.
+    c.etcd.flap(&format!("/potluck/{}/workers/w3", c.name))?;
+    std::thread::sleep(Duration::from_millis(3 * HOLD_DOWN_MS.parse::<u64>()?));
+    let after_flap = cluster_json(&http)?;
+    ensure!(epoch(&after_flap) == epoch(&three) && ready(&after_flap), "a flap re-planned: {after_flap}");
+    let flapped = stages(&after_flap);
+    ensure!(flapped == 3, "after the flap: {after_flap}");
+
     // Fencing: stage 0 refuses a Forward stamped with the previous epoch.
     let stage0 = three["stages"][0]["address"].as_str().context("stage 0 address")?;
     let stale = forward_with_epoch(stage0, epoch(&three) - 1)?;
