@@ -92,6 +92,11 @@ impl Membership for InMemoryMembership {
         {
             let mut w = self.lock();
             worker.joined = w.get(&worker.id).map_or(w.len() as u64 + *self.version.borrow(), |old| old.joined);
+            // A worker joins once per process start, so every join is a new instance
+            // (its shard is gone): the planner must load it again even at the same address.
+            if worker.instance.is_empty() {
+                worker.instance = format!("join-{}", *self.version.borrow() + 1);
+            }
             w.insert(worker.id.clone(), worker);
         }
         self.bump();
@@ -143,6 +148,8 @@ mod tests {
             m.join(w(id)).expect("in-memory join");
         }
         assert_eq!(m.workers().iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        let instances: Vec<String> = m.workers().into_iter().map(|w| w.instance).collect();
+        assert_eq!(instances, ["join-3", "join-2"], "a re-join is a new instance");
         assert_eq!(m.leave("b"), Ok(true));
         assert_eq!(m.leave("b"), Ok(false));
         assert_eq!(*rx.borrow(), 4);
