@@ -17,9 +17,10 @@ mod lease;
 mod records;
 mod watch;
 
-/// Generated etcd v3 messages and client stubs (package `etcdserverpb`).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod pb {
+/// Generated etcd v3 messages and client stubs (package `etcdserverpb`);
+/// private, so etcd's wire types never reach our public API.
+#[allow(missing_docs, dead_code, unreachable_pub, clippy::all, clippy::pedantic)]
+mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 

@@ -295,6 +295,7 @@ fn workers_join_leave_and_die_on_a_live_cluster() -> anyhow::Result<()> {
     // Graceful leave: w3 stops, the cluster re-plans to 2 stages, later requests succeed.
     let before = epoch(&now);
     w3.stop();
+    ensure!(w3.log().contains("deregistered from etcd"), "w3 did not revoke its lease on SIGTERM: {}", w3.log());
     let (two, took) = wait_cluster(&http, "2 stages", |v| ready(v) && stages(v) == 2 && epoch(v) > before)?;
     eprintln!("figure: graceful leave re-planned in {took:?}");
     ok_completion(&http)?;
