@@ -9,20 +9,24 @@ use std::time::Duration;
 use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
 use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
-use tokio::sync::RwLock;
+use tokio::sync::{watch, RwLock};
 use tracing::Instrument as _;
 
 use crate::error::CoordinatorError;
-use crate::membership::{Membership, WorkerInfo};
+use crate::leader::{Election, Role};
+use crate::membership::{plan_order, Membership};
 use crate::metrics::Metrics;
+use crate::plan_store::{stages_of, EtcdSettings, PlanStore};
 use crate::planner::{plan, ModelCost, StagePlan};
-use crate::scheduler::{Scheduler, SchedulerConfig, DEFAULT_MAX_BATCH_ROWS, DEFAULT_PREFILL_CHUNK};
+use crate::scheduler::{Pause, Scheduler, SchedulerConfig, DEFAULT_MAX_BATCH_ROWS, DEFAULT_PREFILL_CHUNK};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
 use crate::traffic::Traffic;
 
 /// Default wait after a membership change before re-planning, so a burst of
 /// joins makes one plan, not several.
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_millis(300);
+/// Wait before retrying a plan that failed to load (a worker may have died mid-load).
+pub const PLAN_RETRY: Duration = Duration::from_secs(1);
 /// Default KV budget asked of each worker.
 pub const DEFAULT_WORKER_KV_BUDGET: u64 = 512 << 20;
 
@@ -45,6 +49,14 @@ pub struct CoordinatorConfig {
     pub worker_kv_budget: u64,
     /// Workers must present this token to join (empty = open).
     pub join_token: String,
+    /// This coordinator's id (in the leader record and `/v1/cluster`).
+    pub id: String,
+    /// URL of our gRPC service that workers fetch shards from (default: the listener's loopback address).
+    pub advertise_grpc: Option<String>,
+    /// Base URL of our HTTP API that standbys redirect to (default: the listener's loopback address).
+    pub advertise_http: Option<String>,
+    /// Membership, election and plan in etcd; `None` is the in-memory embedded mode.
+    pub etcd: Option<EtcdSettings>,
     /// Most sessions served at once.
     pub max_sessions: usize,
     /// Most requests waiting for capacity before new ones get 429.
@@ -71,6 +83,10 @@ impl CoordinatorConfig {
             shard_dir: std::env::temp_dir().join(format!("potluck-shards-{}", std::process::id())),
             worker_kv_budget: DEFAULT_WORKER_KV_BUDGET,
             join_token: String::new(),
+            id: format!("coordinator-{}", std::process::id()),
+            advertise_grpc: None,
+            advertise_http: None,
+            etcd: None,
             max_sessions: crate::admission::DEFAULT_MAX_SESSIONS,
             queue_capacity: crate::admission::DEFAULT_QUEUE_CAPACITY,
             max_inflight: None,
@@ -92,6 +108,9 @@ pub struct PlanState {
     pub ready: bool,
     /// Why the last planning attempt failed, if it did.
     pub error: Option<String>,
+    /// The worker process each stage was loaded on (a restarted worker must load again).
+    #[serde(skip)]
+    pub instances: Vec<String>,
 }
 
 /// Shared state of one coordinator.
@@ -108,6 +127,12 @@ pub struct Cluster {
     next_session: AtomicU64,
     weight_bytes_shipped: AtomicU64,
     traffic: Arc<Traffic>,
+    /// The plan in etcd (with the election guarding it); `None` in memory.
+    store: Option<PlanStore>,
+    /// Always `Leader` without etcd; the election's view with it.
+    role: watch::Receiver<Role>,
+    /// Keeps the fixed in-memory role's channel open.
+    _fixed_role: watch::Sender<Role>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -119,6 +144,15 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Opens the model and prepares to plan.
     pub fn new(config: CoordinatorConfig, membership: Arc<dyn Membership>) -> Result<Self, CoordinatorError> {
+        Self::with_election(config, membership, None)
+    }
+
+    /// Like [`Cluster::new`], planning only while `election` (if any) says we lead.
+    pub fn with_election(
+        config: CoordinatorConfig,
+        membership: Arc<dyn Membership>,
+        election: Option<Arc<Election>>,
+    ) -> Result<Self, CoordinatorError> {
         let file = ModelFile::open(&config.model)?;
         let model = file.config().clone();
         let tokenizer = file.tokenizer()?;
@@ -141,6 +175,15 @@ impl Cluster {
             Arc::clone(&metrics),
             Arc::clone(&traffic),
         );
+        let (fixed_role, fixed_rx) = watch::channel(Role::Leader);
+        let role = election.as_ref().map_or(fixed_rx, |e| e.role());
+        let store = match (&config.etcd, election) {
+            (Some(etcd), Some(election)) => {
+                let keys = potluck_etcd::ClusterKeys::new(&config.cluster)?;
+                Some(PlanStore::new(etcd.client.clone(), keys, election))
+            }
+            _ => None,
+        };
         Ok(Self {
             config,
             membership,
@@ -154,7 +197,46 @@ impl Cluster {
             next_session: AtomicU64::new(1),
             weight_bytes_shipped: AtomicU64::new(0),
             traffic,
+            store,
+            role,
+            _fixed_role: fixed_role,
         })
+    }
+
+    /// This coordinator's role, as it changes.
+    pub fn role(&self) -> watch::Receiver<Role> {
+        self.role.clone()
+    }
+
+    /// The leading coordinator's id as this one knows it.
+    pub fn leader(&self) -> Option<String> {
+        match &*self.role.borrow() {
+            Role::Leader => Some(self.config.id.clone()),
+            Role::Standby(l) => l.as_ref().map(|l| l.id.clone()),
+        }
+    }
+
+    /// Waits until no micro-batch is in the pipeline and holds new ones back:
+    /// while the guard lives a plan can be swapped under the scheduler, which
+    /// then moves every running session over (see `scheduler.rs`).
+    pub async fn quiesce(&self) -> Pause {
+        self.scheduler.pause().await
+    }
+
+    /// Makes `state` the plan in force, for the API and the scheduler alike.
+    async fn install(&self, state: PlanState) {
+        *self.state.write().await = state.clone();
+        self.scheduler.set_plan(state);
+    }
+
+    /// The scheduler that runs generations.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The cluster's name.
@@ -182,17 +264,7 @@ impl Cluster {
         &self.config
     }
 
-    /// The scheduler that runs generations.
-    pub fn scheduler(&self) -> &Scheduler {
-        &self.scheduler
-    }
-
-    /// The coordinator's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// A fresh number for a response id.
+    /// A fresh session id.
     pub fn new_session(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
@@ -233,32 +305,113 @@ impl Cluster {
             .map_err(|e| CoordinatorError::NotReady(format!("chunk task: {e}")))?
     }
 
-    /// Re-plans whenever membership changes, until `shutdown` fires.
+    /// Re-plans on membership changes (after the hold-down) while this
+    /// coordinator leads; runs until the membership is dropped.
     pub async fn planning_loop(self: Arc<Self>) {
         let mut changes = self.membership.changes();
+        let mut role = self.role();
         loop {
-            let workers = self.membership.workers();
-            if workers.len() >= self.config.min_workers {
-                if let Err(e) = self.apply_plan(&workers).await {
+            let leading = *role.borrow_and_update() == Role::Leader;
+            let mut failed = false;
+            if leading {
+                if let Err(e) = self.plan_if_needed().await {
                     tracing::warn!(error = %e, "planning failed");
                     self.state.write().await.error = Some(e.to_string());
+                    failed = true;
                 }
+            } else {
+                self.step_down().await;
             }
-            if changes.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A flap shorter than this leaves the worker set as planned: no re-plan.
+                    tokio::time::sleep(self.config.hold_down).await;
+                    changes.borrow_and_update();
+                }
+                r = role.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(PLAN_RETRY), if failed => {}
             }
-            tokio::time::sleep(self.config.hold_down).await;
-            changes.borrow_and_update();
         }
     }
 
-    /// Plans for `workers`, loads every stage, and makes the plan current.
-    async fn apply_plan(&self, workers: &[WorkerInfo]) -> Result<(), CoordinatorError> {
-        let stages = plan(self.cost, workers)?;
-        let epoch = self.state.read().await.epoch + 1;
+    /// As a standby: forget the plan (the leader owns it now).
+    async fn step_down(&self) {
+        let mut state = self.state.read().await.clone();
+        if state.ready {
+            tracing::info!(epoch = state.epoch, "standing down");
+            state.ready = false;
+            let pause = self.quiesce().await;
+            self.install(state).await;
+            drop(pause);
+        }
+    }
+
+    /// Plans for the current workers unless the plan in force already covers them
+    /// (or, on a new leader, adopts the stored plan if it still fits).
+    async fn plan_if_needed(&self) -> Result<(), CoordinatorError> {
+        let current = self.plan_state().await;
+        let stored = match &self.store {
+            Some(store) => {
+                if !current.ready {
+                    if let Err(e) = store.publish_model(&model_shape(&self.config.model, &self.model)?).await {
+                        tracing::warn!(error = %e, "could not publish the model shape");
+                    }
+                }
+                store.read().await?
+            }
+            None => None,
+        };
+        let (stored_stages, stored_instances) = stored.as_ref().map(stages_of).unwrap_or_default();
+        let order: Vec<String> =
+            if current.ready { &current.stages } else { &stored_stages }.iter().map(|s| s.worker.clone()).collect();
+        let workers = plan_order(self.membership.workers(), &order);
+        if workers.len() < self.config.min_workers {
+            return Ok(());
+        }
+        let stages = plan(self.cost, &workers)?;
+        let instances: Vec<String> = stages
+            .iter()
+            .map(|s| workers.iter().find(|w| w.id == s.worker).map(|w| w.instance.clone()).unwrap_or_default())
+            .collect();
+        if current.ready && current.stages == stages && current.instances == instances {
+            return Ok(());
+        }
+        if let Some(rec) = stored.as_ref().filter(|r| r.ready && !current.ready) {
+            if stored_stages == stages && stored_instances == instances {
+                tracing::info!(epoch = rec.epoch, "adopting the stored plan: the workers still hold it");
+                let pause = self.quiesce().await;
+                self.install(PlanState { epoch: rec.epoch, stages, ready: true, error: None, instances }).await;
+                drop(pause);
+                return Ok(());
+            }
+        }
+        // Never reuse an epoch: continue from the highest we know, ours or etcd's.
+        let epoch = current.epoch.max(stored.map_or(0, |r| r.epoch)) + 1;
+        self.apply_plan(epoch, stages, instances).await
+    }
+
+    /// Loads `stages` on every worker as `epoch` and makes the plan current.
+    async fn apply_plan(
+        &self,
+        epoch: u64,
+        stages: Vec<StagePlan>,
+        instances: Vec<String>,
+    ) -> Result<(), CoordinatorError> {
+        if let Some(store) = &self.store {
+            // Reserve the epoch first, so a leader that dies mid-load has its successor skip it.
+            store.write(epoch, false, &stages, &instances).await?;
+        }
         tracing::info!(epoch, stages = ?stages.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(), "applying plan");
+        let shard_source = self.config.advertise_grpc.clone().unwrap_or_default();
         // Quiesce: nothing in flight while workers switch epochs; running sessions move over afterwards.
-        let pause = self.scheduler.pause().await;
+        let pause = self.quiesce().await;
         let mut loads = Vec::new();
         for (i, st) in stages.iter().enumerate() {
             let shard = self.shard(st.start..st.end).await?;
@@ -272,6 +425,7 @@ impl Cluster {
                 next_stage: next,
                 wire_dtype: self.config.wire_dtype.name().to_string(),
                 kv_budget_bytes: self.config.worker_kv_budget,
+                shard_source: shard_source.clone(),
             };
             let st = st.clone();
             let span = tracing::info_span!("stage.load", epoch, worker = %st.worker);
@@ -294,17 +448,60 @@ impl Cluster {
                 .instrument(span),
             ));
         }
+        let mut failure = None;
         for l in loads {
-            let bytes = l.await.map_err(|e| CoordinatorError::NotReady(format!("load task: {e}")))??;
-            self.weight_bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
+            match l.await.map_err(|e| CoordinatorError::NotReady(format!("load task: {e}"))).and_then(|r| r) {
+                Ok(bytes) => {
+                    self.weight_bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(e) => failure = failure.or(Some(e)),
+            }
         }
-        let state = PlanState { epoch, stages, ready: true, error: None };
-        *self.state.write().await = state.clone();
-        self.scheduler.set_plan(state);
+        if let Some(e) = failure {
+            // Some workers may hold the new epoch already: the old plan cannot serve either.
+            let mut state = self.state.read().await.clone();
+            state.ready = false;
+            state.epoch = state.epoch.max(epoch);
+            self.install(state).await;
+            return Err(e);
+        }
+        self.install(PlanState {
+            epoch,
+            stages: stages.clone(),
+            ready: true,
+            error: None,
+            instances: instances.clone(),
+        })
+        .await;
         drop(pause);
+        if let Some(store) = &self.store {
+            store.write(epoch, true, &stages, &instances).await?;
+        }
         tracing::info!(epoch, "plan ready");
         Ok(())
     }
+}
+
+/// The model's shape for the workers' probe, from the file's metadata and its first block.
+fn model_shape(path: &std::path::Path, c: &ModelConfig) -> Result<potluck_etcd::ModelShape, CoordinatorError> {
+    let g = potluck_engine::gguf::GgufFile::open(path)?;
+    let weight_type = g
+        .tensors
+        .get("blk.0.ffn_up.weight")
+        .map(|t| t.dtype.name())
+        .ok_or_else(|| CoordinatorError::NotReady("the model has no blk.0.ffn_up.weight".into()))?;
+    Ok(potluck_etcd::ModelShape {
+        arch: match c.arch {
+            potluck_engine::Architecture::Llama => "llama".into(),
+            potluck_engine::Architecture::Qwen2 => "qwen2".into(),
+        },
+        layers: c.layers,
+        hidden: c.hidden,
+        ffn: c.ffn,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        weight_type: weight_type.to_string(),
+    })
 }
 
 /// Weight bytes per layer, of the embedding and of the head, from the file.

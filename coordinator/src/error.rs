@@ -36,6 +36,12 @@ pub enum CoordinatorError {
     /// The server is at capacity and its queue is full; the client should retry.
     #[error("{0}")]
     Overloaded(String),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] potluck_etcd::EtcdError),
+    /// This coordinator no longer leads: it must not write the plan.
+    #[error("this coordinator is not the leader")]
+    NotLeader,
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -43,7 +49,10 @@ impl From<CoordinatorError> for tonic::Status {
         match &e {
             CoordinatorError::UnknownShard(_) => Self::not_found(e.to_string()),
             CoordinatorError::BadRequest(_) | CoordinatorError::Engine(_) => Self::invalid_argument(e.to_string()),
-            CoordinatorError::NotReady(_) | CoordinatorError::Plan(_) => Self::unavailable(e.to_string()),
+            CoordinatorError::NotReady(_)
+            | CoordinatorError::Plan(_)
+            | CoordinatorError::Etcd(_)
+            | CoordinatorError::NotLeader => Self::unavailable(e.to_string()),
             CoordinatorError::Overloaded(_) => Self::resource_exhausted(e.to_string()),
             CoordinatorError::Io(..) | CoordinatorError::Worker { .. } => Self::internal(e.to_string()),
         }

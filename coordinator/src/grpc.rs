@@ -40,6 +40,8 @@ impl TryFrom<pb::JoinRequest> for WorkerInfo {
             free_memory_bytes: r.free_memory_bytes,
             version: r.version,
             joined: 0,
+            layer_micros: None,
+            instance: String::new(),
         })
     }
 }
@@ -53,7 +55,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         let worker = WorkerInfo::try_from(req.into_inner())?;
         tracing::info!(worker = %worker.id, address = %worker.address, "worker joined");
-        self.cluster.membership().join(worker);
+        self.cluster.membership().join(worker).map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(pb::JoinReply { cluster: self.cluster.name().to_string() }))
     }
 

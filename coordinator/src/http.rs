@@ -157,6 +157,7 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
         "cluster": c.name(),
         "model": model_name(&c),
         "epoch": s.epoch,
+        "leader": c.leader(),
         "ready": s.ready,
         "error": s.error,
         "wire_dtype": c.config().wire_dtype.name(),

@@ -7,16 +7,20 @@ pub mod admission;
 pub mod cluster;
 pub mod completion;
 pub mod error;
+pub mod etcd_membership;
 pub mod grpc;
 pub mod http;
+pub mod leader;
 pub mod membership;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
+pub mod plan_store;
 pub mod planner;
 pub mod scheduler;
 pub mod shard_store;
 mod stage_link;
+pub mod standby;
 pub mod stop;
 pub mod traffic;
 
@@ -25,18 +29,44 @@ use std::sync::Arc;
 
 pub use cluster::{Cluster, CoordinatorConfig};
 pub use error::CoordinatorError;
-pub use membership::{InMemoryMembership, Membership, WorkerInfo};
+pub use etcd_membership::EtcdMembership;
+pub use leader::Role;
+pub use membership::{InMemoryMembership, Membership, MembershipError, WorkerInfo};
+pub use plan_store::{EtcdSettings, DEFAULT_LEADER_TTL};
 
 /// Serves gRPC (workers) on `grpc` and HTTP (clients) on `http` until `shutdown`.
 pub async fn run(
     grpc: tokio::net::TcpListener,
     http: tokio::net::TcpListener,
-    config: CoordinatorConfig,
+    mut config: CoordinatorConfig,
     membership: Arc<dyn Membership>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let cluster = Arc::new(Cluster::new(config, membership)?);
+    let local = |l: &tokio::net::TcpListener| {
+        l.local_addr().map(|a| format!("http://{a}")).map_err(|e| CoordinatorError::NotReady(format!("listener: {e}")))
+    };
+    if config.advertise_grpc.is_none() {
+        config.advertise_grpc = Some(local(&grpc)?);
+    }
+    if config.advertise_http.is_none() {
+        config.advertise_http = Some(local(&http)?);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // With etcd, coordinators elect a leader; only it plans, and standbys redirect HTTP to it.
+    let election = match &config.etcd {
+        None => None,
+        Some(etcd) => {
+            let keys = potluck_etcd::ClusterKeys::new(&config.cluster)?;
+            let me = potluck_etcd::LeaderRecord {
+                id: config.id.clone(),
+                http: config.advertise_http.clone().unwrap_or_default(),
+                grpc: config.advertise_grpc.clone().unwrap_or_default(),
+            };
+            Some(leader::Election::new(etcd.client.clone(), keys.leader(), me, etcd.leader_ttl))
+        }
+    };
+    let campaign = election.clone().map(|e| tokio::spawn(e.run(stop_rx.clone())));
+    let cluster = Arc::new(Cluster::with_election(config, membership, election)?);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -46,13 +76,17 @@ pub async fn run(
             Arc::clone(&cluster),
         )))
         .serve_with_incoming_shutdown(nodelay(grpc), stopped(stop_rx.clone()));
-    let http_server =
-        axum::serve(http, http::router(Arc::clone(&cluster))).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let app = standby::leader_only(http::router(Arc::clone(&cluster)), cluster.role());
+    let http_server = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
     shutdown.await;
     let _ = stop_tx.send(true);
     planner.abort();
+    if let Some(c) = campaign {
+        // Resigns: revokes the election lease so a standby takes over at once.
+        let _ = c.await;
+    }
     let io = |e: String| CoordinatorError::NotReady(format!("server: {e}"));
     grpc_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;
     http_task.await.map_err(|e| io(e.to_string()))?.map_err(|e| io(e.to_string()))?;

@@ -6,8 +6,9 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
-/// What a worker told us about itself when it joined.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// What a worker told us about itself when it joined (the JSON a worker
+/// writes under `/potluck/<cluster>/workers/<id>` has these fields).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerInfo {
     /// Stable id chosen by the worker.
     pub id: String,
@@ -21,20 +22,46 @@ pub struct WorkerInfo {
     pub free_memory_bytes: u64,
     /// Its version string.
     pub version: String,
-    /// Order of joining, so plans are stable.
+    /// Order of joining, so plans are stable (etcd: the key's create revision).
+    #[serde(default)]
     pub joined: u64,
+    /// Microseconds one decode step spends in one layer of this model, from the
+    /// worker's start-up probe (`None` until it has probed).
+    #[serde(default)]
+    pub layer_micros: Option<f64>,
+    /// Changes each time the worker process starts, so a restarted worker (whose
+    /// shard is gone) is told apart from one that only re-registered.
+    #[serde(default)]
+    pub instance: String,
+}
+
+/// Why a membership change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// With etcd, workers register themselves under a lease; the `Join` RPC is not used.
+    #[error("this cluster's membership lives in etcd: start the worker with --etcd and --cluster")]
+    ManagedByEtcd,
 }
 
 /// Membership as the coordinator needs it.
 pub trait Membership: Send + Sync {
-    /// Adds or refreshes a worker.
-    fn join(&self, worker: WorkerInfo);
+    /// Adds or refreshes a worker (the `Join` RPC).
+    fn join(&self, worker: WorkerInfo) -> Result<(), MembershipError>;
     /// Removes a worker; returns whether it was present.
-    fn leave(&self, id: &str) -> bool;
+    fn leave(&self, id: &str) -> Result<bool, MembershipError>;
     /// Current workers in join order.
     fn workers(&self) -> Vec<WorkerInfo>;
     /// A receiver that changes whenever the membership does.
     fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// `workers` ordered for planning: those of the plan in force first, in its
+/// order (so a re-registration never reshuffles stages), then newcomers in
+/// join order.
+pub fn plan_order(mut workers: Vec<WorkerInfo>, current: &[String]) -> Vec<WorkerInfo> {
+    let rank = |w: &WorkerInfo| current.iter().position(|id| id == &w.id).unwrap_or(usize::MAX);
+    workers.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.joined.cmp(&b.joined)).then_with(|| a.id.cmp(&b.id)));
+    workers
 }
 
 /// Membership held in this process: the embedded default.
@@ -61,21 +88,27 @@ impl InMemoryMembership {
 }
 
 impl Membership for InMemoryMembership {
-    fn join(&self, mut worker: WorkerInfo) {
+    fn join(&self, mut worker: WorkerInfo) -> Result<(), MembershipError> {
         {
             let mut w = self.lock();
             worker.joined = w.get(&worker.id).map_or(w.len() as u64 + *self.version.borrow(), |old| old.joined);
+            // A worker joins once per process start, so every join is a new instance
+            // (its shard is gone): the planner must load it again even at the same address.
+            if worker.instance.is_empty() {
+                worker.instance = format!("join-{}", *self.version.borrow() + 1);
+            }
             w.insert(worker.id.clone(), worker);
         }
         self.bump();
+        Ok(())
     }
 
-    fn leave(&self, id: &str) -> bool {
+    fn leave(&self, id: &str) -> Result<bool, MembershipError> {
         let removed = self.lock().remove(id).is_some();
         if removed {
             self.bump();
         }
-        removed
+        Ok(removed)
     }
 
     fn workers(&self) -> Vec<WorkerInfo> {
@@ -102,6 +135,8 @@ mod tests {
             free_memory_bytes: 1 << 30,
             version: "0".into(),
             joined: 0,
+            layer_micros: None,
+            instance: String::new(),
         }
     }
 
@@ -109,12 +144,25 @@ mod tests {
     fn join_order_is_kept_and_changes_are_signalled() {
         let m = InMemoryMembership::default();
         let rx = m.changes();
-        m.join(w("b"));
-        m.join(w("a"));
-        m.join(w("b"));
+        for id in ["b", "a", "b"] {
+            m.join(w(id)).expect("in-memory join");
+        }
         assert_eq!(m.workers().iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
-        assert!(m.leave("b"));
-        assert!(!m.leave("b"));
+        let instances: Vec<String> = m.workers().into_iter().map(|w| w.instance).collect();
+        assert_eq!(instances, ["join-3", "join-2"], "a re-join is a new instance");
+        assert_eq!(m.leave("b"), Ok(true));
+        assert_eq!(m.leave("b"), Ok(false));
         assert_eq!(*rx.borrow(), 4);
+    }
+
+    #[test]
+    fn plan_order_keeps_planned_workers_first() {
+        let mut ws: Vec<WorkerInfo> = ["a", "b", "c"].into_iter().map(w).collect();
+        ws[0].joined = 3;
+        ws[1].joined = 1;
+        ws[2].joined = 2;
+        let ids = |v: Vec<WorkerInfo>| v.into_iter().map(|w| w.id).collect::<Vec<_>>();
+        assert_eq!(ids(plan_order(ws.clone(), &[])), ["b", "c", "a"]);
+        assert_eq!(ids(plan_order(ws, &["a".into(), "c".into()])), ["a", "c", "b"]);
     }
 }

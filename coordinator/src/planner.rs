@@ -157,6 +157,8 @@ mod tests {
             free_memory_bytes: mem,
             version: String::new(),
             joined: 0,
+            layer_micros: None,
+            instance: String::new(),
         }
     }
 

@@ -339,6 +339,19 @@ impl Core {
     }
 
     fn set_plan(&mut self, plan: PlanState) {
+        if !plan.ready {
+            // No plan to serve on: this coordinator stood down, or a new plan failed half-loaded.
+            self.link = None;
+            self.inflight.clear();
+            let why = plan.error.clone().unwrap_or_else(|| "the plan in force was withdrawn".into());
+            self.fail_all(&format!("not ready: {why}"));
+            for (_, s) in self.waiting.drain(..) {
+                let _ = s.events.send(SessionEvent::Failed(format!("not ready: {why}")));
+            }
+            self.plan = None;
+            self.wake_pausers();
+            return;
+        }
         if self.plan.as_ref().is_some_and(|p| p.epoch == plan.epoch) {
             return; // Same epoch: the workers still hold every session's cache.
         }

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use potluck_coordinator::{CoordinatorConfig, InMemoryMembership};
+use potluck_coordinator::{CoordinatorConfig, EtcdMembership, EtcdSettings, InMemoryMembership, Membership};
 use potluck_engine::WireDtype;
 
+use super::etcd::EtcdArgs;
 use super::serving::ServingArgs;
 use super::telemetry::{self, Export, OtlpArgs};
 
@@ -20,9 +21,14 @@ pub struct WorkerArgs {
     /// Address to serve the Stage service on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    /// The coordinator's gRPC address (host:port or URL).
-    #[arg(long)]
-    coordinator: String,
+    /// The coordinator's gRPC address (host:port or URL); not used with --etcd.
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+    coordinator: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// TTL in seconds of the etcd registration lease (a dead worker vanishes after about this long).
+    #[arg(long, default_value_t = potluck_worker::DEFAULT_LEASE_TTL.as_secs())]
+    lease_ttl: u64,
     /// URL other nodes use to reach this worker (default: http://127.0.0.1:<port>).
     #[arg(long)]
     advertise: Option<String>,
@@ -97,6 +103,23 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     serving: ServingArgs,
     #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Milliseconds to wait after a membership change before re-planning (a shorter flap causes no re-plan).
+    #[arg(long, default_value_t = u64::try_from(potluck_coordinator::cluster::DEFAULT_HOLD_DOWN.as_millis()).unwrap_or(300))]
+    hold_down_ms: u64,
+    /// TTL in seconds of the election lease (a dead leader is replaced after about this long).
+    #[arg(long, default_value_t = potluck_coordinator::DEFAULT_LEADER_TTL.as_secs())]
+    leader_ttl: u64,
+    /// This coordinator's id (default: coordinator-<pid>).
+    #[arg(long)]
+    id: Option<String>,
+    /// HTTP URL standbys redirect clients to (default: http://<--http address>).
+    #[arg(long)]
+    advertise_http: Option<String>,
+    /// gRPC URL workers fetch shards from (default: http://<--grpc address>).
+    #[arg(long)]
+    advertise_grpc: Option<String>,
+    #[command(flatten)]
     otlp: OtlpArgs,
 }
 
@@ -143,7 +166,7 @@ fn url(addr: &str) -> String {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
@@ -164,11 +187,18 @@ async fn terminated() {
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
+    let etcd = a.etcd.config()?.map(|etcd| potluck_worker::EtcdRegistration {
+        etcd,
+        cluster: a.etcd.cluster.clone(),
+        lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
+    });
     runtime()?.block_on(async move {
         let listener =
             tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         let config = potluck_worker::WorkerConfig {
-            coordinator: Some(url(&a.coordinator)),
+            coordinator: a.coordinator.as_deref().map(url),
+            etcd,
             advertise: a.advertise,
             threads: a.threads,
             device: a.device,
@@ -193,8 +223,28 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         config.min_workers = a.min_workers;
         config.join_token = a.join_token;
         a.serving.apply(&mut config)?;
+        config.hold_down = std::time::Duration::from_millis(a.hold_down_ms);
+        config.cluster = a.etcd.cluster.clone();
+        config.advertise_http = a.advertise_http;
+        config.advertise_grpc = a.advertise_grpc;
+        if let Some(id) = a.id {
+            config.id = id;
+        }
+        let membership: Arc<dyn Membership> = match a.etcd.config()? {
+            None => Arc::new(InMemoryMembership::default()),
+            Some(etcd) => {
+                anyhow::ensure!(a.leader_ttl >= 1, "--leader-ttl must be at least 1 second");
+                let client = a.etcd.client(etcd).await?;
+                let keys = potluck_etcd::ClusterKeys::new(&config.cluster)?;
+                config.etcd = Some(EtcdSettings {
+                    client: client.clone(),
+                    leader_ttl: std::time::Duration::from_secs(a.leader_ttl),
+                });
+                EtcdMembership::start(client, &keys)
+            }
+        };
         eprintln!("[potluck] coordinator: gRPC {}, HTTP http://{}", grpc.local_addr()?, http.local_addr()?);
-        potluck_coordinator::run(grpc, http, config, Arc::new(InMemoryMembership::default()), terminated()).await?;
+        potluck_coordinator::run(grpc, http, config, membership, terminated()).await?;
         Ok(())
     })
 }

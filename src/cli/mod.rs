@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster;
+mod etcd;
 mod generate;
 mod perplexity;
 mod serving;
@@ -29,6 +30,8 @@ enum Command {
     Worker(cluster::WorkerArgs),
     /// Run a coordinator: HTTP API, planner and shard server.
     Coordinator(cluster::CoordinatorArgs),
+    /// Show a cluster as etcd holds it: workers, stages, epoch and leader.
+    Status(etcd::StatusArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -42,7 +45,7 @@ impl Cli {
             Command::Up(a) => a.export(),
             Command::Worker(a) => a.export(),
             Command::Coordinator(a) => a.export(),
-            Command::Generate(_) | Command::Perplexity(_) | Command::Bench(_) => None,
+            Command::Generate(_) | Command::Perplexity(_) | Command::Bench(_) | Command::Status(_) => None,
         };
         telemetry::init(export)
     }
@@ -56,6 +59,7 @@ impl Cli {
             Command::Up(a) => cluster::up(a),
             Command::Worker(a) => cluster::worker(a),
             Command::Coordinator(a) => cluster::coordinator(a),
+            Command::Status(a) => etcd::status(a),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Shared helpers for Potluck's integration tests: locating the real model
-//! and the built `potluck` binary.
+//! and the built `potluck` binary, background processes, a real etcd.
+
+pub mod etcd;
+pub mod process;
 
 use std::path::PathBuf;
 

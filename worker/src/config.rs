@@ -17,6 +17,8 @@ pub const DEFAULT_THREADS: usize = 0;
 pub const DEFAULT_CACHE_DIR: &str = "potluck-cache";
 /// How long a starting worker keeps retrying an unreachable coordinator before giving up.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// TTL of the registration lease: a worker that dies vanishes from etcd after about this long.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// Largest gRPC message accepted: a prefill batch of hidden states fits with room to spare.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -44,6 +46,19 @@ pub struct WorkerConfig {
     pub join_timeout: Duration,
     /// How shard downloads are shown.
     pub progress: ProgressStyle,
+    /// Register in etcd instead of joining a coordinator.
+    pub etcd: Option<EtcdRegistration>,
+}
+
+/// Where and how a worker registers itself in etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdRegistration {
+    /// How to reach etcd.
+    pub etcd: potluck_etcd::EtcdConfig,
+    /// The cluster's name (keys live under `/potluck/<cluster>/`).
+    pub cluster: String,
+    /// TTL of the registration lease.
+    pub lease_ttl: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -58,6 +73,7 @@ impl Default for WorkerConfig {
             join_token: String::new(),
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             progress: ProgressStyle::default(),
+            etcd: None,
         }
     }
 }

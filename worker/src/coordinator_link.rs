@@ -67,6 +67,22 @@ impl CoordinatorLink {
         }
     }
 
+    /// Connects without joining (the coordinator that sent a plan, when membership is in etcd).
+    pub async fn connect(address: &str) -> Result<Self, WorkerError> {
+        let unreachable = |reason: String| WorkerError::CoordinatorUnreachable { address: address.to_string(), reason };
+        let channel = Endpoint::from_shared(address.to_string())
+            .map_err(|e| unreachable(format!("bad URL: {e}")))?
+            .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        Ok(Self {
+            address: address.to_string(),
+            client: CoordinatorClient::new(channel).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
+        })
+    }
+
     /// The coordinator's URL.
     pub fn address(&self) -> &str {
         &self.address

@@ -27,6 +27,12 @@ pub enum WorkerError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The start-up probe could not build or run its layer.
+    #[error("start-up probe: {0}")]
+    Probe(String),
+    /// etcd refused or could not be reached (registration).
+    #[error(transparent)]
+    Etcd(#[from] potluck_etcd::EtcdError),
     /// The listener or the gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
@@ -121,6 +127,9 @@ pub enum InvalidRequest {
     /// The next stage's address is not a usable URL.
     #[error("next stage `{0}` is not an http:// or https:// URL")]
     NextStage(String),
+    /// The shard source is not a usable URL.
+    #[error("shard source `{0}` is not an http:// or https:// URL")]
+    ShardSource(String),
     /// An unknown hidden-state dtype.
     #[error("unknown dtype `{0}` (use f32, f16 or bf16)")]
     Dtype(String),

@@ -18,7 +18,9 @@
 //! - `sampler_state`: per-session samplers and histories (last stage);
 //! - `shard_cache`, `coordinator_link`: verified, resumable shard download;
 //!   `shard_progress`: a bar on a terminal, log lines otherwise;
-//! - `peers`: channels to the next stage; `capability`: free memory.
+//! - `peers`: channels to the next stage; `capability`: free memory;
+//! - `registration`, `probe`: the etcd record under a kept-alive lease, with
+//!   the per-layer time measured on the cluster's model shape.
 
 mod batch;
 pub mod capability;
@@ -29,6 +31,8 @@ pub mod error;
 mod forward;
 mod load_spec;
 mod peers;
+mod probe;
+mod registration;
 mod sampler_state;
 mod service;
 mod shard_cache;
@@ -48,7 +52,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
 pub use config::DEFAULT_MAX_MESSAGE_BYTES;
-pub use config::{Device, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_THREADS};
+pub use config::{
+    Device, EtcdRegistration, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_LEASE_TTL,
+    DEFAULT_THREADS,
+};
 pub use error::{InvalidManifest, InvalidRequest, WorkerError};
 pub use shard_cache::CHUNK_TRIES;
 pub use shard_progress::{ProgressStyle, PROGRESS_TARGET};
@@ -109,6 +116,28 @@ pub async fn run(
         }
     };
 
+    // With etcd, the worker registers itself under a lease instead of joining.
+    let registration = match &config.etcd {
+        None => None,
+        Some(reg) => {
+            let client = potluck_etcd::EtcdClient::connect(reg.etcd.clone()).await?;
+            let keys = potluck_etcd::ClusterKeys::new(&reg.cluster)?;
+            let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let record = potluck_etcd::WorkerRecord {
+                id: id.clone(),
+                address: advertise.clone(),
+                device: device.name().to_string(),
+                threads: u32::try_from(threads).unwrap_or(u32::MAX),
+                free_memory_bytes: capability::free_memory_bytes(),
+                version: VERSION.to_string(),
+                layer_micros: None,
+                instance: format!("{}-{}", std::process::id(), started.as_nanos()),
+            };
+            let r = registration::Registration { client, keys, record, ttl: reg.lease_ttl, threads };
+            Some(tokio::spawn(r.run(stopping.clone())))
+        }
+    };
+
     let worker = Arc::new(worker::Worker {
         id,
         device,
@@ -132,9 +161,13 @@ pub async fn run(
     });
     let service =
         StageServer::new(service::StageService::new(worker)).max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stopped(stopping))
-        .await
-        .map_err(|e| WorkerError::Serve(coordinator_link::error_chain(&e)))
+        .await;
+    if let Some(r) = registration {
+        // Deregistration started when the stop signal came; let it finish.
+        let _ = r.await;
+    }
+    served.map_err(|e| WorkerError::Serve(coordinator_link::error_chain(&e)))
 }

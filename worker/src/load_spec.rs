@@ -25,6 +25,8 @@ pub(crate) struct LoadSpec {
     pub wire: WireDtype,
     /// KV cache budget in bytes.
     pub kv_budget: usize,
+    /// The coordinator to fetch the shard from; `None` = the one joined at start.
+    pub shard_source: Option<String>,
 }
 
 impl TryFrom<pb::LoadRequest> for LoadSpec {
@@ -40,6 +42,11 @@ impl TryFrom<pb::LoadRequest> for LoadSpec {
             url if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_string()),
             other => return Err(InvalidRequest::NextStage(other.to_string())),
         };
+        let shard_source = match r.shard_source.trim() {
+            "" => None,
+            url if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_string()),
+            other => return Err(InvalidRequest::ShardSource(other.to_string())),
+        };
         let kv_budget = match r.kv_budget_bytes {
             0 => DEFAULT_KV_BUDGET_BYTES,
             n => usize::try_from(n).unwrap_or(usize::MAX),
@@ -51,6 +58,7 @@ impl TryFrom<pb::LoadRequest> for LoadSpec {
             next_stage,
             wire: parse_dtype(&r.wire_dtype)?,
             kv_budget,
+            shard_source,
         })
     }
 }
@@ -80,6 +88,7 @@ mod tests {
             next_stage: "http://127.0.0.1:1".into(),
             wire_dtype: "bf16".into(),
             kv_budget_bytes: 0,
+            shard_source: String::new(),
         }
     }
 
@@ -104,5 +113,9 @@ mod tests {
         assert!(matches!(LoadSpec::try_from(r), Err(InvalidRequest::Dtype(_))));
         let r = pb::LoadRequest { next_stage: "10.0.0.1:7000".into(), ..request() };
         assert!(matches!(LoadSpec::try_from(r), Err(InvalidRequest::NextStage(_))));
+        let r = pb::LoadRequest { shard_source: "10.0.0.1:7070".into(), ..request() };
+        assert!(matches!(LoadSpec::try_from(r), Err(InvalidRequest::ShardSource(_))));
+        let r = pb::LoadRequest { shard_source: "http://10.0.0.1:7070".into(), ..request() };
+        assert_eq!(LoadSpec::try_from(r).expect("valid").shard_source.as_deref(), Some("http://10.0.0.1:7070"));
     }
 }

@@ -19,8 +19,8 @@ impl From<WorkerError> for Status {
             WorkerError::InvalidManifest(_) | WorkerError::ChunkCorrupt { .. } => Code::DataLoss,
             WorkerError::NextStage { code, .. } => *code,
             WorkerError::Engine(engine) => engine_code(engine),
-            WorkerError::Io { .. } | WorkerError::Serve(_) => Code::Internal,
-            WorkerError::ComputeStopped => Code::Unavailable,
+            WorkerError::Io { .. } | WorkerError::Serve(_) | WorkerError::Probe(_) => Code::Internal,
+            WorkerError::ComputeStopped | WorkerError::Etcd(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }

@@ -91,7 +91,15 @@ impl Worker {
         if !current.layers.is_empty() && current.epoch > spec.epoch {
             return Err(WorkerError::StaleEpoch { got: spec.epoch, current: current.epoch });
         }
-        let link = self.coordinator.as_ref().ok_or(WorkerError::NoCoordinator)?;
+        // The coordinator that sent the plan serves its shards (with etcd, the current leader).
+        let source;
+        let link = match &spec.shard_source {
+            Some(address) => {
+                source = CoordinatorLink::connect(address).await?;
+                &source
+            }
+            None => self.coordinator.as_ref().ok_or(WorkerError::NoCoordinator)?,
+        };
         let manifest = link.manifest(&spec.layers).await?;
         if manifest.digest != spec.digest {
             return Err(WorkerError::DigestMismatch { requested: spec.digest, served: manifest.digest });

@@ -155,5 +155,6 @@ pub fn load_request(epoch: u64, layers: (u32, u32), digest: &str, next_stage: &s
         next_stage: next_stage.into(),
         wire_dtype: "f32".into(),
         kv_budget_bytes: 0,
+        shard_source: String::new(),
     }
 }
