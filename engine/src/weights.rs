@@ -29,10 +29,11 @@ const CHUNKS_PER_THREAD: usize = 4;
 // The unpacked path cuts rows at the same tile boundaries as the packed one.
 const _: () = assert!(quant::ROW_TILE == quant::TILE);
 
-/// Activation rows per pass over a thread's weight tiles in the packed
-/// matmul: their quantized rows stay in L1/L2 while each weight tile is
-/// reused for all of them.
-const ACT_CHUNK: usize = 32;
+/// Tiles per packed-kernel call: at most about 120 KB of weights (SmolLM2's
+/// widest rows), which stay in L2 while every group of activation rows
+/// passes over them, and enough tiles to amortise the kernel's per-call
+/// decoding of the activation scales.
+const TILE_RUN: usize = 16;
 
 impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
@@ -150,23 +151,26 @@ impl Matrix {
         if self.packed {
             let tile_bytes = quant::TILE * self.row_bytes;
             let nb = self.cols / self.dtype.block_len();
-            let mut buf = [[0.0f32; quant::TILE]; quant::MAX_ACT];
-            for c0 in (0..n).step_by(ACT_CHUNK) {
-                let c1 = (c0 + ACT_CHUNK).min(n);
-                for t in tiles.clone() {
-                    let tile = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
-                    let live = (rows - t * quant::TILE).min(quant::TILE);
-                    let mut i = c0;
-                    while i < c1 {
-                        let m = (c1 - i).min(quant::MAX_ACT);
-                        quant::dot_packed(self.dtype, tile, nb, &a[i * a_bytes..], a_bytes, &mut buf[..m]);
-                        for (j, lanes) in buf[..m].iter().enumerate() {
+            let mut buf = [[0.0f32; quant::TILE]; TILE_RUN * quant::MAX_ACT];
+            // Runs of TILE_RUN tiles stay in L2 while every group of up to
+            // MAX_ACT activation rows passes over them.
+            for t0 in tiles.clone().step_by(TILE_RUN) {
+                let t1 = (t0 + TILE_RUN).min(tiles.end);
+                let run = &self.data[t0 * tile_bytes..t1 * tile_bytes];
+                let mut i = 0;
+                while i < n {
+                    let m = (n - i).min(quant::MAX_ACT);
+                    let out = &mut buf[..(t1 - t0) * m];
+                    quant::dot_packed(self.dtype, run, nb, &a[i * a_bytes..], a_bytes, m, out);
+                    for t in t0..t1 {
+                        let live = (rows - t * quant::TILE).min(quant::TILE);
+                        for (j, lanes) in out[(t - t0) * m..(t - t0 + 1) * m].iter().enumerate() {
                             for (r, &v) in lanes[..live].iter().enumerate() {
                                 put(i + j, t * quant::TILE + r, v);
                             }
                         }
-                        i += m;
                     }
+                    i += m;
                 }
             }
             return;

@@ -253,28 +253,42 @@ pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, ou
     pack::unpack_row(dtype, packed, row_bytes, r, out);
 }
 
-/// Dot products of one packed tile (the [`TILE`] rows of `nb` blocks that
-/// [`pack_matrix`] made) with `out.len()` (1..=[`MAX_ACT`]) activation rows,
-/// quantized to `dtype.vec_dot_type()` and starting `a_stride` bytes apart in
-/// `a`. `out[i][r]` equals [`vec_dot`] of tile row `r` with activation `i`,
-/// bit for bit, whatever `out.len()`.
-pub fn dot_packed(dtype: GgmlType, tile: &[u8], nb: usize, a: &[u8], a_stride: usize, out: &mut [[f32; TILE]]) {
-    if simd::dot_packed(dtype, tile, nb, a, a_stride, out) {
+/// Dot products of every packed tile in `tiles` (whole tiles of [`TILE`]
+/// rows of `nb` blocks, as [`pack_matrix`] made them) with `m`
+/// (1..=[`MAX_ACT`]) activation rows, quantized to `dtype.vec_dot_type()` and
+/// starting `a_stride` bytes apart in `a`. `out[t * m + i][r]` equals
+/// [`vec_dot`] of row `r` of tile `t` with activation `i`, bit for bit,
+/// whatever `m` or the number of tiles. Several tiles per call let the
+/// kernel decode the activations' scales once for all of them.
+pub fn dot_packed(
+    dtype: GgmlType,
+    tiles: &[u8],
+    nb: usize,
+    a: &[u8],
+    a_stride: usize,
+    m: usize,
+    out: &mut [[f32; TILE]],
+) {
+    if simd::dot_packed(dtype, tiles, nb, a, a_stride, m, out) {
         return;
     }
     // Reference path: rebuild each row and take the scalar dot product.
     let row_bytes = nb * dtype.block_bytes();
     let a_bytes = nb * dtype.vec_dot_type().block_bytes();
     let mut row = vec![0u8; row_bytes];
-    for r in 0..TILE {
-        pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
-        for (i, o) in out.iter_mut().enumerate() {
-            o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+    let tile_bytes = (TILE * row_bytes).max(1);
+    for (t, tile) in tiles.chunks_exact(tile_bytes).enumerate() {
+        for r in 0..TILE {
+            pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
+            for (i, o) in out[t * m..(t + 1) * m].iter_mut().enumerate() {
+                o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+            }
         }
     }
 }
 
-/// Name of the SIMD kernel family chosen at run time (`scalar`, `avx2`, `neon`).
+/// Name of the SIMD kernel family chosen at run time (`scalar`, `avx2`,
+/// `avx2+avxvnni`, `avx2+avx512vnni`, `neon`).
 pub fn kernel_name() -> &'static str {
     simd::kernel_name()
 }
