@@ -229,6 +229,15 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
     }
 }
 
+pub use pack::ActScalars;
+
+/// Decodes the per-block scalars of `n` quantized activation rows (`a_stride`
+/// bytes apart, `nb` blocks each) that the packed kernels for `dtype` weights
+/// broadcast, once per matmul.
+pub fn act_scalars(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> ActScalars {
+    ActScalars::new(dtype, nb, n, a, a_stride)
+}
+
 /// Rows per packed weight tile (see [`pack_matrix`]).
 pub const TILE: usize = pack::TILE;
 
@@ -258,8 +267,10 @@ pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, ou
 /// (1..=[`MAX_ACT`]) activation rows, quantized to `dtype.vec_dot_type()` and
 /// starting `a_stride` bytes apart in `a`. `out[t * m + i][r]` equals
 /// [`vec_dot`] of row `r` of tile `t` with activation `i`, bit for bit,
-/// whatever `m` or the number of tiles. Several tiles per call let the
-/// kernel decode the activations' scales once for all of them.
+/// whatever `m` or the number of tiles. `pre` are the activations'
+/// [`ActScalars`] (decoded once per matmul), from row `first` on: the row
+/// `a` starts at.
+#[allow(clippy::too_many_arguments)] // The kernel's operands.
 pub fn dot_packed(
     dtype: GgmlType,
     tiles: &[u8],
@@ -267,9 +278,11 @@ pub fn dot_packed(
     a: &[u8],
     a_stride: usize,
     m: usize,
+    pre: &ActScalars,
+    first: usize,
     out: &mut [[f32; TILE]],
 ) {
-    if simd::dot_packed(dtype, tiles, nb, a, a_stride, m, out) {
+    if simd::dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out) {
         return;
     }
     // Reference path: rebuild each row and take the scalar dot product.

@@ -24,7 +24,8 @@
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with
 //! zero rows, whose results are discarded.
 
-use super::GgmlType;
+use super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
+use super::{f16_at, GgmlType};
 
 /// Rows per packed tile (one per f32 lane of an AVX2 register).
 pub(crate) const TILE: usize = 8;
@@ -102,6 +103,54 @@ pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: us
                 *d = s ^ fl.xor;
             }
         }
+    }
+}
+
+/// Per-(activation row, block) scalars the packed kernels broadcast, decoded
+/// once per matmul rather than once per tile: `d` is the activation scale
+/// (Q8_0's or Q8_1's `d`, widened from f16); `x` is Q8_1's `s` (f32 bits) for
+/// Q4_1 weights, or `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
+/// quants are offset by 128.
+#[derive(Debug, Clone)]
+pub struct ActScalars {
+    dtype: GgmlType,
+    nb: usize,
+    d: Vec<f32>,
+    x: Vec<u32>,
+}
+
+impl ActScalars {
+    /// Scalars of `n` activation rows of `nb` blocks, `a_stride` bytes apart,
+    /// quantized for `dtype` weights (`dtype.vec_dot_type()`).
+    pub(crate) fn new(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> Self {
+        let mut d = Vec::with_capacity(n * nb);
+        let mut x = Vec::with_capacity(n * nb);
+        for i in 0..n {
+            let row = &a[i * a_stride..];
+            for b in 0..nb {
+                if dtype == GgmlType::Q4_1 {
+                    let y = &row[b * Q8_1_BYTES..];
+                    d.push(f16_at(y, 0));
+                    x.push(f16_at(y, 2).to_bits());
+                } else {
+                    let y = &row[b * Q8_0_BYTES..];
+                    d.push(f16_at(y, 0));
+                    let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
+                    x.push((128 * s).cast_unsigned());
+                }
+            }
+        }
+        Self { dtype, nb, d, x }
+    }
+
+    /// Whether these are scalars of at least `rows` rows of `nb` blocks for `dtype` weights.
+    pub(crate) fn covers(&self, dtype: GgmlType, nb: usize, rows: usize) -> bool {
+        self.dtype == dtype && self.nb == nb && self.d.len() >= rows * nb && self.x.len() >= rows * nb
+    }
+
+    /// `d` and `x` from activation row `i` on.
+    pub(crate) fn rows_from(&self, i: usize) -> (&[f32], &[u32]) {
+        (&self.d[i * self.nb..], &self.x[i * self.nb..])
     }
 }
 

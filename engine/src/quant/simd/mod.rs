@@ -125,6 +125,7 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
 /// apart, into `out[t * m + i]`. Returns `false` (nothing written) when there
 /// is no packed kernel.
 #[inline]
+#[allow(clippy::too_many_arguments)] // The kernel's operands.
 pub(crate) fn dot_packed(
     dtype: GgmlType,
     tiles: &[u8],
@@ -132,12 +133,14 @@ pub(crate) fn dot_packed(
     a: &[u8],
     a_stride: usize,
     m: usize,
+    pre: &super::pack::ActScalars,
+    first: usize,
     out: &mut [[f32; 8]],
 ) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, out),
+        Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(_) => false,
     }
@@ -288,8 +291,13 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
+        use super::super::super::pack::ActScalars;
         use super::super::x86::Avx2;
         use super::*;
+
+        fn out2(ntiles: usize) -> Vec<[f32; 8]> {
+            vec![[0.0; 8]; 2 * ntiles]
+        }
 
         fn token() -> Option<Avx2> {
             let t = Avx2::detect(false);
@@ -361,22 +369,16 @@ mod tests {
                                 for (i, act) in acts.iter().enumerate() {
                                     a[i * stride..i * stride + ab].copy_from_slice(act);
                                 }
+                                let pre = ActScalars::new(ty, nb, acts.len(), &a, stride);
                                 let mut alone = vec![[f32::NAN; 8]; 1];
                                 for m in 1..=super::super::MAX_ACT {
                                     let mut out = vec![[f32::NAN; 8]; ntiles * m];
-                                    assert!(t.dot_packed(ty, &packed, nb, &a, stride, m, &mut out));
+                                    assert!(t.dot_packed(ty, &packed, nb, &a, stride, m, &pre, 0, &mut out));
                                     for (ti, tile) in packed.chunks_exact(8 * rb).enumerate() {
                                         for i in 0..m {
                                             let lanes = out[ti * m + i];
-                                            assert!(t.dot_packed(
-                                                ty,
-                                                tile,
-                                                nb,
-                                                &a[i * stride..],
-                                                stride,
-                                                1,
-                                                &mut alone
-                                            ));
+                                            let ai = &a[i * stride..];
+                                            assert!(t.dot_packed(ty, tile, nb, ai, stride, 1, &pre, i, &mut alone));
                                             for (rr, got) in
                                                 lanes.iter().enumerate().filter(|(rr, _)| ti * 8 + rr < rows)
                                             {
@@ -394,7 +396,11 @@ mod tests {
                                     }
                                 }
                                 let mut short = [[0.0f32; 8]; 1];
-                                assert!(!t.dot_packed(ty, &packed[..nb * tbb - 1], nb, &a, stride, 1, &mut short));
+                                let cut = &packed[..nb * tbb - 1];
+                                assert!(!t.dot_packed(ty, cut, nb, &a, stride, 1, &pre, 0, &mut short));
+                                // Scalars of other rows, block counts or types are refused.
+                                let few = ActScalars::new(ty, nb, 1, &a, stride);
+                                assert!(!t.dot_packed(ty, &packed, nb, &a, stride, 2, &few, 0, &mut out2(ntiles)));
                             }
                         }
                     }
@@ -449,13 +455,14 @@ mod tests {
                     let ab = nb * ty.vec_dot_type().block_bytes();
                     let a: Vec<u8> = (0..8).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
                     let tb = 16 * 8 * nb * ty.block_bytes();
+                    let pre = ActScalars::new(ty, nb, 8, &a, ab);
                     for m in [1, 4, 8] {
                         let mut out = vec![[0.0f32; 8]; 16 * m];
                         let iters = 300;
                         let start = std::time::Instant::now();
                         for _ in 0..iters {
                             for tiles in packed.chunks_exact(tb) {
-                                t.dot_packed(ty, tiles, nb, &a, ab, m, &mut out);
+                                t.dot_packed(ty, tiles, nb, &a, ab, m, &pre, 0, &mut out);
                             }
                         }
                         let s = start.elapsed().as_secs_f64();

@@ -20,6 +20,7 @@ use std::arch::x86_64::*;
 
 use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::ActScalars;
 use super::super::GgmlType;
 use super::x86_packed::{self, DotIsa};
 use super::{MAX_ACT, ROW_TILE};
@@ -99,10 +100,13 @@ impl Avx2 {
     /// `quant::pack`) in `tiles` (whole tiles of `nb` blocks) with `m`
     /// (1..=[`MAX_ACT`]) activation rows that start `a_stride` bytes apart in
     /// `a`: `out[t * m + i][r]` is row `r` of tile `t` times activation row
-    /// `i`, bit-identical to the single-row reference.
+    /// `i`, bit-identical to the single-row reference. `pre` holds the
+    /// activations' scalars (see `quant::pack::ActScalars`) from row `first`,
+    /// the row `a` starts at.
     ///
     /// Returns `false` (nothing written) for types without a packed kernel or
     /// operands too short.
+    #[allow(clippy::too_many_arguments)] // The kernel's operands, checked in `x86_packed`.
     pub(crate) fn dot_packed(
         self,
         dtype: GgmlType,
@@ -111,9 +115,11 @@ impl Avx2 {
         a: &[u8],
         a_stride: usize,
         m: usize,
+        pre: &ActScalars,
+        first: usize,
         out: &mut [[f32; 8]],
     ) -> bool {
-        m <= MAX_ACT && x86_packed::dot_packed(self.isa, dtype, tiles, nb, a, a_stride, m, out)
+        m <= MAX_ACT && x86_packed::dot_packed(self.isa, dtype, tiles, nb, a, a_stride, m, pre, first, out)
     }
 
     /// The instruction set of the packed kernels.

@@ -24,7 +24,8 @@
 use std::arch::x86_64::*;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::{f16_at, GgmlType};
+use super::super::pack::ActScalars;
+use super::super::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,55 +64,15 @@ impl DotIsa {
             Self::Avx512Vnni => "avx2+avx512vnni",
         }
     }
-
-    /// Activation rows one kernel pass keeps in registers. Four for every
-    /// set: measured here, eight rows' accumulators (possible in AVX-512's 32
-    /// registers) ran slower than two passes of four.
-    fn max_rows(self) -> usize {
-        4
-    }
-}
-
-/// Per-(activation row, block) scalars the kernels broadcast, decoded once
-/// per call instead of once per tile: `d` is the activation scale; `x` is
-/// Q8_1's `s` (for Q4_1) or `128 * Σ q` (for Q8_0, as f32 bits of an i32).
-struct ActScalars {
-    d: Vec<f32>,
-    x: Vec<u32>,
-}
-
-impl ActScalars {
-    /// Layout `[i * nb + b]` for activation row `i` and block `b`.
-    fn new(dtype: GgmlType, nb: usize, m: usize, a: &[u8], a_stride: usize) -> Self {
-        let mut d = Vec::with_capacity(m * nb);
-        let mut x = Vec::with_capacity(m * nb);
-        for i in 0..m {
-            let row = &a[i * a_stride..];
-            for b in 0..nb {
-                match dtype {
-                    GgmlType::Q4_1 => {
-                        let y = &row[b * Q8_1_BYTES..];
-                        d.push(f16_at(y, 0));
-                        x.push(f16_at(y, 2).to_bits());
-                    }
-                    _ => {
-                        let y = &row[b * Q8_0_BYTES..];
-                        d.push(f16_at(y, 0));
-                        let s: i32 = y[2..34].iter().map(|&q| i32::from(q as i8)).sum();
-                        x.push((128 * s) as u32);
-                    }
-                }
-            }
-        }
-        Self { d, x }
-    }
 }
 
 /// Runs the packed kernel of `isa` for `dtype` over the `tiles.len() / (nb *
 /// 8 * block)` whole tiles in `tiles` and `m` (1..=8) activation rows
 /// `a_stride` bytes apart: `out[t * m + i][r]` is row `r` of tile `t` times
-/// activation `i`. Returns `false` (nothing written) for other types or
-/// operands too short.
+/// activation `i`. `pre` holds the activations' scalars from row `first`
+/// on (the row `a` starts at). Returns `false` (nothing written) for other
+/// types or operands too short.
+#[allow(clippy::too_many_arguments)] // The kernel's operands, each checked here.
 pub(crate) fn dot_packed(
     isa: DotIsa,
     dtype: GgmlType,
@@ -120,6 +81,8 @@ pub(crate) fn dot_packed(
     a: &[u8],
     a_stride: usize,
     m: usize,
+    pre: &ActScalars,
+    first: usize,
     out: &mut [[f32; 8]],
 ) -> bool {
     let (tbb, abb) = match dtype {
@@ -127,7 +90,7 @@ pub(crate) fn dot_packed(
         GgmlType::Q8_0 => (8 * Q8_0_BYTES, Q8_0_BYTES),
         _ => return false,
     };
-    if m == 0 || m > 8 || a.len() < (m - 1) * a_stride + nb * abb {
+    if m == 0 || m > 8 || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
         return false;
     }
     if nb == 0 {
@@ -138,18 +101,20 @@ pub(crate) fn dot_packed(
     if ntiles == 0 || out.len() < ntiles * m {
         return false;
     }
-    let pre = ActScalars::new(dtype, nb, m, a, a_stride);
+    let (d, x) = pre.rows_from(first);
     let mut i0 = 0;
     while i0 < m {
-        let k = [8, 4, 2, 1].into_iter().find(|&k| k <= isa.max_rows() && k <= m - i0).unwrap_or(1);
+        // Passes of at most four rows: measured here, eight rows'
+        // accumulators (possible in AVX-512's 32 registers) ran slower.
+        let k = [4, 2, 1].into_iter().find(|&k| k <= m - i0).unwrap_or(1);
         let ap: [*const u8; 8] = std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr());
         let job = Job {
             tiles: tiles.as_ptr(),
             ntiles,
             nb,
             a: ap,
-            d: pre.d[i0 * nb..].as_ptr(),
-            x: pre.x[i0 * nb..].as_ptr(),
+            d: d[i0 * nb..].as_ptr(),
+            x: x[i0 * nb..].as_ptr(),
             out: out[i0..].as_mut_ptr(),
             out_stride: m,
         };
@@ -161,21 +126,15 @@ pub(crate) fn dot_packed(
         unsafe {
             match (isa, dtype) {
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => {
-                    run_k(k, &job, avx512::q4_1::<4>, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>)
+                    run_k(k, &job, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>)
                 }
-                (DotIsa::Avx512Vnni, _) => {
-                    run_k(k, &job, avx512::q8_0::<4>, avx512::q8_0::<4>, avx512::q8_0::<2>, avx512::q8_0::<1>)
-                }
+                (DotIsa::Avx512Vnni, _) => run_k(k, &job, avx512::q8_0::<4>, avx512::q8_0::<2>, avx512::q8_0::<1>),
                 (DotIsa::AvxVnni, GgmlType::Q4_1) => {
-                    run_k(k, &job, avxvnni::q4_1::<4>, avxvnni::q4_1::<4>, avxvnni::q4_1::<2>, avxvnni::q4_1::<1>)
+                    run_k(k, &job, avxvnni::q4_1::<4>, avxvnni::q4_1::<2>, avxvnni::q4_1::<1>)
                 }
-                (DotIsa::AvxVnni, _) => {
-                    run_k(k, &job, avxvnni::q8_0::<4>, avxvnni::q8_0::<4>, avxvnni::q8_0::<2>, avxvnni::q8_0::<1>)
-                }
-                (DotIsa::Avx2, GgmlType::Q4_1) => {
-                    run_k(k, &job, avx2::q4_1::<4>, avx2::q4_1::<4>, avx2::q4_1::<2>, avx2::q4_1::<1>)
-                }
-                (DotIsa::Avx2, _) => run_k(k, &job, avx2::q8_0::<4>, avx2::q8_0::<4>, avx2::q8_0::<2>, avx2::q8_0::<1>),
+                (DotIsa::AvxVnni, _) => run_k(k, &job, avxvnni::q8_0::<4>, avxvnni::q8_0::<2>, avxvnni::q8_0::<1>),
+                (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, &job, avx2::q4_1::<4>, avx2::q4_1::<2>, avx2::q4_1::<1>),
+                (DotIsa::Avx2, _) => run_k(k, &job, avx2::q8_0::<4>, avx2::q8_0::<2>, avx2::q8_0::<1>),
             }
         }
         i0 += k;
@@ -201,16 +160,15 @@ struct Job {
 
 type KernelFn = unsafe fn(&Job);
 
-/// Calls the kernel instance for `k` activation rows (8, 4, 2 or 1).
+/// Calls the kernel instance for `k` activation rows (4, 2 or 1).
 ///
 /// # Safety
 /// As for the kernels: `job` satisfies [`dot_packed`]'s contract for `k` rows
 /// and the CPU has the kernels' target features.
-unsafe fn run_k(k: usize, job: &Job, k8: KernelFn, k4: KernelFn, k2: KernelFn, k1: KernelFn) {
+unsafe fn run_k(k: usize, job: &Job, k4: KernelFn, k2: KernelFn, k1: KernelFn) {
     // SAFETY: forwarded contract.
     unsafe {
         match k {
-            8 => k8(job),
             4 => k4(job),
             2 => k2(job),
             _ => k1(job),
