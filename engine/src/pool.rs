@@ -116,10 +116,7 @@ impl ComputePool {
         let handles = (1..threads)
             .map(|part| {
                 let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("potluck-compute-{part}"))
-                    .spawn(move || worker(&shared))
-                    .ok()
+                std::thread::Builder::new().name(format!("potluck-compute-{part}")).spawn(move || worker(&shared)).ok()
             })
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
