@@ -26,7 +26,7 @@ mod x86_packed;
 pub(crate) const ROW_TILE: usize = 8;
 
 /// Most activation rows one [`dot_packed`] call takes: each weight tile is
-/// loaded once for all of them (AVX-512 keeps eight rows' sums in
+/// loaded once for all of them (AVX-512 keeps eight rows' Q4_1 sums in
 /// registers; narrower kernels take them in passes of four).
 pub(crate) const MAX_ACT: usize = 8;
 

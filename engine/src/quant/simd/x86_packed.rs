@@ -7,7 +7,8 @@
 //! lanes) accumulates every row's exact integer block sum in its own lane:
 //! no horizontal sums, the cost that capped the previous kernels. Three
 //! instruction sets compute the 4-way dot product:
-//! - AVX-512 VNNI (+VL): `vpdpbusd` on 256-bit registers (32 registers);
+//! - AVX-512 VNNI (+VL): `vpdpbusd` on 256-bit registers (32 of them hold
+//!   eight Q4_1 activation rows per pass, four for Q8_0);
 //! - AVX-VNNI: the same instruction, VEX-encoded (16 registers, four rows);
 //! - AVX2: `vpmaddubsw` + `vpmaddwd`, exact only while the unsigned operand
 //!   is at most 15 (pairs within ±3840), so Q8_0's bytes are split into nibbles.
