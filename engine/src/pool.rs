@@ -9,6 +9,12 @@
 //! The spin is bounded in time ([`SPIN`]), so an idle or preempted pool
 //! gives its core back quickly. Work is split by output element, never along
 //! a reduction, so results do not depend on the thread count.
+//!
+//! Parts are not tied to threads: the caller and the workers claim part
+//! numbers from a shared counter, so when a worker is descheduled (another
+//! process holds its core) the caller runs that part itself instead of
+//! waiting for the worker to be scheduled again. Each part still runs
+//! exactly once per job.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,10 +33,15 @@ type Job = &'static (dyn Fn(usize) + Sync);
 struct Shared {
     /// The current job; written by `run` only while no worker is inside a job.
     job: Mutex<Option<Job>>,
-    /// Bumped once per job; workers run a job when they see a new value.
+    /// Bumped once per job; workers look for parts when they see a new value.
     generation: AtomicU64,
-    /// Worker parts of the current job not yet finished.
-    pending: AtomicUsize,
+    /// Parts per job.
+    parts: usize,
+    /// The next part number to claim in the current job (values past
+    /// `parts` mean none is left).
+    next_part: AtomicUsize,
+    /// Parts of the current job finished.
+    finished: AtomicUsize,
     shutdown: AtomicBool,
     /// Workers asleep (or about to sleep) on `wake`.
     sleepers: AtomicUsize,
@@ -91,7 +102,9 @@ impl ComputePool {
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             generation: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            parts: threads,
+            next_part: AtomicUsize::new(usize::MAX / 2),
+            finished: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             caller_sleeping: AtomicBool::new(false),
@@ -103,10 +116,7 @@ impl ComputePool {
         let handles = (1..threads)
             .map(|part| {
                 let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("potluck-compute-{part}"))
-                    .spawn(move || worker(&shared, part))
-                    .ok()
+                std::thread::Builder::new().name(format!("potluck-compute-{part}")).spawn(move || worker(&shared)).ok()
             })
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
@@ -129,10 +139,14 @@ impl ComputePool {
         let sh = &*self.shared;
         // SAFETY: the reference is only used by workers between here and the
         // wait below, which does not return until every part has finished
-        // (`pending == 0`), so `f` outlives every use.
+        // (`finished == threads`), so `f` outlives every use.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         *lock(&sh.job) = Some(job);
-        sh.pending.store(self.threads - 1, Ordering::SeqCst);
+        sh.finished.store(0, Ordering::SeqCst);
+        // Opening the counter after storing the job: whoever claims a part
+        // then finds this job in `sh.job`, and it stays there until every
+        // part has finished.
+        sh.next_part.store(0, Ordering::SeqCst);
         sh.generation.fetch_add(1, Ordering::SeqCst);
         // A worker that registered as a sleeper before the bump is woken here;
         // one registering after it sees the new generation before sleeping.
@@ -140,10 +154,14 @@ impl ComputePool {
             let _g = lock(&sh.sleep);
             sh.wake.notify_all();
         }
-        f(0);
+        // The caller runs every part no worker has claimed yet.
+        while let Some(part) = sh.claim() {
+            f(part);
+            sh.finished.fetch_add(1, Ordering::SeqCst);
+        }
         // SeqCst on both sides of each sleep handshake (flag store, then counter
         // load; counter update, then flag load), so one side always sees the other.
-        let finished = || sh.pending.load(Ordering::SeqCst) == 0;
+        let finished = || sh.finished.load(Ordering::SeqCst) == self.threads;
         if !spin_until(sh.spin, finished) {
             let mut g = lock(&sh.sleep);
             sh.caller_sleeping.store(true, Ordering::SeqCst);
@@ -156,11 +174,19 @@ impl ComputePool {
     }
 }
 
+impl Shared {
+    /// Claims the next unrun part of the current job, if any is left.
+    fn claim(&self) -> Option<usize> {
+        let part = self.next_part.fetch_add(1, Ordering::SeqCst);
+        (part < self.parts).then_some(part)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn worker(sh: &Shared, part: usize) {
+fn worker(sh: &Shared) {
     let mut seen = 0u64;
     loop {
         let fresh = || sh.generation.load(Ordering::SeqCst) != seen || sh.shutdown.load(Ordering::SeqCst);
@@ -176,13 +202,17 @@ fn worker(sh: &Shared, part: usize) {
             return;
         }
         seen = sh.generation.load(Ordering::Acquire);
-        let job = *lock(&sh.job);
-        if let Some(job) = job {
-            job(part);
-        }
-        if sh.pending.fetch_sub(1, Ordering::SeqCst) == 1 && sh.caller_sleeping.load(Ordering::SeqCst) {
-            let _g = lock(&sh.sleep);
-            sh.done.notify_one();
+        // A part claimed here belongs to the job in `sh.job` (stored before
+        // the counter opened, cleared only once every part has finished).
+        while let Some(part) = sh.claim() {
+            let job = *lock(&sh.job);
+            if let Some(job) = job {
+                job(part);
+            }
+            if sh.finished.fetch_add(1, Ordering::SeqCst) + 1 == sh.parts && sh.caller_sleeping.load(Ordering::SeqCst) {
+                let _g = lock(&sh.sleep);
+                sh.done.notify_one();
+            }
         }
     }
 }

@@ -29,10 +29,11 @@ const CHUNKS_PER_THREAD: usize = 4;
 // The unpacked path cuts rows at the same tile boundaries as the packed one.
 const _: () = assert!(quant::ROW_TILE == quant::TILE);
 
-/// Activation rows per pass over a thread's weight tiles in the packed
-/// matmul: their quantized rows stay in L1/L2 while each weight tile is
-/// reused for all of them.
-const ACT_CHUNK: usize = 32;
+/// Tiles per packed-kernel call: at most about 120 KB of weights (SmolLM2's
+/// widest rows), which stay in L2 while every group of activation rows
+/// passes over them, and enough tiles to amortise the kernel's per-call
+/// decoding of the activation scales.
+const TILE_RUN: usize = 16;
 
 impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
@@ -102,13 +103,14 @@ impl Matrix {
     pub fn matmul_group(mats: &[&Matrix], x: &Activations<'_>, outs: &mut [&mut [f32]], pool: &ComputePool) {
         debug_assert_eq!(mats.len(), outs.len());
         // Quantize on this thread first: the lazily filled cache is not `Sync`.
-        let jobs: Vec<(&Matrix, &[u8], SharedOut)> = mats
+        let jobs: Vec<(&Matrix, &[u8], Option<&quant::ActScalars>, SharedOut)> = mats
             .iter()
             .zip(outs.iter_mut())
             .map(|(m, out)| {
                 debug_assert_eq!(x.dim, m.cols);
                 debug_assert_eq!(out.len(), x.n * m.rows);
-                (*m, x.quantized(m.dtype.vec_dot_type()), SharedOut(out.as_mut_ptr()))
+                let pre = m.packed.then(|| x.scalars(m.dtype));
+                (*m, x.quantized(m.dtype.vec_dot_type()), pre, SharedOut(out.as_mut_ptr()))
             })
             .collect();
         let (n, dim, xs) = (x.n, x.dim, x.x);
@@ -120,7 +122,7 @@ impl Matrix {
         let chunks: Vec<(usize, std::ops::Range<usize>)> = jobs
             .iter()
             .enumerate()
-            .flat_map(|(j, (m, _, _))| {
+            .flat_map(|(j, (m, ..))| {
                 let tiles = m.rows.div_ceil(quant::TILE);
                 (0..per).map(move |c| (j, split(tiles, c, per))).filter(|(_, r)| !r.is_empty())
             })
@@ -128,15 +130,25 @@ impl Matrix {
         let next = AtomicUsize::new(0);
         pool.run(&|_part| {
             while let Some((j, tiles)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let (m, a, out) = &jobs[*j];
-                m.matmul_tiles(n, dim, xs, a, out, tiles.clone());
+                let (m, a, pre, out) = &jobs[*j];
+                m.matmul_tiles(n, dim, xs, a, *pre, out, tiles.clone());
             }
         });
     }
 
     /// Output features `tiles.start * TILE .. tiles.end * TILE` (clipped to
     /// `rows`) of a matmul into `out`, for every activation row.
-    fn matmul_tiles(&self, n: usize, dim: usize, xs: &[f32], a: &[u8], out: &SharedOut, tiles: std::ops::Range<usize>) {
+    #[allow(clippy::too_many_arguments)] // One matmul job's operands.
+    fn matmul_tiles(
+        &self,
+        n: usize,
+        dim: usize,
+        xs: &[f32],
+        a: &[u8],
+        pre: Option<&quant::ActScalars>,
+        out: &SharedOut,
+        tiles: std::ops::Range<usize>,
+    ) {
         // Float weights dot the raw f32 rows; `a` is then empty.
         let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
         let rows = self.rows;
@@ -147,26 +159,29 @@ impl Matrix {
             // write the same element, and `out` outlives `pool.run`.
             unsafe { *out.0.add(i * rows + o) = v };
         };
-        if self.packed {
+        if let (true, Some(pre)) = (self.packed, pre) {
             let tile_bytes = quant::TILE * self.row_bytes;
             let nb = self.cols / self.dtype.block_len();
-            let mut buf = [[0.0f32; quant::TILE]; quant::MAX_ACT];
-            for c0 in (0..n).step_by(ACT_CHUNK) {
-                let c1 = (c0 + ACT_CHUNK).min(n);
-                for t in tiles.clone() {
-                    let tile = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
-                    let live = (rows - t * quant::TILE).min(quant::TILE);
-                    let mut i = c0;
-                    while i < c1 {
-                        let m = (c1 - i).min(quant::MAX_ACT);
-                        quant::dot_packed(self.dtype, tile, nb, &a[i * a_bytes..], a_bytes, &mut buf[..m]);
-                        for (j, lanes) in buf[..m].iter().enumerate() {
+            let mut buf = [[0.0f32; quant::TILE]; TILE_RUN * quant::MAX_ACT];
+            // Runs of TILE_RUN tiles stay in L2 while every group of up to
+            // MAX_ACT activation rows passes over them.
+            for t0 in tiles.clone().step_by(TILE_RUN) {
+                let t1 = (t0 + TILE_RUN).min(tiles.end);
+                let run = &self.data[t0 * tile_bytes..t1 * tile_bytes];
+                let mut i = 0;
+                while i < n {
+                    let m = (n - i).min(quant::MAX_ACT);
+                    let out = &mut buf[..(t1 - t0) * m];
+                    quant::dot_packed(self.dtype, run, nb, &a[i * a_bytes..], a_bytes, m, pre, i, out);
+                    for t in t0..t1 {
+                        let live = (rows - t * quant::TILE).min(quant::TILE);
+                        for (j, lanes) in out[(t - t0) * m..(t - t0 + 1) * m].iter().enumerate() {
                             for (r, &v) in lanes[..live].iter().enumerate() {
                                 put(i + j, t * quant::TILE + r, v);
                             }
                         }
-                        i += m;
                     }
+                    i += m;
                 }
             }
             return;
@@ -207,13 +222,36 @@ pub struct Activations<'a> {
     q8_0: OnceCell<Vec<u8>>,
     q8_1: OnceCell<Vec<u8>>,
     q8_k: OnceCell<Vec<u8>>,
+    /// Packed-kernel scalars of `q8_0` (for Q8_0 weights) and `q8_1` (Q4_1).
+    pre_q8_0: OnceCell<quant::ActScalars>,
+    pre_q8_1: OnceCell<quant::ActScalars>,
 }
 
 impl<'a> Activations<'a> {
     /// Wraps `n` rows of width `dim`.
     pub fn new(x: &'a [f32], n: usize, dim: usize) -> Self {
         debug_assert_eq!(x.len(), n * dim);
-        Self { x, n, dim, q8_0: OnceCell::new(), q8_1: OnceCell::new(), q8_k: OnceCell::new() }
+        Self {
+            x,
+            n,
+            dim,
+            q8_0: OnceCell::new(),
+            q8_1: OnceCell::new(),
+            q8_k: OnceCell::new(),
+            pre_q8_0: OnceCell::new(),
+            pre_q8_1: OnceCell::new(),
+        }
+    }
+
+    /// The packed kernels' scalars of these rows for `dtype` weights (Q4_1
+    /// or Q8_0, the types that pack), decoded once per batch.
+    fn scalars(&self, dtype: GgmlType) -> &quant::ActScalars {
+        let ty = dtype.vec_dot_type();
+        let cell = if ty == GgmlType::Q8_1 { &self.pre_q8_1 } else { &self.pre_q8_0 };
+        cell.get_or_init(|| {
+            let rb = ty.row_bytes(self.dim).unwrap_or(0);
+            quant::act_scalars(dtype, self.dim / ty.block_len(), self.n, self.quantized(ty), rb)
+        })
     }
 
     fn quantized(&self, ty: GgmlType) -> &[u8] {

@@ -89,6 +89,42 @@ fn print_report(report: &serde_json::Value, one_line: bool) -> anyhow::Result<()
     Ok(())
 }
 
+/// Seconds this process's threads have spent on a CPU (the sum over
+/// `/proc/self/task/*/schedstat`, nanosecond resolution; 0 where that is
+/// unavailable). On a shared host a process waits for a core while others
+/// run; tokens per on-CPU second show the engine's own speed despite that.
+pub fn cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    let ns: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// Wall-clock and on-CPU rates of one timed run.
+struct Rate {
+    wall: f64,
+    cpu: f64,
+}
+
+impl Rate {
+    /// Times `f`, which processes `items`.
+    fn measure(items: usize, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Self> {
+        let (t, c) = (Instant::now(), cpu_seconds());
+        f()?;
+        let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
+        let items = items as f64;
+        Ok(Self { wall: items / wall, cpu: if cpu > 0.0 { items / cpu } else { 0.0 } })
+    }
+}
+
+/// Medians of the wall-clock and on-CPU rates of several runs.
+fn medians(v: &[Rate]) -> (f64, f64) {
+    (median(v.iter().map(|r| r.wall).collect()), median(v.iter().map(|r| r.cpu).collect()))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -117,14 +153,12 @@ impl EngineBench {
         for _ in 0..runs {
             let s = next_session();
             let ids: Vec<u32> = (0..self.prompt_tokens).map(|i| token(i, vocab)).collect();
-            let t = Instant::now();
-            pipe.prefill(s, &ids, 512)?;
-            prompt.push(self.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+            prompt.push(Rate::measure(self.prompt_tokens, || Ok(pipe.prefill(s, &ids, 512).map(drop)?))?);
             pipe.release(s);
-            eprintln!("[bench] prompt run: {:.1} tok/s", prompt.last().copied().unwrap_or(0.0));
+            eprintln!("[bench] prompt run: {:.1} tok/s", prompt.last().map_or(0.0, |r| r.wall));
         }
 
-        let mut decode = |batch: usize, pipe: &mut LocalPipeline| -> anyhow::Result<f64> {
+        let mut decode = |batch: usize, pipe: &mut LocalPipeline| -> anyhow::Result<(f64, f64)> {
             let mut rates = Vec::new();
             for _ in 0..runs {
                 let sessions: Vec<SessionId> = (0..batch).map(|_| next_session()).collect();
@@ -133,33 +167,41 @@ impl EngineBench {
                     let ids: Vec<u32> = (0..16).map(|i| token(i + b, vocab)).collect();
                     pipe.prefill(s, &ids, 16)?;
                 }
-                let t = Instant::now();
-                for step in 0..self.decode_tokens {
-                    let rows: Vec<Row> =
-                        sessions.iter().map(|&s| Row { session: s, position: 16 + step, logits: true }).collect();
-                    let ids: Vec<u32> = (0..batch).map(|b| token(step * 31 + b, vocab)).collect();
-                    pipe.forward(&rows, &ids)?;
-                }
-                rates.push((batch * self.decode_tokens) as f64 / t.elapsed().as_secs_f64());
+                rates.push(Rate::measure(batch * self.decode_tokens, || {
+                    for step in 0..self.decode_tokens {
+                        let rows: Vec<Row> =
+                            sessions.iter().map(|&s| Row { session: s, position: 16 + step, logits: true }).collect();
+                        let ids: Vec<u32> = (0..batch).map(|b| token(step * 31 + b, vocab)).collect();
+                        pipe.forward(&rows, &ids)?;
+                    }
+                    Ok(())
+                })?);
                 for s in sessions {
                     pipe.release(s);
                 }
-                eprintln!("[bench] decode batch {batch}: {:.1} tok/s", rates.last().copied().unwrap_or(0.0));
+                eprintln!("[bench] decode batch {batch}: {:.1} tok/s", rates.last().map_or(0.0, |r| r.wall));
             }
-            Ok(median(rates))
+            Ok(medians(&rates))
         };
         let d1 = decode(1, &mut pipe)?;
         let d4 = decode(4, &mut pipe)?;
         let d16 = decode(16, &mut pipe)?;
+        let prompt = medians(&prompt);
         let report = serde_json::json!({
             "model": self.model.display().to_string(),
             "threads": pipe.threads(),
             "runs": runs,
-            "prompt_tok_s": median(prompt),
-            "decode_tok_s": d1,
-            "decode_batch4_tok_s": d4,
-            "decode_batch16_tok_s": d16,
-            "batch16_over_batch1": d16 / d1,
+            "prompt_tok_s": prompt.0,
+            "decode_tok_s": d1.0,
+            "decode_batch4_tok_s": d4.0,
+            "decode_batch16_tok_s": d16.0,
+            "batch16_over_batch1": d16.0 / d1.0,
+            // Tokens per second of on-CPU time (all threads): the engine's
+            // speed while it holds its cores, whatever else loads the host.
+            "prompt_tok_per_cpu_s": prompt.1,
+            "decode_tok_per_cpu_s": d1.1,
+            "decode_batch4_tok_per_cpu_s": d4.1,
+            "decode_batch16_tok_per_cpu_s": d16.1,
             "peak_rss_mb": peak_rss_mb(),
         });
         if self.json {

@@ -229,6 +229,15 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
     }
 }
 
+pub use pack::ActScalars;
+
+/// Decodes the per-block scalars of `n` quantized activation rows (`a_stride`
+/// bytes apart, `nb` blocks each) that the packed kernels for `dtype` weights
+/// broadcast, once per matmul.
+pub fn act_scalars(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> ActScalars {
+    ActScalars::new(dtype, nb, n, a, a_stride)
+}
+
 /// Rows per packed weight tile (see [`pack_matrix`]).
 pub const TILE: usize = pack::TILE;
 
@@ -253,28 +262,46 @@ pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, ou
     pack::unpack_row(dtype, packed, row_bytes, r, out);
 }
 
-/// Dot products of one packed tile (the [`TILE`] rows of `nb` blocks that
-/// [`pack_matrix`] made) with `out.len()` (1..=[`MAX_ACT`]) activation rows,
-/// quantized to `dtype.vec_dot_type()` and starting `a_stride` bytes apart in
-/// `a`. `out[i][r]` equals [`vec_dot`] of tile row `r` with activation `i`,
-/// bit for bit, whatever `out.len()`.
-pub fn dot_packed(dtype: GgmlType, tile: &[u8], nb: usize, a: &[u8], a_stride: usize, out: &mut [[f32; TILE]]) {
-    if simd::dot_packed(dtype, tile, nb, a, a_stride, out) {
+/// Dot products of every packed tile in `tiles` (whole tiles of [`TILE`]
+/// rows of `nb` blocks, as [`pack_matrix`] made them) with `m`
+/// (1..=[`MAX_ACT`]) activation rows, quantized to `dtype.vec_dot_type()` and
+/// starting `a_stride` bytes apart in `a`. `out[t * m + i][r]` equals
+/// [`vec_dot`] of row `r` of tile `t` with activation `i`, bit for bit,
+/// whatever `m` or the number of tiles. `pre` are the activations'
+/// [`ActScalars`] (decoded once per matmul), from row `first` on: the row
+/// `a` starts at.
+#[allow(clippy::too_many_arguments)] // The kernel's operands.
+pub fn dot_packed(
+    dtype: GgmlType,
+    tiles: &[u8],
+    nb: usize,
+    a: &[u8],
+    a_stride: usize,
+    m: usize,
+    pre: &ActScalars,
+    first: usize,
+    out: &mut [[f32; TILE]],
+) {
+    if simd::dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out) {
         return;
     }
     // Reference path: rebuild each row and take the scalar dot product.
     let row_bytes = nb * dtype.block_bytes();
     let a_bytes = nb * dtype.vec_dot_type().block_bytes();
     let mut row = vec![0u8; row_bytes];
-    for r in 0..TILE {
-        pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
-        for (i, o) in out.iter_mut().enumerate() {
-            o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+    let tile_bytes = (TILE * row_bytes).max(1);
+    for (t, tile) in tiles.chunks_exact(tile_bytes).enumerate() {
+        for r in 0..TILE {
+            pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
+            for (i, o) in out[t * m..(t + 1) * m].iter_mut().enumerate() {
+                o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+            }
         }
     }
 }
 
-/// Name of the SIMD kernel family chosen at run time (`scalar`, `avx2`, `neon`).
+/// Name of the SIMD kernel family chosen at run time (`scalar`, `avx2`,
+/// `avx2+avxvnni`, `avx2+avx512vnni`, `neon`).
 pub fn kernel_name() -> &'static str {
     simd::kernel_name()
 }

@@ -1,23 +1,31 @@
 //! Interleaved ("packed") weight layouts for the multi-row SIMD kernels.
 //!
 //! Why: the GGUF layout stores each row's blocks contiguously, so a kernel
-//! that computes eight rows at once reads eight far-apart streams and gathers
-//! eight scales with scalar loads. Packing groups the rows in tiles of
-//! [`TILE`]: for each block index, the tile's eight scales sit side by side,
-//! followed by the eight rows' quants, so a kernel reads one sequential
-//! stream with whole-vector loads. Only bytes move; the values, and so the
-//! reference dot products, are unchanged.
+//! that computes eight rows at once reads eight far-apart streams, gathers
+//! eight scales with scalar loads and must sum each row's partial products
+//! horizontally. Packing groups the rows in tiles of [`TILE`], and within
+//! each block index puts four consecutive quant bytes of each of the eight
+//! rows side by side: one 32-byte load then holds, in 32-bit lane `r`, four
+//! elements of row `r`, so a 4-way byte dot product (`vpdpbusd`, or
+//! `vpmaddubsw` + `vpmaddwd`) leaves every row's partial sum in its own lane
+//! and no horizontal sum is needed. The eight scales sit side by side too.
+//! The values, and so the reference dot products, are unchanged.
 //!
 //! Layout of one packed block of a tile (rows `0..8` of the tile):
-//! - Q4_1 (160 bytes): `d[0..8]` (f16), `m[0..8]` (f16), then for `p` in
-//!   `0..4` the 16 quant bytes of row `p` followed by those of row `p + 4`;
-//! - Q8_0 (272 bytes): `d[0..8]` (f16), then the 32 quant bytes of each row.
+//! - Q4_1 (160 bytes): `d[0..8]` (f16), `m[0..8]` (f16), then for `g` in
+//!   `0..4` and each row `r` that row's quant bytes `4g..4g + 4` (low
+//!   nibbles: elements `4g..4g + 4`; high nibbles: `16 + 4g..`);
+//! - Q8_0 (272 bytes): `d[0..8]` (f16), then for `g` in `0..8` and each row
+//!   that row's quants `4g..4g + 4`, stored offset by 128 (`q ^ 0x80`, the
+//!   unsigned byte `q + 128`), so the unsigned operand of `vpdpbusd` can be
+//!   the weight; the kernels subtract `128 * Σ activation` exactly.
 //!
 //! A tile holds every block of its rows in order (`blocks × packed block`),
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with
 //! zero rows, whose results are discarded.
 
-use super::GgmlType;
+use super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
+use super::{f16_at, GgmlType};
 
 /// Rows per packed tile (one per f32 lane of an AVX2 register).
 pub(crate) const TILE: usize = 8;
@@ -30,15 +38,28 @@ pub(crate) fn tile_block_bytes(dtype: GgmlType) -> Option<usize> {
     }
 }
 
-/// Byte ranges, within one packed tile block, of each field of row `r`'s
-/// block, paired with the same field's range within the GGUF block.
-fn fields(dtype: GgmlType, r: usize) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+/// One field move: bytes `packed` of a tile block hold bytes `gguf` of row
+/// `r`'s GGUF block, XORed with `xor`.
+struct Field {
+    packed: std::ops::Range<usize>,
+    gguf: std::ops::Range<usize>,
+    xor: u8,
+}
+
+/// The fields of row `r`'s block within one packed tile block.
+fn fields(dtype: GgmlType, r: usize) -> Vec<Field> {
+    let f = |p: usize, g: usize, n: usize, xor: u8| Field { packed: p..p + n, gguf: g..g + n, xor };
     match dtype {
         GgmlType::Q4_1 => {
-            let q = 32 + 32 * (r % 4) + 16 * (r / 4);
-            vec![(2 * r..2 * r + 2, 0..2), (16 + 2 * r..18 + 2 * r, 2..4), (q..q + 16, 4..20)]
+            let mut v = vec![f(2 * r, 0, 2, 0), f(16 + 2 * r, 2, 2, 0)];
+            v.extend((0..4).map(|g| f(32 + 32 * g + 4 * r, 4 + 4 * g, 4, 0)));
+            v
         }
-        GgmlType::Q8_0 => vec![(2 * r..2 * r + 2, 0..2), (16 + 32 * r..48 + 32 * r, 2..34)],
+        GgmlType::Q8_0 => {
+            let mut v = vec![f(2 * r, 0, 2, 0)];
+            v.extend((0..8).map(|g| f(16 + 32 * g + 4 * r, 2 + 4 * g, 4, 0x80)));
+            v
+        }
         _ => Vec::new(),
     }
 }
@@ -50,14 +71,18 @@ pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
     let nb = row_bytes / bb;
     let tiles = rows.div_ceil(TILE);
     let mut out = vec![0u8; tiles * TILE * row_bytes];
-    for r in 0..rows {
+    // Padding rows are packed from zero blocks, so they unpack to zeros.
+    let zero = vec![0u8; bb];
+    for r in 0..tiles * TILE {
         let (t, lane) = (r / TILE, r % TILE);
         let f = fields(dtype, lane);
         for b in 0..nb {
-            let src = &data[r * row_bytes + b * bb..][..bb];
+            let src = if r < rows { &data[r * row_bytes + b * bb..][..bb] } else { &zero[..] };
             let dst = &mut out[t * TILE * row_bytes + b * tbb..][..tbb];
-            for (d, s) in &f {
-                dst[d.clone()].copy_from_slice(&src[s.clone()]);
+            for fl in &f {
+                for (d, s) in dst[fl.packed.clone()].iter_mut().zip(&src[fl.gguf.clone()]) {
+                    *d = s ^ fl.xor;
+                }
             }
         }
     }
@@ -73,9 +98,59 @@ pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: us
     for b in 0..row_bytes / bb {
         let src = &packed[t * TILE * row_bytes + b * tbb..][..tbb];
         let dst = &mut out[b * bb..][..bb];
-        for (d, s) in &f {
-            dst[s.clone()].copy_from_slice(&src[d.clone()]);
+        for fl in &f {
+            for (d, s) in dst[fl.gguf.clone()].iter_mut().zip(&src[fl.packed.clone()]) {
+                *d = s ^ fl.xor;
+            }
         }
+    }
+}
+
+/// Per-(activation row, block) scalars the packed kernels broadcast, decoded
+/// once per matmul rather than once per tile: `d` is the activation scale
+/// (Q8_0's or Q8_1's `d`, widened from f16); `x` is Q8_1's `s` (f32 bits) for
+/// Q4_1 weights, or `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
+/// quants are offset by 128.
+#[derive(Debug, Clone)]
+pub struct ActScalars {
+    dtype: GgmlType,
+    nb: usize,
+    d: Vec<f32>,
+    x: Vec<u32>,
+}
+
+impl ActScalars {
+    /// Scalars of `n` activation rows of `nb` blocks, `a_stride` bytes apart,
+    /// quantized for `dtype` weights (`dtype.vec_dot_type()`).
+    pub(crate) fn new(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> Self {
+        let mut d = Vec::with_capacity(n * nb);
+        let mut x = Vec::with_capacity(n * nb);
+        for i in 0..n {
+            let row = &a[i * a_stride..];
+            for b in 0..nb {
+                if dtype == GgmlType::Q4_1 {
+                    let y = &row[b * Q8_1_BYTES..];
+                    d.push(f16_at(y, 0));
+                    x.push(f16_at(y, 2).to_bits());
+                } else {
+                    let y = &row[b * Q8_0_BYTES..];
+                    d.push(f16_at(y, 0));
+                    let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
+                    x.push((128 * s).cast_unsigned());
+                }
+            }
+        }
+        Self { dtype, nb, d, x }
+    }
+
+    /// Whether these are scalars of at least `rows` rows of `nb` blocks for `dtype` weights.
+    pub(crate) fn covers(&self, dtype: GgmlType, nb: usize, rows: usize) -> bool {
+        self.dtype == dtype && self.nb == nb && self.d.len() >= rows * nb && self.x.len() >= rows * nb
+    }
+
+    /// `d` and `x` from activation row `i` on.
+    pub(crate) fn rows_from(&self, i: usize) -> (&[f32], &[u32]) {
+        (&self.d[i * self.nb..], &self.x[i * self.nb..])
     }
 }
 

@@ -18,14 +18,17 @@ use super::GgmlType;
 mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_packed;
 
 /// Most weight rows one [`vec_dot_rows`] call handles: one per f32 lane of an
 /// AVX2 register, so each lane keeps the reference's sequential block order.
 pub(crate) const ROW_TILE: usize = 8;
 
-/// Most activation rows one [`dot_packed`] call takes: the unpacked weight
-/// tile stays in registers while each activation row passes over it.
-pub(crate) const MAX_ACT: usize = 4;
+/// Most activation rows one [`dot_packed`] call takes: each weight tile is
+/// loaded once for all of them (AVX-512 keeps eight rows' Q4_1 sums in
+/// registers; narrower kernels take them in passes of four).
+pub(crate) const MAX_ACT: usize = 8;
 
 /// The kernel family in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,23 +46,25 @@ enum Kernel {
 /// The process-wide kernel choice, detected on first use.
 fn kernel() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        if std::env::var("POTLUCK_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            Kernel::Scalar
-        } else {
-            best()
-        }
+    *KERNEL.get_or_init(|| match std::env::var("POTLUCK_KERNEL").map(|v| v.to_ascii_lowercase()).as_deref() {
+        Ok("scalar") => Kernel::Scalar,
+        Ok("avx2") => best(true),
+        _ => best(false),
     })
 }
 
-/// The fastest kernel family this CPU supports.
-fn best() -> Kernel {
+/// The fastest kernel family this CPU supports (on x86-64 without VNNI
+/// when `avx2_only`, `POTLUCK_KERNEL=avx2`, to measure or test that path).
+fn best(avx2_only: bool) -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = x86::Avx2::detect() {
+    if let Some(t) = x86::Avx2::detect(avx2_only) {
         return Kernel::Avx2(t);
     }
     #[cfg(target_arch = "aarch64")]
-    return Kernel::Neon(neon::Neon);
+    return {
+        let _ = avx2_only;
+        Kernel::Neon(neon::Neon)
+    };
     #[allow(unreachable_code)]
     Kernel::Scalar
 }
@@ -69,7 +74,7 @@ pub(crate) fn kernel_name() -> &'static str {
     match kernel() {
         Kernel::Scalar => "scalar",
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(_) => "avx2",
+        Kernel::Avx2(k) => k.isa().name(),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(_) => "neon",
     }
@@ -115,22 +120,27 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     }
 }
 
-/// Dot products of one packed tile's eight rows (`nb` blocks) with
-/// `out.len()` (1..=[`MAX_ACT`]) activation rows `a_stride` bytes apart.
-/// Returns `false` (nothing written) when there is no packed kernel.
+/// Dot products of the eight rows of each packed tile in `tiles` (`nb`
+/// blocks each) with `m` (1..=[`MAX_ACT`]) activation rows `a_stride` bytes
+/// apart, into `out[t * m + i]`. Returns `false` (nothing written) when there
+/// is no packed kernel.
 #[inline]
+#[allow(clippy::too_many_arguments)] // The kernel's operands.
 pub(crate) fn dot_packed(
     dtype: GgmlType,
-    tile: &[u8],
+    tiles: &[u8],
     nb: usize,
     a: &[u8],
     a_stride: usize,
+    m: usize,
+    pre: &super::pack::ActScalars,
+    first: usize,
     out: &mut [[f32; 8]],
 ) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(k) => k.dot_packed(dtype, tile, nb, a, a_stride, out),
+        Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(_) => false,
     }
@@ -281,11 +291,16 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
+        use super::super::super::pack::ActScalars;
         use super::super::x86::Avx2;
         use super::*;
 
+        fn out2(ntiles: usize) -> Vec<[f32; 8]> {
+            vec![[0.0; 8]; 2 * ntiles]
+        }
+
         fn token() -> Option<Avx2> {
-            let t = Avx2::detect();
+            let t = Avx2::detect(false);
             if t.is_none() {
                 eprintln!("skipping: CPU lacks AVX2/F16C");
             }
@@ -320,49 +335,73 @@ mod tests {
             });
         }
 
-        /// Packed tiles against the scalar reference: every (row, activation)
-        /// output, for 1..=MAX_ACT activation rows per call, partial tiles,
-        /// random and edge-value quants and scales; a row's result must not
-        /// depend on how many activation rows share the call.
+        /// Packed tiles against the scalar reference, for every packed
+        /// instruction set this CPU has (AVX2, AVX-VNNI, AVX-512 VNNI): every
+        /// (row, activation) output, for 1..=MAX_ACT activation rows per call,
+        /// one to three tiles per call with a partial last tile, random and
+        /// edge-value quants and scales; a row's result must not depend on how
+        /// many activation rows or tiles share the call.
         #[test]
         fn packed_tiles_are_bit_exact_for_any_activation_count() {
-            let Some(t) = token() else { return };
             let mut r = Rng(99);
-            for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-                let tbb = 8 * ty.block_bytes();
-                for nb in [1, 2, 3, 7, 18, 48] {
-                    for (fi, &wf) in FILLS.iter().enumerate() {
-                        for &af in &FILLS[fi % 2..] {
-                            let k = 1 + (r.next() as usize) % 8;
-                            let rb = nb * ty.block_bytes();
-                            let w: Vec<u8> = (0..k).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
-                            let packed = super::super::super::pack::pack(ty, &w, k, rb).unwrap();
-                            assert_eq!(packed.len(), 8 * rb);
-                            // Activation rows with a gap between them (stride > row).
-                            let ab = nb * ty.vec_dot_type().block_bytes();
-                            let stride = ab + 5;
-                            let acts: Vec<Vec<u8>> = (0..super::super::MAX_ACT)
-                                .map(|i| row(&mut r, ty.vec_dot_type(), nb, if i % 2 == 0 { af } else { Fill::Random }))
-                                .collect();
-                            let mut a = vec![0u8; stride * acts.len()];
-                            for (i, act) in acts.iter().enumerate() {
-                                a[i * stride..i * stride + ab].copy_from_slice(act);
-                            }
-                            let mut alone = [[f32::NAN; 8]; 1];
-                            for m in 1..=super::super::MAX_ACT {
-                                let mut out = vec![[f32::NAN; 8]; m];
-                                assert!(t.dot_packed(ty, &packed, nb, &a, stride, &mut out));
-                                for (i, lanes) in out.iter().enumerate() {
-                                    assert!(t.dot_packed(ty, &packed, nb, &a[i * stride..], stride, &mut alone));
-                                    for (rr, got) in lanes[..k].iter().enumerate() {
-                                        let want = reference(ty, &w[rr * rb..(rr + 1) * rb], &acts[i]);
-                                        assert_eq!(got.to_bits(), want.to_bits(), "{} m={m} i={i} r={rr}", ty.name());
-                                        assert_eq!(got.to_bits(), alone[0][rr].to_bits());
+            for t in Avx2::all() {
+                eprintln!("packed kernels: {}", t.isa().name());
+                for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                    let tbb = 8 * ty.block_bytes();
+                    for nb in [1, 2, 3, 7, 18, 48] {
+                        for (fi, &wf) in FILLS.iter().enumerate() {
+                            for &af in &FILLS[fi % 2..] {
+                                let ntiles = 1 + (r.next() as usize) % 3;
+                                let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
+                                let rb = nb * ty.block_bytes();
+                                let w: Vec<u8> = (0..rows).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
+                                let packed = super::super::super::pack::pack(ty, &w, rows, rb).unwrap();
+                                assert_eq!(packed.len(), ntiles * 8 * rb);
+                                // Activation rows with a gap between them (stride > row).
+                                let ab = nb * ty.vec_dot_type().block_bytes();
+                                let stride = ab + 5;
+                                let acts: Vec<Vec<u8>> = (0..super::super::MAX_ACT)
+                                    .map(|i| {
+                                        row(&mut r, ty.vec_dot_type(), nb, if i % 2 == 0 { af } else { Fill::Random })
+                                    })
+                                    .collect();
+                                let mut a = vec![0u8; stride * acts.len()];
+                                for (i, act) in acts.iter().enumerate() {
+                                    a[i * stride..i * stride + ab].copy_from_slice(act);
+                                }
+                                let pre = ActScalars::new(ty, nb, acts.len(), &a, stride);
+                                let mut alone = vec![[f32::NAN; 8]; 1];
+                                for m in 1..=super::super::MAX_ACT {
+                                    let mut out = vec![[f32::NAN; 8]; ntiles * m];
+                                    assert!(t.dot_packed(ty, &packed, nb, &a, stride, m, &pre, 0, &mut out));
+                                    for (ti, tile) in packed.chunks_exact(8 * rb).enumerate() {
+                                        for i in 0..m {
+                                            let lanes = out[ti * m + i];
+                                            let ai = &a[i * stride..];
+                                            assert!(t.dot_packed(ty, tile, nb, ai, stride, 1, &pre, i, &mut alone));
+                                            for (rr, got) in
+                                                lanes.iter().enumerate().filter(|(rr, _)| ti * 8 + rr < rows)
+                                            {
+                                                let wr = &w[(ti * 8 + rr) * rb..][..rb];
+                                                let want = reference(ty, wr, &acts[i]);
+                                                let ctx = format!(
+                                                    "{} {} m={m} t={ti} i={i} r={rr}",
+                                                    t.isa().name(),
+                                                    ty.name()
+                                                );
+                                                assert_eq!(got.to_bits(), want.to_bits(), "{ctx}: {got} vs {want}");
+                                                assert_eq!(got.to_bits(), alone[0][rr].to_bits(), "{ctx} alone");
+                                            }
+                                        }
                                     }
                                 }
+                                let mut short = [[0.0f32; 8]; 1];
+                                let cut = &packed[..nb * tbb - 1];
+                                assert!(!t.dot_packed(ty, cut, nb, &a, stride, 1, &pre, 0, &mut short));
+                                // Scalars of other rows, block counts or types are refused.
+                                let few = ActScalars::new(ty, nb, 1, &a, stride);
+                                assert!(!t.dot_packed(ty, &packed, nb, &a, stride, 2, &few, 0, &mut out2(ntiles)));
                             }
-                            let mut short = [[0.0f32; 8]; 1];
-                            assert!(!t.dot_packed(ty, &packed[..nb * tbb - 1], nb, &a, stride, &mut short));
                         }
                     }
                 }
@@ -402,31 +441,34 @@ mod tests {
         }
 
         /// Throughput of the packed kernels (`cargo test --release -- --ignored
-        /// --nocapture packed_speed`): GMAC/s for 1..=MAX_ACT activation rows.
+        /// --nocapture packed_speed`): GMAC/s per instruction set for 1, 4
+        /// and 8 activation rows, 16 tiles per call as the matmul issues them.
         #[test]
         #[ignore]
         fn packed_speed() {
-            let Some(t) = token() else { return };
             let mut r = Rng(3);
             let (rows, nb) = (1536, 18);
-            for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-                let w = row(&mut r, ty, rows * nb, Fill::Random);
-                let packed = super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).unwrap();
-                let ab = nb * ty.vec_dot_type().block_bytes();
-                let a: Vec<u8> = (0..4).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
-                let tb = 8 * nb * ty.block_bytes();
-                for m in 1..=super::super::MAX_ACT {
-                    let mut out = vec![[0.0f32; 8]; m];
-                    let iters = 300;
-                    let start = std::time::Instant::now();
-                    for _ in 0..iters {
-                        for tile in packed.chunks_exact(tb) {
-                            t.dot_packed(ty, tile, nb, &a, ab, &mut out);
+            for t in Avx2::all() {
+                for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                    let w = row(&mut r, ty, rows * nb, Fill::Random);
+                    let packed = super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).unwrap();
+                    let ab = nb * ty.vec_dot_type().block_bytes();
+                    let a: Vec<u8> = (0..8).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
+                    let tb = 16 * 8 * nb * ty.block_bytes();
+                    let pre = ActScalars::new(ty, nb, 8, &a, ab);
+                    for m in [1, 4, 8] {
+                        let mut out = vec![[0.0f32; 8]; 16 * m];
+                        let iters = 300;
+                        let start = std::time::Instant::now();
+                        for _ in 0..iters {
+                            for tiles in packed.chunks_exact(tb) {
+                                t.dot_packed(ty, tiles, nb, &a, ab, m, &pre, 0, &mut out);
+                            }
                         }
+                        let s = start.elapsed().as_secs_f64();
+                        let macs = (iters * rows * nb * 32 * m) as f64;
+                        eprintln!("{} {} m={m}: {:.1} GMAC/s", t.isa().name(), ty.name(), macs / s / 1e9);
                     }
-                    let s = start.elapsed().as_secs_f64();
-                    let macs = (iters * rows * nb * 32 * m) as f64;
-                    eprintln!("{} m={m}: {:.1} GMAC/s", ty.name(), macs / s / 1e9);
                 }
             }
         }

@@ -20,17 +20,37 @@ use std::arch::x86_64::*;
 
 use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::ActScalars;
 use super::super::GgmlType;
+use super::x86_packed::{self, DotIsa};
 use super::{MAX_ACT, ROW_TILE};
 
-/// Proof that the CPU supports AVX2 and F16C; only [`Avx2::detect`] makes one.
+/// Proof that the CPU supports AVX2 and F16C (and `isa`, which the packed
+/// kernels use); only [`Avx2::detect`] and [`Avx2::all`] make one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2 {
+    isa: DotIsa,
+}
 
 impl Avx2 {
-    /// Returns the token if this CPU can run the AVX2 kernels.
-    pub(crate) fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")).then_some(Self(()))
+    /// Returns the token if this CPU can run the AVX2 kernels, with the best
+    /// packed-kernel instruction set it has (only AVX2 when `avx2_only`).
+    pub(crate) fn detect(avx2_only: bool) -> Option<Self> {
+        let all = Self::all();
+        if avx2_only {
+            all.into_iter().find(|t| t.isa == DotIsa::Avx2)
+        } else {
+            all.into_iter().next()
+        }
+    }
+
+    /// One token per packed-kernel instruction set this CPU runs, best
+    /// first; empty without AVX2 and F16C.
+    pub(crate) fn all() -> Vec<Self> {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+            return Vec::new();
+        }
+        DotIsa::available().into_iter().map(|isa| Self { isa }).collect()
     }
 
     /// Single-row dot product, or `None` for types without an AVX2 kernel.
@@ -76,59 +96,35 @@ impl Avx2 {
         true
     }
 
-    /// Dot products of the eight rows of one packed tile (see `quant::pack`)
-    /// of `nb` blocks with `out.len()` (1..=[`MAX_ACT`]) activation rows that
-    /// start `a_stride` bytes apart in `a`: `out[i][r]` is tile row `r` times
-    /// activation row `i`, bit-identical to the single-row reference.
+    /// Dot products of the eight rows of each packed tile (see
+    /// `quant::pack`) in `tiles` (whole tiles of `nb` blocks) with `m`
+    /// (1..=[`MAX_ACT`]) activation rows that start `a_stride` bytes apart in
+    /// `a`: `out[t * m + i][r]` is row `r` of tile `t` times activation row
+    /// `i`, bit-identical to the single-row reference. `pre` holds the
+    /// activations' scalars (see `quant::pack::ActScalars`) from row `first`,
+    /// the row `a` starts at.
     ///
     /// Returns `false` (nothing written) for types without a packed kernel or
-    /// operands too short for `nb` blocks.
+    /// operands too short.
+    #[allow(clippy::too_many_arguments)] // The kernel's operands, checked in `x86_packed`.
     pub(crate) fn dot_packed(
         self,
         dtype: GgmlType,
-        tile: &[u8],
+        tiles: &[u8],
         nb: usize,
         a: &[u8],
         a_stride: usize,
+        m: usize,
+        pre: &ActScalars,
+        first: usize,
         out: &mut [[f32; 8]],
     ) -> bool {
-        let m = out.len();
-        let (tbb, abb) = match dtype {
-            GgmlType::Q4_1 => (8 * Q4_1_BYTES, Q8_1_BYTES),
-            GgmlType::Q8_0 => (8 * Q8_0_BYTES, Q8_0_BYTES),
-            _ => return false,
-        };
-        if m == 0 || m > MAX_ACT || tile.len() < nb * tbb || a.len() < (m - 1) * a_stride + nb * abb {
-            return false;
-        }
-        let t = tile.as_ptr();
-        let ap = |i: usize| a[i * a_stride..].as_ptr();
-        // SAFETY: the token proves AVX2 and F16C; the checks above put `nb`
-        // packed blocks in `tile` and `nb` activation blocks after each `ap(i)`,
-        // which is all the kernels read.
-        unsafe {
-            match (dtype, m) {
-                (GgmlType::Q4_1, 1) => q4_1_packed::<1>(t, nb, [ap(0)], out),
-                (GgmlType::Q4_1, 2) => q4_1_packed::<2>(t, nb, [ap(0), ap(1)], out),
-                (GgmlType::Q4_1, 3) => q4_1_packed::<3>(t, nb, [ap(0), ap(1), ap(2)], out),
-                (GgmlType::Q4_1, _) => q4_1_packed::<4>(t, nb, [ap(0), ap(1), ap(2), ap(3)], out),
-                (_, 1) => q8_0_packed::<1>(t, nb, [ap(0)], out),
-                _ => {
-                    // Two activation rows per pass keep the partial sums in registers.
-                    let mut i = 0;
-                    while i < m {
-                        if m - i >= 2 {
-                            q8_0_packed::<2>(t, nb, [ap(i), ap(i + 1)], &mut out[i..i + 2]);
-                            i += 2;
-                        } else {
-                            q8_0_packed::<1>(t, nb, [ap(i)], &mut out[i..=i]);
-                            i += 1;
-                        }
-                    }
-                }
-            }
-        }
-        true
+        m <= MAX_ACT && x86_packed::dot_packed(self.isa, dtype, tiles, nb, a, a_stride, m, pre, first, out)
+    }
+
+    /// The instruction set of the packed kernels.
+    pub(crate) fn isa(self) -> DotIsa {
+        self.isa
     }
 
     /// Quantizes `x` to Q8_0 or Q8_1 blocks in `out`, byte-identical to the
@@ -417,102 +413,6 @@ unsafe fn q8_0_rows(w: &[u8], row_bytes: usize, a: &[u8], out: &mut [f32]) {
     }
     // SAFETY: AVX2 is enabled on this function.
     unsafe { store_lanes(acc, out) };
-}
-
-/// Q4_1×Q8_1 over one packed tile (eight rows, see `quant::pack`) and `M`
-/// activation rows. Lane `r` of `acc[i]` runs the reference chain
-/// `sumf += (dx * dy) * sumi as f32 + mx * sy` for row `r` and activation
-/// `i`, in block order. The nibbles of rows `p` and `p + 4` share one
-/// register (one row per 128-bit half), so three `vphaddd` leave the eight
-/// rows' integer sums in lane order.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn q4_1_packed<const M: usize>(tile: *const u8, nb: usize, a: [*const u8; M], out: &mut [[f32; 8]]) {
-    // SAFETY: the caller guarantees `nb` packed Q4_1 blocks (160 bytes each)
-    // at `tile` and `nb` Q8_1 blocks at each `a[i]`; unaligned loads only.
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); M];
-        for b in 0..nb {
-            let t = tile.add(b * 8 * Q4_1_BYTES);
-            let dx = _mm256_cvtph_ps(_mm_loadu_si128(t.cast()));
-            let mx = _mm256_cvtph_ps(_mm_loadu_si128(t.add(16).cast()));
-            let w: [__m256i; 4] = std::array::from_fn(|p| _mm256_loadu_si256(t.add(32 + 32 * p).cast()));
-            let lo: [__m256i; 4] = std::array::from_fn(|p| _mm256_and_si256(w[p], m4));
-            let hi: [__m256i; 4] = std::array::from_fn(|p| _mm256_and_si256(_mm256_srli_epi16::<4>(w[p]), m4));
-            for i in 0..M {
-                let y = a[i].add(b * Q8_1_BYTES);
-                let ylo = _mm256_broadcastsi128_si256(_mm_loadu_si128(y.add(4).cast()));
-                let yhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(y.add(20).cast()));
-                // Pair sums are within ±3840 per `vpmaddubsw`, ±7680 after the add.
-                let prod = |p: usize| {
-                    let s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], ylo), _mm256_maddubs_epi16(hi[p], yhi));
-                    _mm256_madd_epi16(s, ones)
-                };
-                let s01 = _mm256_hadd_epi32(prod(0), prod(1));
-                let s23 = _mm256_hadd_epi32(prod(2), prod(3));
-                let sumi = _mm256_cvtepi32_ps(_mm256_hadd_epi32(s01, s23));
-                // [dy, sy] widened exactly, then broadcast each.
-                let ds = _mm256_cvtph_ps(_mm_set1_epi32(y.cast::<i32>().read_unaligned()));
-                let (dy, sy) = (_mm256_moveldup_ps(ds), _mm256_movehdup_ps(ds));
-                let t = _mm256_mul_ps(_mm256_mul_ps(dx, dy), sumi);
-                acc[i] = _mm256_add_ps(acc[i], _mm256_add_ps(t, _mm256_mul_ps(mx, sy)));
-            }
-        }
-        for (o, v) in out.iter_mut().zip(acc) {
-            _mm256_storeu_ps(o.as_mut_ptr(), v);
-        }
-    }
-}
-
-/// Q8_0×Q8_0 over one packed tile (eight rows, see `quant::pack`) and `M`
-/// activation rows. Lane `r` of `acc[i]` runs the reference chain
-/// `sumf += sumi as f32 * (dx * dy)` for row `r` and activation `i`.
-/// Both sides are sign-extended to i16 (exact even for `-128 * -128`).
-#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M×4 partials.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn q8_0_packed<const M: usize>(tile: *const u8, nb: usize, a: [*const u8; M], out: &mut [[f32; 8]]) {
-    // SAFETY: the caller guarantees `nb` packed Q8_0 blocks (272 bytes each)
-    // at `tile` and `nb` Q8_0 blocks at each `a[i]`; unaligned loads only.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); M];
-        let wide = |p: *const u8| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast()));
-        for b in 0..nb {
-            let t = tile.add(b * 8 * Q8_0_BYTES);
-            let dx = _mm256_cvtph_ps(_mm_loadu_si128(t.cast()));
-            let ys: [(__m256i, __m256i); M] = std::array::from_fn(|i| {
-                let y = a[i].add(b * Q8_0_BYTES);
-                (wide(y.add(2)), wide(y.add(18)))
-            });
-            // Four rows at a time: `vphaddd` twice leaves, per 128-bit half,
-            // the four rows' sums of that half's lanes (as in `hsum8_i32`).
-            let quad = |r0: usize| -> [__m256i; M] {
-                let mut v = [[_mm256_setzero_si256(); 4]; M];
-                for k in 0..4 {
-                    let q = t.add(16 + 32 * (r0 + k));
-                    let (wl, wh) = (wide(q), wide(q.add(16)));
-                    for i in 0..M {
-                        v[i][k] = _mm256_add_epi32(_mm256_madd_epi16(wl, ys[i].0), _mm256_madd_epi16(wh, ys[i].1));
-                    }
-                }
-                std::array::from_fn(|i| {
-                    _mm256_hadd_epi32(_mm256_hadd_epi32(v[i][0], v[i][1]), _mm256_hadd_epi32(v[i][2], v[i][3]))
-                })
-            };
-            let (ab, cd) = (quad(0), quad(4));
-            for i in 0..M {
-                let lo = _mm256_permute2x128_si256::<0x20>(ab[i], cd[i]);
-                let hi = _mm256_permute2x128_si256::<0x31>(ab[i], cd[i]);
-                let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
-                let bits = a[i].add(b * Q8_0_BYTES).cast::<i16>().read_unaligned();
-                let dy = _mm256_cvtph_ps(_mm_set1_epi16(bits));
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(sumi, _mm256_mul_ps(dx, dy)));
-            }
-        }
-        for (o, v) in out.iter_mut().zip(acc) {
-            _mm256_storeu_ps(o.as_mut_ptr(), v);
-        }
-    }
 }
 
 /// Unpacks Q4_K's eight 6-bit scales and minimums (same layout as the
