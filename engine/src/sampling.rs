@@ -150,7 +150,9 @@ impl Sampler {
             cand.truncate(p.top_k);
         }
         let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let weight = |v: f32| f64::from(v - max).exp();
+        // Single-precision exp (arguments are ≤ 0, results in [0, 1]) summed in f64: half the cost of
+        // f64 exp over 50,000 tokens, and far below the draw's resolution.
+        let weight = |v: f32| f64::from((v - max).exp());
         let total: f64 = cand.iter().map(|c| weight(c.1)).sum();
         if p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Nothing more to cut: walk the candidates as they are.
@@ -224,7 +226,7 @@ pub fn argmax(l: &[f32]) -> u32 {
 #[allow(clippy::cast_possible_truncation)]
 pub fn log_probs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = f64::from(max) + logits.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+    let lse = f64::from(max) + logits.iter().map(|&v| f64::from((v - max).exp())).sum::<f64>().ln();
     let lp = |v: f32| (f64::from(v) - lse) as f32;
     let mut top = Vec::new();
     if n > 0 {
