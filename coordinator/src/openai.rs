@@ -246,6 +246,7 @@ impl Common {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             seed: self.seed.unwrap_or(0),
             top_logprobs: logprobs.unwrap_or(0),
+            logprobs: logprobs.is_some(),
         };
         sampling.validate().map_err(|e| e.to_string())?;
         Ok(Plan { generation: Generation { prompt: Vec::new(), max_tokens, sampling }, n, stop, logprobs })

@@ -619,5 +619,6 @@ fn to_pb(s: &SamplingParams) -> pb::Sampling {
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
         top_logprobs: u32::try_from(s.top_logprobs).unwrap_or(u32::MAX),
+        logprobs: s.logprobs,
     }
 }

@@ -32,6 +32,10 @@ pub struct SamplingParams {
     pub seed: u64,
     /// How many alternatives to report log-probabilities for (0 = none).
     pub top_logprobs: usize,
+    /// Whether to compute the sampled token's log-probability. A softmax over
+    /// the whole vocabulary costs about as much as the lm_head, so it is only
+    /// paid when asked for (`top_logprobs > 0` implies it).
+    pub logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +50,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: 0,
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }
@@ -81,7 +86,7 @@ impl SamplingParams {
 pub struct Sampled {
     /// The token id.
     pub token: u32,
-    /// Its log-probability under the unmodified distribution.
+    /// Its log-probability under the unmodified distribution (NaN unless `logprobs` was asked for).
     pub logprob: f32,
     /// The most likely alternatives and their log-probabilities, best first.
     pub top: Vec<(u32, f32)>,
@@ -126,7 +131,11 @@ impl Sampler {
         // The draw depends only on the seed and the position (the history's length), not on how many
         // draws came before: a session replayed on a new pipeline continues exactly where it was.
         let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l, history.len()) };
-        let (logprob, top) = log_probs(logits, token, p.top_logprobs);
+        let (logprob, top) = if p.logprobs || p.top_logprobs > 0 {
+            log_probs(logits, token, p.top_logprobs)
+        } else {
+            (f32::NAN, Vec::new())
+        };
         Sampled { token, logprob, top }
     }
 
@@ -246,6 +255,16 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn log_probabilities_are_only_computed_when_asked_for() {
+        let quiet = Sampler::new(SamplingParams::default()).expect("params").sample(&logits(), &[]);
+        assert!(quiet.logprob.is_nan() && quiet.top.is_empty());
+        let asked = Sampler::new(SamplingParams { logprobs: true, ..Default::default() }).expect("params");
+        let out = asked.clone().sample(&logits(), &[]);
+        assert_eq!(out.token, quiet.token);
+        assert!(out.logprob < 0.0 && out.top.is_empty());
     }
 
     #[test]

@@ -105,6 +105,7 @@ fn decode_sampling(session: u64, s: pb::Sampling) -> Result<SamplingParams, Inva
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
         top_logprobs: s.top_logprobs as usize,
+        logprobs: s.logprobs,
     };
     p.validate().map_err(|source| InvalidRequest::Sampling { session, source })?;
     Ok(p)
@@ -121,6 +122,7 @@ fn encode_sampling(p: &SamplingParams) -> pb::Sampling {
         frequency_penalty: p.frequency_penalty,
         seed: p.seed,
         top_logprobs: u32::try_from(p.top_logprobs).unwrap_or(u32::MAX),
+        logprobs: p.logprobs,
     }
 }
 
