@@ -355,7 +355,7 @@ mod tests {
                                 let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
                                 let rb = nb * ty.block_bytes();
                                 let w: Vec<u8> = (0..rows).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
-                                let packed = super::super::super::pack::pack(ty, &w, rows, rb).unwrap();
+                                let packed = super::super::super::pack::pack(ty, &w, rows, rb).expect("packable");
                                 assert_eq!(packed.len(), ntiles * 8 * rb);
                                 // Activation rows with a gap between them (stride > row).
                                 let ab = nb * ty.vec_dot_type().block_bytes();
@@ -451,7 +451,8 @@ mod tests {
             for t in Avx2::all() {
                 for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
                     let w = row(&mut r, ty, rows * nb, Fill::Random);
-                    let packed = super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).unwrap();
+                    let packed =
+                        super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).expect("packable");
                     let ab = nb * ty.vec_dot_type().block_bytes();
                     let a: Vec<u8> = (0..8).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
                     let tb = 16 * 8 * nb * ty.block_bytes();
