@@ -596,9 +596,10 @@ impl Core {
             return;
         }
         let sessions = std::mem::take(&mut self.to_release);
-        match &self.link {
-            Some(link) => link.release(sessions),
-            None => tracing::debug!(?sessions, "no pipeline to release sessions on"),
+        match (&self.link, self.plan.as_ref().and_then(|p| p.stages.first())) {
+            (Some(link), _) => link.release(sessions),
+            (None, Some(first)) => crate::stage_link::release_at(first, sessions),
+            (None, None) => tracing::debug!(?sessions, "no plan to release sessions on"),
         }
     }
 

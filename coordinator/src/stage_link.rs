@@ -136,19 +136,35 @@ impl StageLink {
 
     /// Frees `sessions` on every stage, in the background (a failure is logged).
     pub fn release(&self, sessions: Vec<u64>) {
-        if sessions.is_empty() {
-            return;
-        }
-        let mut client = self.client.clone();
-        tokio::spawn(async move {
-            let mut request = tonic::Request::new(pb::ReleaseRequest { sessions: sessions.clone() });
-            request.set_timeout(RELEASE_TIMEOUT);
-            TraceHeaders::current().inject(&mut request);
-            if let Err(e) = client.release(request).await {
-                tracing::warn!(?sessions, error = %e.message(), "release failed");
-            }
-        });
+        release_with(self.client.clone(), sessions);
     }
+}
+
+/// Frees `sessions` on every stage through stage 0 at `first`, over a new
+/// connection: for when the stream that carried them has broken, so the
+/// stages that survive do not keep their caches.
+pub(crate) fn release_at(first: &StagePlan, sessions: Vec<u64>) {
+    match tonic::transport::Endpoint::from_shared(first.address.clone()) {
+        Ok(endpoint) => {
+            let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+            release_with(pb::stage_client::StageClient::new(channel), sessions);
+        }
+        Err(e) => tracing::warn!(?sessions, error = %e, "release: bad stage 0 address"),
+    }
+}
+
+fn release_with(mut client: pb::stage_client::StageClient<tonic::transport::Channel>, sessions: Vec<u64>) {
+    if sessions.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut request = tonic::Request::new(pb::ReleaseRequest { sessions: sessions.clone() });
+        request.set_timeout(RELEASE_TIMEOUT);
+        TraceHeaders::current().inject(&mut request);
+        if let Err(e) = client.release(request).await {
+            tracing::warn!(?sessions, error = %e.message(), "release failed");
+        }
+    });
 }
 
 /// An error with every cause it wraps (tonic's "transport error" alone says nothing).
