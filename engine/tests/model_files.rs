@@ -25,16 +25,7 @@ fn assert_sane(logits: &[f32], vocab: usize) {
 fn every_weight_type_and_architecture_runs_from_gguf() {
     let dir = tempfile::tempdir().expect("tempdir");
     for arch in [Architecture::Llama, Architecture::Qwen2] {
-        for dtype in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-        ] {
+        for dtype in GgmlType::ALL {
             let m = TinyModel { arch, weight_type: dtype, tied: dtype != GgmlType::Q8_0, ..TinyModel::default() };
             let file = ModelFile::open(&m.write_gguf(dir.path()).expect("fixture")).expect("open");
             assert_eq!(file.config().arch, arch);

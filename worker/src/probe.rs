@@ -18,19 +18,10 @@ const STEPS: usize = 7;
 /// Median microseconds of one single-row decode step through one layer shaped like `shape`.
 pub fn layer_micros(shape: &ModelShape, threads: usize) -> Result<f64, WorkerError> {
     let engine = |e: potluck_engine::EngineError| WorkerError::Engine(e);
-    let weight_type = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-    ]
-    .into_iter()
-    .find(|t| t.name() == shape.weight_type)
-    .ok_or_else(|| WorkerError::Probe(format!("unknown weight type `{}`", shape.weight_type)))?;
+    let weight_type = GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name() == shape.weight_type)
+        .ok_or_else(|| WorkerError::Probe(format!("unknown weight type `{}`", shape.weight_type)))?;
     let fixture = TinyModel {
         arch: Architecture::parse(&shape.arch).map_err(engine)?,
         layers: 2,

@@ -44,6 +44,11 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every storage type the engine computes with: for lookups by name and
+    /// for tests that must cover each one.
+    pub const ALL: [Self; 8] =
+        [Self::F32, Self::F16, Self::BF16, Self::Q4_0, Self::Q4_1, Self::Q8_0, Self::Q4_K, Self::Q6_K];
+
     /// Maps GGUF's numeric type id; `None` for types the engine cannot compute with.
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {
@@ -340,16 +345,7 @@ mod tests {
     #[test]
     fn vec_dot_matches_dequantized_dot() {
         let n = 512;
-        for dtype in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-        ] {
+        for dtype in GgmlType::ALL {
             let w = quantize_row(dtype, &noise(n, 1));
             let x = noise(n, 2);
             let a = quantize_row(dtype.vec_dot_type(), &x);
