@@ -2,7 +2,7 @@
 //!
 //! A pipeline runs at the pace of its slowest stage, so the first choice is
 //! the split that gives every worker work in proportion to its speed (its
-//! compute threads), counting the last stage's lm_head, which costs as much
+//! measured time per layer, else its compute threads), counting the last stage's lm_head, which costs as much
 //! as several layers, and not the first stage's embedding, a mere lookup.
 //! If that split does not fit some worker's memory, layers go in proportion
 //! to memory instead, where the first stage also holds the embedding and the
@@ -85,7 +85,7 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
     };
     let mut counts = None;
     if cost.layer_macs > 0 {
-        let speed: Vec<f64> = workers.iter().map(|w| f64::from(w.threads.max(1))).collect();
+        let speed = speeds(workers);
         let by_compute = split(cost.layers, cost.layer_macs, &speed, |i| if i == n - 1 { cost.head_macs } else { 0 });
         if fits(&by_compute).is_none() {
             counts = Some(by_compute);
@@ -111,6 +111,15 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
             stage
         })
         .collect())
+}
+
+/// Each worker's relative speed: the inverse of its measured time per layer
+/// when every worker has measured one (the start-up probe, published with
+/// etcd membership), else its compute threads.
+fn speeds(workers: &[WorkerInfo]) -> Vec<f64> {
+    let measured: Option<Vec<f64>> =
+        workers.iter().map(|w| w.layer_micros.filter(|&t| t.is_finite() && t > 0.0).map(|t| 1.0 / t)).collect();
+    measured.unwrap_or_else(|| workers.iter().map(|w| f64::from(w.threads.max(1))).collect())
 }
 
 /// Layer counts (at least one each, summing to `layers`) that give worker `i`
@@ -194,6 +203,21 @@ mod tests {
             let got = plan(cost, &ws).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(ranges(&got), want, "{name}");
         }
+    }
+
+    #[test]
+    fn measured_speed_wins_over_threads() {
+        let cost =
+            ModelCost { layers: 30, layer_bytes: 2, embed_bytes: 30, head_bytes: 30, layer_macs: 35, head_macs: 283 };
+        let mut fast = worker("fast", 1000);
+        let mut slow = worker("slow", 1000);
+        (fast.threads, slow.threads) = (1, 8);
+        (fast.layer_micros, slow.layer_micros) = (Some(100.0), Some(300.0));
+        // Measured: `fast` does three times the work, though it has fewer threads.
+        assert_eq!(ranges(&plan(cost, &[fast.clone(), slow.clone()]).expect("fits")), vec![(0, 29), (29, 30)]);
+        // One worker without a measurement: threads decide for all.
+        slow.layer_micros = None;
+        assert_eq!(ranges(&plan(cost, &[fast, slow]).expect("fits")), vec![(0, 4), (4, 30)]);
     }
 
     #[test]
