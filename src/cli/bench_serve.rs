@@ -35,6 +35,9 @@ pub struct ServeBench {
     /// Tokens per request.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Micro-batches in flight through the pipeline (default: the coordinator's, stages + 1).
+    #[arg(long)]
+    max_inflight: Option<usize>,
     /// Shard cache for the workers (default: a fresh directory, removed after).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -70,7 +73,8 @@ impl ServeBench {
         let (workers, threads) = (self.workers.to_string(), (self.workers * self.threads_per_worker).to_string());
         let (model, cache_s, sessions) =
             (self.model.to_string_lossy(), cache.to_string_lossy(), most.max(64).to_string());
-        let up = UpChild::start(&[
+        let inflight = self.max_inflight.map(|n| n.to_string());
+        let mut args = vec![
             "--workers",
             &workers,
             "--threads",
@@ -83,7 +87,11 @@ impl ServeBench {
             &sessions,
             "--queue",
             &sessions,
-        ])?;
+        ];
+        if let Some(n) = &inflight {
+            args.extend(["--max-inflight", n.as_str()]);
+        }
+        let up = UpChild::start(&args)?;
         stream(&up.http, "warm-up", 0, 4)?;
         let mut rows = Vec::new();
         for &c in &self.concurrency {
