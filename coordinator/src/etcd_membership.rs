@@ -10,7 +10,7 @@ use std::time::Duration;
 use potluck_etcd::{ClusterKeys, EtcdClient, KeyValue, WatchEvent, WorkerRecord};
 use tokio::sync::watch;
 
-use crate::membership::{Membership, MembershipError, WorkerInfo};
+use crate::membership::{in_join_order, Membership, MembershipError, WorkerInfo};
 
 /// Pause before re-reading after etcd went away.
 const RETRY: Duration = Duration::from_millis(500);
@@ -125,9 +125,7 @@ impl Membership for EtcdMembership {
     }
 
     fn workers(&self) -> Vec<WorkerInfo> {
-        let mut v: Vec<WorkerInfo> = self.lock().values().cloned().collect();
-        v.sort_by(|a, b| a.joined.cmp(&b.joined).then_with(|| a.id.cmp(&b.id)));
-        v
+        in_join_order(self.lock().values())
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -112,14 +112,19 @@ impl Membership for InMemoryMembership {
     }
 
     fn workers(&self) -> Vec<WorkerInfo> {
-        let mut v: Vec<WorkerInfo> = self.lock().values().cloned().collect();
-        v.sort_by(|a, b| a.joined.cmp(&b.joined).then_with(|| a.id.cmp(&b.id)));
-        v
+        in_join_order(self.lock().values())
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
+}
+
+/// `workers` sorted by when they joined (ties by id), so plans are stable.
+pub(crate) fn in_join_order<'a>(workers: impl Iterator<Item = &'a WorkerInfo>) -> Vec<WorkerInfo> {
+    let mut v: Vec<WorkerInfo> = workers.cloned().collect();
+    v.sort_by(|a, b| a.joined.cmp(&b.joined).then_with(|| a.id.cmp(&b.id)));
+    v
 }
 
 #[cfg(test)]

@@ -182,6 +182,20 @@ fn attend_head_body(
 mod tests {
     use super::*;
 
+    /// Values in `[-scale/2, scale/2)` from a fixed LCG, `n` at a time.
+    #[allow(clippy::cast_precision_loss)]
+    fn noise(seed: u64, scale: f32) -> impl FnMut(usize) -> Vec<f32> {
+        let mut s = seed;
+        move |n| {
+            (0..n)
+                .map(|_| {
+                    s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        }
+    }
+
     #[test]
     fn single_token_returns_its_value() {
         let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 2 };
@@ -200,15 +214,7 @@ mod tests {
 
     #[test]
     fn dots_equal_dot_bit_for_bit() {
-        let mut s = 7u64;
-        let mut v = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10.0
-                })
-                .collect()
-        };
+        let mut v = noise(7, 10.0);
         for n in [1, 7, 8, 13, 64, 100] {
             let a = v(n);
             let b: Vec<Vec<f32>> = (0..4).map(|_| v(n)).collect();
@@ -229,15 +235,7 @@ mod tests {
     /// build bit for bit on random inputs and cache lengths.
     #[test]
     fn dispatched_equals_baseline_bit_for_bit() {
-        let mut s = 11u64;
-        let mut v = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-                })
-                .collect()
-        };
+        let mut v = noise(11, 6.0);
         let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 64 };
         for tokens in [1, 3, 4, 17, 130] {
             let keys = v(tokens * 128);
