@@ -82,7 +82,55 @@ pub fn attend_head(shape: AttnShape, head: usize, q: &[f32], seen: Visible<'_>, 
         unsafe { attend_head_avx2(shape, head, q, seen, scores, out) };
         return;
     }
-    attend_head_body(shape, head, q, seen, scores, out, dots::<4>);
+    attend_head_body::<Portable>(shape, head, q, seen, scores, out);
+}
+
+/// The three inner loops of one head's attention, so the scalar reference
+/// and the AVX2 build share one body.
+trait HeadKernels {
+    /// `dot(a, b[k])` for eight keys.
+    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8];
+    /// `crate::softmax::softmax_scalar`.
+    fn softmax(scores: &mut [f32]) -> f32;
+    /// [`weigh_values`].
+    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]);
+}
+
+/// The reference kernels.
+struct Portable;
+
+impl HeadKernels for Portable {
+    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+        dots(a, b)
+    }
+    fn softmax(scores: &mut [f32]) -> f32 {
+        crate::softmax::softmax_scalar(scores)
+    }
+    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+        weigh_values(scores, inv, values, stride, out);
+    }
+}
+
+/// The AVX2 kernels; only used where AVX2 was detected.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl HeadKernels for Avx2 {
+    #[inline(always)]
+    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+        // SAFETY: `Avx2` is used only inside `attend_head_avx2`, after detection.
+        unsafe { dots_avx2(a, b) }
+    }
+    #[inline(always)]
+    fn softmax(scores: &mut [f32]) -> f32 {
+        crate::softmax::softmax(scores)
+    }
+    #[inline(always)]
+    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { weigh_values_avx2(scores, inv, values, stride, out) }
+    }
 }
 
 /// [`attend_head`] compiled for AVX2.
@@ -96,22 +144,80 @@ unsafe fn attend_head_avx2(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    // SAFETY: AVX2 is enabled on this function.
-    attend_head_body(shape, head, q, seen, scores, out, |a, b| unsafe { dots4_avx2(a, b) });
+    attend_head_body::<Avx2>(shape, head, q, seen, scores, out);
 }
 
-/// [`dots`] of four vectors with AVX2 intrinsics: lane `l` of each register
+/// `out[o] = Σ_t (scores[t] * inv) * values[t * stride + o]`, summed in `t`
+/// order from zero, one output element at a time: the reference the SIMD
+/// form repeats.
+fn weigh_values(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (t, &s) in scores.iter().enumerate() {
+        let w = s * inv;
+        let v = &values[t * stride..][..out.len()];
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += w * x;
+        }
+    }
+}
+
+/// [`weigh_values`] with AVX2: each output element sees the same multiply
+/// and add in the same `t` order, but 64 outputs at a time stay in eight
+/// registers across the whole pass over `t`. (The compiled portable loop
+/// stored and reloaded `out` for every token, so each token waited on the
+/// previous one's stores: a third of batch-16 decode time.)
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn weigh_values_avx2(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = out.len();
+    assert!(scores.is_empty() || values.len() >= (scores.len() - 1) * stride + hd, "values too short");
+    /// One pass over every token for `R` registers of outputs from `c`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pass<const R: usize>(scores: &[f32], inv: f32, values: &[f32], stride: usize, c: usize, out: &mut [f32]) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (t, &s) in scores.iter().enumerate() {
+            let w = _mm256_set1_ps(s * inv);
+            // SAFETY: the caller checked `values` holds `out.len()` after every `t * stride`, and `c + 8R <= out.len()`.
+            let v = unsafe { values.as_ptr().add(t * stride + c) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(w, unsafe { _mm256_loadu_ps(v.add(8 * r)) }));
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: `c + 8R <= out.len()`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * r), *a) };
+        }
+    }
+    let mut c = 0;
+    // SAFETY (every pass): AVX2 is enabled, and each pass stays below `hd`.
+    while c + 64 <= hd {
+        unsafe { pass::<8>(scores, inv, values, stride, c, out) };
+        c += 64;
+    }
+    while c + 8 <= hd {
+        unsafe { pass::<1>(scores, inv, values, stride, c, out) };
+        c += 8;
+    }
+    if c < hd {
+        weigh_values(scores, inv, &values[c..], stride, &mut out[c..]);
+    }
+}
+
+/// [`dots`] of `K` vectors with AVX2 intrinsics: lane `l` of each register
 /// is `dot`'s `acc[l]`, updated by the same multiply and add, and the final
 /// tree is `dot`'s `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`.
 /// (The autovectoriser turned the portable form into shuffles.)
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn dots4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
     use std::arch::x86_64::*;
     let n = b.iter().fold(a.len(), |n, v| n.min(v.len()));
     let full = n / 8 * 8;
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [_mm256_setzero_ps(); K];
     for c in (0..full).step_by(8) {
         // SAFETY: `c + 8 <= full <= len` of `a` and of every `b[k]`.
         unsafe {
@@ -119,6 +225,14 @@ unsafe fn dots4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
             for (k, bk) in b.iter().enumerate() {
                 acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(x, _mm256_loadu_ps(bk.as_ptr().add(c))));
             }
+        }
+    }
+    if full == n {
+        if let Ok(eight) = <[__m256; 8]>::try_from(&acc[..]) {
+            let mut out = [0.0f32; K];
+            // SAFETY: AVX2 is enabled here; `out` holds K = 8 f32s.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), trees8(eight)) };
+            return out;
         }
     }
     std::array::from_fn(|k| {
@@ -132,16 +246,36 @@ unsafe fn dots4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     })
 }
 
+/// `dot`'s final tree `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`
+/// of eight accumulators at once, lane `k` of the result for `acc[k]`:
+/// the same adds, paired by shuffles instead of one key at a time through
+/// memory.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn trees8(acc: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // b[k] = [a0+a4, a1+a5, a2+a6, a3+a7] of key k (low half), of key k+4 (high half).
+    let b: [__m256; 4] = std::array::from_fn(|k| {
+        let low = _mm256_permute2f128_ps::<0x20>(acc[k], acc[k + 4]);
+        let high = _mm256_permute2f128_ps::<0x31>(acc[k], acc[k + 4]);
+        _mm256_add_ps(low, high)
+    });
+    // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3] per 128-bit half.
+    let pairs01 = _mm256_hadd_ps(b[0], b[1]);
+    let pairs23 = _mm256_hadd_ps(b[2], b[3]);
+    _mm256_hadd_ps(pairs01, pairs23)
+}
+
 #[inline(always)]
 #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
-fn attend_head_body(
+fn attend_head_body<K: HeadKernels>(
     shape: AttnShape,
     head: usize,
     q: &[f32],
     seen: Visible<'_>,
     scores: &mut [f32],
     out: &mut [f32],
-    dots4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4],
 ) {
     let hd = shape.head_dim;
     let kv_dim = shape.kv_heads * hd;
@@ -151,31 +285,19 @@ fn attend_head_body(
     let scores = &mut scores[..tokens];
     let key = |t: usize| &keys[t * kv_dim + kvh * hd..][..hd];
     let mut t = 0;
-    while t + 4 <= tokens {
-        let d = dots4(q, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
-        for (s, d) in scores[t..t + 4].iter_mut().zip(d) {
+    // Eight keys at a time: eight independent add chains hide the adds' latency.
+    while t + 8 <= tokens {
+        let d = K::dots8(q, std::array::from_fn(|i| key(t + i)));
+        for (s, d) in scores[t..t + 8].iter_mut().zip(d) {
             *s = d * scale;
         }
-        t += 4;
+        t += 8;
     }
     for (t, s) in scores.iter_mut().enumerate().skip(t) {
         *s = dot(q, key(t)) * scale;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0.0f64;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += f64::from(*s);
-    }
-    let inv = (1.0 / sum) as f32;
-    out.fill(0.0);
-    for (t, &s) in scores.iter().enumerate() {
-        let w = s * inv;
-        let v = &values[t * kv_dim + kvh * hd..][..hd];
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += w * x;
-        }
-    }
+    let inv = K::softmax(scores);
+    K::weigh(scores, inv, &values[kvh * hd..], kv_dim, &mut out[..hd]);
 }
 
 #[cfg(test)]
@@ -225,8 +347,14 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 was detected.
-                let wide = unsafe { dots4_avx2(&a, [&b[0][..], &b[1][..], &b[2][..], &b[3][..]]) };
+                let wide = unsafe { dots_avx2(&a, [&b[0][..], &b[1][..], &b[2][..], &b[3][..]]) };
                 assert_eq!(wide.map(f32::to_bits), got.map(f32::to_bits), "avx2 n={n}");
+                // Eight keys: the shuffled tree when `n` is a multiple of 8.
+                let b8: Vec<Vec<f32>> = (0..8).map(|_| v(n)).collect();
+                let eight = unsafe { dots_avx2(&a, std::array::from_fn::<_, 8, _>(|k| &b8[k][..])) };
+                for (g, bk) in eight.iter().zip(&b8) {
+                    assert_eq!(g.to_bits(), dot(&a, bk).to_bits(), "avx2 eight n={n}");
+                }
             }
         }
     }
@@ -236,19 +364,22 @@ mod tests {
     #[test]
     fn dispatched_equals_baseline_bit_for_bit() {
         let mut v = noise(11, 6.0);
-        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 64 };
-        for tokens in [1, 3, 4, 17, 130] {
-            let keys = v(tokens * 128);
-            let values = v(tokens * 128);
-            for head in [0, 4] {
-                let q = v(64);
-                let seen = Visible { keys: &keys, values: &values, tokens };
-                let (mut s1, mut s2) = (vec![0.0; tokens], vec![0.0; tokens]);
-                let (mut o1, mut o2) = (vec![0.0f32; 64], vec![0.0f32; 64]);
-                attend_head(shape, head, &q, seen, &mut s1, &mut o1);
-                attend_head_body(shape, head, &q, seen, &mut s2, &mut o2, dots::<4>);
-                let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&o1), bits(&o2), "tokens={tokens} head={head}");
+        // Head widths that cover the 64-wide, 8-wide and scalar value passes.
+        for hd in [64, 84, 12] {
+            let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: hd };
+            for tokens in [1, 3, 4, 8, 17, 130] {
+                let keys = v(tokens * 2 * hd);
+                let values = v(tokens * 2 * hd);
+                for head in [0, 4] {
+                    let q = v(hd);
+                    let seen = Visible { keys: &keys, values: &values, tokens };
+                    let (mut s1, mut s2) = (vec![0.0; tokens], vec![0.0; tokens]);
+                    let (mut o1, mut o2) = (vec![0.0f32; hd], vec![0.0f32; hd]);
+                    attend_head(shape, head, &q, seen, &mut s1, &mut o1);
+                    attend_head_body::<Portable>(shape, head, &q, seen, &mut s2, &mut o2);
+                    let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&o1), bits(&o2), "hd={hd} tokens={tokens} head={head}");
+                }
             }
         }
     }

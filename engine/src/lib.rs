@@ -26,6 +26,7 @@ pub mod rng;
 pub mod rope;
 pub mod sampling;
 pub mod shard;
+mod softmax;
 pub mod stage;
 pub mod tokenizer;
 pub mod weights;

@@ -123,8 +123,14 @@ impl Matrix {
             .iter()
             .enumerate()
             .flat_map(|(j, (m, ..))| {
+                // Chunks start on even tiles: the 512-bit kernels take tiles in pairs.
                 let tiles = m.rows.div_ceil(quant::TILE);
-                (0..per).map(move |c| (j, split(tiles, c, per))).filter(|(_, r)| !r.is_empty())
+                (0..per)
+                    .map(move |c| {
+                        let r = split(tiles.div_ceil(2), c, per);
+                        (j, 2 * r.start..(2 * r.end).min(tiles))
+                    })
+                    .filter(|(_, r)| !r.is_empty())
             })
             .collect();
         let next = AtomicUsize::new(0);

@@ -20,6 +20,8 @@ mod neon;
 mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
+#[cfg(target_arch = "x86_64")]
+mod x86_tile_pair;
 
 /// Most weight rows one [`vec_dot_rows`] call handles: one per f32 lane of an
 /// AVX2 register, so each lane keeps the reference's sequential block order.
@@ -338,7 +340,7 @@ mod tests {
         /// Packed tiles against the scalar reference, for every packed
         /// instruction set this CPU has (AVX2, AVX-VNNI, AVX-512 VNNI): every
         /// (row, activation) output, for 1..=MAX_ACT activation rows per call,
-        /// one to three tiles per call with a partial last tile, random and
+        /// one to four tiles per call (pairs and a lone tile) with a partial last tile, random and
         /// edge-value quants and scales; a row's result must not depend on how
         /// many activation rows or tiles share the call.
         #[test]
@@ -351,7 +353,7 @@ mod tests {
                     for nb in [1, 2, 3, 7, 18, 48] {
                         for (fi, &wf) in FILLS.iter().enumerate() {
                             for &af in &FILLS[fi % 2..] {
-                                let ntiles = 1 + (r.next() as usize) % 3;
+                                let ntiles = 1 + (r.next() as usize) % 4;
                                 let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
                                 let rb = nb * ty.block_bytes();
                                 let w: Vec<u8> = (0..rows).flat_map(|_| row(&mut r, ty, nb, wf)).collect();

@@ -37,6 +37,11 @@ pub(crate) enum DotIsa {
     AvxVnni,
     /// EVEX `vpdpbusd` on 256-bit registers (AVX-512 F + VL + VNNI).
     Avx512Vnni,
+    /// EVEX `vpdpbusd` on 512-bit registers, two tiles at a time
+    /// (`x86_tile_pair`; also AVX-512 DQ). Chosen first where the CPU runs
+    /// 512-bit operations at full width; on double-pumped units it is no
+    /// slower.
+    Avx512Wide,
 }
 
 impl DotIsa {
@@ -48,6 +53,9 @@ impl DotIsa {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
         {
+            if is_x86_feature_detected!("avx512dq") {
+                v.push(Self::Avx512Wide);
+            }
             v.push(Self::Avx512Vnni);
         }
         if is_x86_feature_detected!("avxvnni") {
@@ -63,6 +71,7 @@ impl DotIsa {
             Self::Avx2 => "avx2",
             Self::AvxVnni => "avx2+avxvnni",
             Self::Avx512Vnni => "avx2+avx512vnni",
+            Self::Avx512Wide => "avx512vnni-512",
         }
     }
 
@@ -71,7 +80,7 @@ impl DotIsa {
     /// faster than two passes of four); for Q8_0 eight rows were no faster,
     /// and the 16-register sets take four.
     fn max_rows(self, dtype: GgmlType) -> usize {
-        if self == Self::Avx512Vnni && dtype == GgmlType::Q4_1 {
+        if matches!(self, Self::Avx512Vnni | Self::Avx512Wide) && dtype == GgmlType::Q4_1 {
             8
         } else {
             4
@@ -136,6 +145,18 @@ pub(crate) fn dot_packed(
         // caller's `isa` came from `DotIsa::available` on this CPU.
         unsafe {
             match (isa, dtype) {
+                (DotIsa::Avx512Wide, GgmlType::Q4_1) => {
+                    use super::x86_tile_pair as w;
+                    let wide = [w::q4_1::<8> as KernelFn, w::q4_1::<4>, w::q4_1::<2>, w::q4_1::<1>];
+                    let narrow =
+                        [avx512::q4_1::<8> as KernelFn, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>];
+                    run_pairs(k, &job, tbb, wide, narrow);
+                }
+                (DotIsa::Avx512Wide, _) => {
+                    use super::x86_tile_pair as w;
+                    let wide = [w::q8_0::<4> as KernelFn, w::q8_0::<2>, w::q8_0::<1>];
+                    run_pairs(k, &job, tbb, wide, [avx512::q8_0::<4>, avx512::q8_0::<2>, avx512::q8_0::<1>]);
+                }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => {
                     let ks = [avx512::q4_1::<8> as KernelFn, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>];
                     run_k(k, &job, ks);
@@ -156,18 +177,47 @@ pub(crate) fn dot_packed(
 
 /// Operands of one kernel pass (raw pointers; see the safety contract of
 /// [`dot_packed`]).
-struct Job {
-    tiles: *const u8,
-    ntiles: usize,
-    nb: usize,
+#[derive(Clone, Copy)]
+pub(super) struct Job {
+    pub(super) tiles: *const u8,
+    pub(super) ntiles: usize,
+    pub(super) nb: usize,
     /// Activation rows (unused trailing entries repeat the last one).
-    a: [*const u8; 8],
+    pub(super) a: [*const u8; 8],
     /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
-    d: *const f32,
-    x: *const u32,
+    pub(super) d: *const f32,
+    pub(super) x: *const u32,
     /// `out[t * out_stride + i]`.
-    out: *mut [f32; 8],
-    out_stride: usize,
+    pub(super) out: *mut [f32; 8],
+    pub(super) out_stride: usize,
+}
+
+/// Runs the tile-pair kernels of `wide` over the even number of leading
+/// tiles of `job` and, for an odd count, the one-tile kernels of `narrow`
+/// over the last (`tbb` bytes per packed block).
+///
+/// # Safety
+/// As for [`run_k`], for both kernel sets.
+unsafe fn run_pairs<const N: usize>(k: usize, job: &Job, tbb: usize, wide: [KernelFn; N], narrow: [KernelFn; N]) {
+    // One activation row streams the weights from memory; the one-tile
+    // kernels keep a single stream and measured faster there.
+    let even = if k == 1 { 0 } else { job.ntiles & !1 };
+    // SAFETY: forwarded contract; the tail job starts at tile `even`, within
+    // the same tiles and outputs.
+    unsafe {
+        if even > 0 {
+            run_k(k, &Job { ntiles: even, ..*job }, wide);
+        }
+        if even < job.ntiles {
+            let tail = Job {
+                tiles: job.tiles.add(even * job.nb * tbb),
+                ntiles: job.ntiles - even,
+                out: job.out.add(even * job.out_stride),
+                ..*job
+            };
+            run_k(k, &tail, narrow);
+        }
+    }
 }
 
 type KernelFn = unsafe fn(&Job);
