@@ -172,6 +172,23 @@ impl ComputePool {
         }
         *lock(&sh.job) = None;
     }
+
+    /// Runs `f` over `0..n` cut into one contiguous range per part, or
+    /// inline over all of it when `n < min` (too little work to pay for
+    /// a hand-off). For row-wise work whose result does not depend on who
+    /// computes a row.
+    pub fn rows(&self, n: usize, min: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        if self.threads == 1 || n < min.max(2) {
+            f(0..n);
+            return;
+        }
+        self.run(&|part| {
+            let r = split(n, part, self.threads);
+            if !r.is_empty() {
+                f(r);
+            }
+        });
+    }
 }
 
 impl Shared {

@@ -6,8 +6,14 @@ use crate::config::RopeStyle;
 ///
 /// The angle for pair `i` is `position · base^(-2i/d)`, built by repeated
 /// multiplication in f32 as ggml does, so angles match llama.cpp's.
-#[allow(clippy::cast_precision_loss)]
 pub fn rotate(row: &mut [f32], head_dim: usize, position: usize, theta_base: f32, style: RopeStyle) {
+    rotate_pair(row, &mut [], head_dim, position, theta_base, style);
+}
+
+/// [`rotate`] of a query row and a key row at one position, sharing one
+/// table of angles (its sines and cosines cost more than the rotations).
+#[allow(clippy::cast_precision_loss)]
+pub fn rotate_pair(q: &mut [f32], k: &mut [f32], head_dim: usize, position: usize, theta_base: f32, style: RopeStyle) {
     let half = head_dim / 2;
     let scale = theta_base.powf(-2.0 / head_dim as f32);
     let mut theta = position as f32;
@@ -17,7 +23,7 @@ pub fn rotate(row: &mut [f32], head_dim: usize, position: usize, theta_base: f32
         *t = (theta.cos(), theta.sin());
         theta *= scale;
     }
-    for head in row.chunks_exact_mut(head_dim) {
+    for head in q.chunks_exact_mut(head_dim).chain(k.chunks_exact_mut(head_dim)) {
         for (i, &(cos, sin)) in table.iter().enumerate() {
             let (a, b) = match style {
                 RopeStyle::Interleaved => (2 * i, 2 * i + 1),

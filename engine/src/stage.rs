@@ -18,7 +18,7 @@ use crate::hidden::Hidden;
 use crate::kv_cache::{KvCache, SessionId};
 use crate::model_file::ModelFile;
 use crate::norm::{rms_norm, swiglu};
-use crate::pool::{split, ComputePool};
+use crate::pool::ComputePool;
 use crate::rope;
 use crate::weights::{Activations, Matrix};
 
@@ -335,7 +335,11 @@ impl Block {
     ) {
         let n = rows.len();
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        rms_norm(x, &self.attn_norm, c.rms_eps, &mut s.h);
+        let (hidden, eps) = (c.hidden, c.rms_eps);
+        let norm = |w: &[f32], x: &[f32], h: &mut [f32]| {
+            par_rows(pool, h, hidden, |r, out| rms_norm(&x[r.start * hidden..r.end * hidden], w, eps, out));
+        };
+        norm(&self.attn_norm, x, &mut s.h);
         {
             // One pool job for all three: the threads wake once.
             let a = Activations::new(&s.h, n, c.hidden);
@@ -346,22 +350,39 @@ impl Block {
             add_bias(&mut s.k, bk);
             add_bias(&mut s.v, bv);
         }
+        Self::rotate(c, rows, &mut s.q, &mut s.k, pool);
         for (i, r) in rows.iter().enumerate() {
-            rope::rotate(&mut s.q[i * q_dim..(i + 1) * q_dim], c.head_dim, r.position, c.rope_theta, c.rope_style);
-            rope::rotate(&mut s.k[i * kv_dim..(i + 1) * kv_dim], c.head_dim, r.position, c.rope_theta, c.rope_style);
             cache.push(local, r.session, &s.k[i * kv_dim..(i + 1) * kv_dim], &s.v[i * kv_dim..(i + 1) * kv_dim]);
         }
         self.attention(c, local, rows, cache, s, pool);
         self.o.matmul(&Activations::new(&s.attn, n, q_dim), &mut s.proj, pool);
         add_in_place(x, &s.proj);
-        rms_norm(x, &self.ffn_norm, c.rms_eps, &mut s.h);
+        norm(&self.ffn_norm, x, &mut s.h);
         {
             let a = Activations::new(&s.h, n, c.hidden);
             Matrix::matmul_group(&[&self.gate, &self.up], &a, &mut [&mut s.gate, &mut s.up], pool);
         }
-        parallel_swiglu(&mut s.gate, &s.up, pool);
+        let (ffn, up) = (c.ffn, &s.up);
+        par_rows(pool, &mut s.gate, ffn, |r, g| swiglu(g, &up[r.start * ffn..r.end * ffn]));
         self.down.matmul(&Activations::new(&s.gate, n, c.ffn), &mut s.proj, pool);
         add_in_place(x, &s.proj);
+    }
+
+    /// Rotary embeddings of every row's query and key, rows split across
+    /// the pool (one angle table per row serves both).
+    fn rotate(c: &ModelConfig, rows: &[Row], q: &mut [f32], k: &mut [f32], pool: &ComputePool) {
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let kp = SharedSlice(k.as_mut_ptr());
+        par_rows(pool, q, q_dim, |r, qs| {
+            let kp = &kp;
+            // SAFETY: the parts' row ranges are disjoint, so are their key rows
+            // (inside `k`, which outlives this call).
+            let ks = unsafe { std::slice::from_raw_parts_mut(kp.0.add(r.start * kv_dim), r.len() * kv_dim) };
+            for (j, i) in r.enumerate() {
+                let (qr, kr) = (&mut qs[j * q_dim..(j + 1) * q_dim], &mut ks[j * kv_dim..(j + 1) * kv_dim]);
+                rope::rotate_pair(qr, kr, c.head_dim, rows[i].position, c.rope_theta, c.rope_style);
+            }
+        });
     }
 
     /// Every (row, head) pair attends on its own; threads split the pairs.
@@ -421,27 +442,25 @@ fn claim(next: &AtomicUsize, pairs: usize) -> Option<Range<usize>> {
 
 /// A buffer written by several threads at disjoint ranges.
 struct SharedSlice(*mut f32);
-// SAFETY: writers only touch disjoint ranges; see `Block::attention` and
-// `parallel_swiglu`.
+// SAFETY: writers only touch disjoint ranges; see `Block::attention`,
+// `Block::rotate` and `par_rows`.
 unsafe impl Sync for SharedSlice {}
 
-/// `swiglu` split across the pool by element when the batch is big enough
-/// to pay for a wake-up (elementwise, so the split cannot change a result).
-fn parallel_swiglu(gate: &mut [f32], up: &[f32], pool: &ComputePool) {
-    const MIN_PARALLEL: usize = 16 * 1024;
-    if pool.threads() == 1 || gate.len() < MIN_PARALLEL {
-        swiglu(gate, up);
-        return;
-    }
-    let len = gate.len().min(up.len());
-    let g = SharedSlice(gate.as_mut_ptr());
-    pool.run(&|part| {
-        let g = &g;
-        let r = split(len, part, pool.threads());
-        // SAFETY: parts take disjoint ranges of `gate` (which outlives
-        // `pool.run`); `r` lies inside `0..len`.
-        let mine = unsafe { std::slice::from_raw_parts_mut(g.0.add(r.start), r.len()) };
-        swiglu(mine, &up[r]);
+/// Batches below this many rows run row-wise work on the calling thread:
+/// fewer rows do not pay for a hand-off.
+const MIN_PARALLEL_ROWS: usize = 4;
+
+/// `f(rows, out_rows)` over disjoint row ranges of `out` (`width` floats per
+/// row) across the pool. Row-wise work only, so the split cannot change a
+/// result.
+fn par_rows(pool: &ComputePool, out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    let n = out.len() / width.max(1);
+    let o = SharedSlice(out.as_mut_ptr());
+    pool.rows(n, MIN_PARALLEL_ROWS, &|r| {
+        let o = &o;
+        // SAFETY: parts get disjoint row ranges inside `out`, which outlives `pool.rows`.
+        let mine = unsafe { std::slice::from_raw_parts_mut(o.0.add(r.start * width), r.len() * width) };
+        f(r, mine);
     });
 }
 

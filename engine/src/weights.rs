@@ -102,7 +102,11 @@ impl Matrix {
     /// features; results equal separate `matmul` calls bit for bit.
     pub fn matmul_group(mats: &[&Matrix], x: &Activations<'_>, outs: &mut [&mut [f32]], pool: &ComputePool) {
         debug_assert_eq!(mats.len(), outs.len());
-        // Quantize on this thread first: the lazily filled cache is not `Sync`.
+        // Quantize first, rows split across the pool; the lazily filled
+        // cache itself is only touched on this thread (it is not `Sync`).
+        for m in mats {
+            x.quantize_on(m.dtype.vec_dot_type(), pool);
+        }
         let jobs: Vec<(&Matrix, &[u8], Option<&quant::ActScalars>, SharedOut)> = mats
             .iter()
             .zip(outs.iter_mut())
@@ -216,6 +220,11 @@ struct SharedOut(*mut f32);
 // features of the tiles it claimed.
 unsafe impl Sync for SharedOut {}
 
+/// Quantized rows written by several threads, one row each.
+struct SharedBytes(*mut u8);
+// SAFETY: see `Activations::quantize_rows`: each row is written by one thread.
+unsafe impl Sync for SharedBytes {}
+
 /// A batch of activation rows and, lazily, their quantized forms.
 ///
 /// q, k and v (and gate and up) share one input; quantizing it once per
@@ -261,6 +270,23 @@ impl<'a> Activations<'a> {
     }
 
     fn quantized(&self, ty: GgmlType) -> &[u8] {
+        self.quantize_rows(ty, |n, f| f(0..n))
+    }
+
+    /// Fills the `ty` cache (if empty) with rows quantized across `pool`.
+    fn quantize_on(&self, ty: GgmlType, pool: &ComputePool) {
+        /// Fewer rows are quantized on the calling thread.
+        const MIN_PARALLEL_ROWS: usize = 4;
+        self.quantize_rows(ty, |n, f| pool.rows(n, MIN_PARALLEL_ROWS, f));
+    }
+
+    /// The `ty` cache, filled if empty by `each(n, f)`, which must call
+    /// `f` once over every row index in disjoint ranges.
+    fn quantize_rows(
+        &self,
+        ty: GgmlType,
+        each: impl FnOnce(usize, &(dyn Fn(std::ops::Range<usize>) + Sync)),
+    ) -> &[u8] {
         let cell = match ty {
             GgmlType::Q8_0 => &self.q8_0,
             GgmlType::Q8_1 => &self.q8_1,
@@ -270,9 +296,17 @@ impl<'a> Activations<'a> {
         cell.get_or_init(|| {
             let rb = ty.row_bytes(self.dim).unwrap_or(0);
             let mut q = vec![0u8; rb * self.n];
-            for (r, o) in self.x.chunks_exact(self.dim).zip(q.chunks_exact_mut(rb.max(1))) {
-                quant::quantize_row_into(ty, r, o);
-            }
+            let out = SharedBytes(q.as_mut_ptr());
+            let (x, dim) = (self.x, self.dim);
+            each(self.n, &|rows| {
+                let out = &out;
+                for i in rows {
+                    // SAFETY: `i < n`, so bytes `i * rb..(i + 1) * rb` lie in `q`, which
+                    // outlives `each`; callers hand each row to one call only.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * rb), rb) };
+                    quant::quantize_row_into(ty, &x[i * dim..(i + 1) * dim], o);
+                }
+            });
             q
         })
     }
