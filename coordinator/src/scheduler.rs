@@ -57,7 +57,7 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Most rows per micro-batch.
     pub max_batch_rows: usize,
-    /// Micro-batches in flight at once (`None`: one more than the stages).
+    /// Micro-batches in flight at once (`None`: one per stage, at least two).
     pub max_inflight: Option<usize>,
     /// KV budget of each worker, in bytes.
     pub worker_kv_budget: u64,
@@ -383,9 +383,14 @@ impl Core {
         self.admit();
     }
 
+    /// One micro-batch per stage keeps every stage computing; more only cut
+    /// the same sessions into smaller batches, which the kernels run less
+    /// efficiently (measured on two workers at 16 streams: 2 in flight gave
+    /// 1,583 tok/s, 3 gave 1,510). A lone stage still gets two, so it
+    /// computes the next batch while the coordinator turns the last around.
     fn max_inflight(&self) -> usize {
         let stages = self.plan.as_ref().map_or(1, |p| p.stages.len());
-        self.config.max_inflight.unwrap_or(stages + 1).max(1)
+        self.config.max_inflight.unwrap_or(stages.max(2)).max(1)
     }
 
     async fn dispatch(&mut self) {

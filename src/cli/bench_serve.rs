@@ -35,7 +35,7 @@ pub struct ServeBench {
     /// Tokens per request.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// Micro-batches in flight through the pipeline (default: the coordinator's, stages + 1).
+    /// Micro-batches in flight through the pipeline (default: the coordinator's, one per stage, at least 2).
     #[arg(long)]
     max_inflight: Option<usize>,
     /// Shard cache for the workers (default: a fresh directory, removed after).

@@ -14,7 +14,7 @@ pub struct ServingArgs {
     /// Most requests waiting for capacity; beyond it requests get 429.
     #[arg(long, default_value_t = potluck_coordinator::admission::DEFAULT_QUEUE_CAPACITY)]
     queue: usize,
-    /// Micro-batches in flight through the pipeline (default: stages + 1).
+    /// Micro-batches in flight through the pipeline (default: one per stage, at least 2).
     #[arg(long)]
     max_inflight: Option<usize>,
     /// Most prompt tokens a session sends per micro-batch (chunked prefill).
