@@ -444,12 +444,15 @@ mod tests {
 
         /// Throughput of the packed kernels (`cargo test --release -- --ignored
         /// --nocapture packed_speed`): GMAC/s per instruction set for 1, 4
-        /// and 8 activation rows, 16 tiles per call as the matmul issues them.
+        /// and 8 activation rows, 16 tiles per call.
         #[test]
         #[ignore]
         fn packed_speed() {
             let mut r = Rng(3);
-            let (rows, nb) = (1536, 18);
+            // `PACKED_SPEED_ROWS=98304` gives a matrix far larger than the
+            // caches, so the weights stream from memory as in the model.
+            let rows: usize = std::env::var("PACKED_SPEED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1536);
+            let nb = 18;
             for t in Avx2::all() {
                 for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
                     let w = row(&mut r, ty, rows * nb, Fill::Random);
@@ -461,7 +464,7 @@ mod tests {
                     let pre = ActScalars::new(ty, nb, 8, &a, ab);
                     for m in [1, 4, 8] {
                         let mut out = vec![[0.0f32; 8]; 16 * m];
-                        let iters = 300;
+                        let iters = (300 * 1536 / rows.max(1)).max(1);
                         let start = std::time::Instant::now();
                         for _ in 0..iters {
                             for tiles in packed.chunks_exact(tb) {
