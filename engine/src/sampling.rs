@@ -109,8 +109,10 @@ impl Sampler {
     #[allow(clippy::cast_possible_truncation)]
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
         let p = self.params.clone();
-        let mut l = logits.to_vec();
+        // A copy only when penalties change it: a vocabulary of floats per row adds up.
+        let mut l = std::borrow::Cow::Borrowed(logits);
         if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let l = l.to_mut();
             let mut counts: HashMap<u32, u32> = HashMap::new();
             for &t in history {
                 *counts.entry(t).or_default() += 1;
@@ -128,9 +130,10 @@ impl Sampler {
                 }
             }
         }
+        let l = &l[..];
         // The draw depends only on the seed and the position (the history's length), not on how many
         // draws came before: a session replayed on a new pipeline continues exactly where it was.
-        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l, history.len()) };
+        let token = if p.temperature == 0.0 { argmax(l) } else { self.draw(l, history.len()) };
         let (logprob, top) = if p.logprobs || p.top_logprobs > 0 {
             log_probs(logits, token, p.top_logprobs)
         } else {
@@ -147,6 +150,9 @@ impl Sampler {
     fn draw(&self, l: &[f32], position: usize) -> u32 {
         let p = &self.params;
         let mut rng = Rng::new(p.seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 && !l.is_empty() && !l.iter().any(|v| v.is_nan()) {
+            return Self::draw_all(l, p.temperature, rng.next_f64());
+        }
         let mut cand: Vec<(u32, f32)> =
             l.iter().enumerate().filter(|(_, v)| !v.is_nan()).map(|(i, &v)| (i as u32, v / p.temperature)).collect();
         if cand.is_empty() {
@@ -220,6 +226,88 @@ impl Sampler {
             k = (k * 4).min(cand.len());
         }
     }
+}
+
+impl Sampler {
+    /// The draw with nothing truncated, straight over the logits (which
+    /// hold no NaN): no candidate list, and loops the compiler vectorises.
+    /// `u` is the uniform draw in `[0, 1)`.
+    #[allow(clippy::cast_possible_truncation)]
+    fn draw_all(l: &[f32], temperature: f32, u: f64) -> u32 {
+        // Division by a positive number is monotonic, so this is the largest `v / temperature`.
+        let max = max_of(l) / temperature;
+        thread_local! {
+            /// The weights buffer, kept between draws: a fresh vocabulary-sized
+            /// allocation is a fresh mapping, and its page faults cost more than the draw.
+            static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        WEIGHTS.with_borrow_mut(|buf| {
+            fill_weights(l, temperature, max, buf);
+            walk(buf, u)
+        })
+    }
+}
+
+/// The index where the running sum of `weights` passes `u` times their total.
+#[allow(clippy::cast_possible_truncation)]
+fn walk(weights: &[f32], u: f64) -> u32 {
+    {
+        /// Weights summed per block before the walk looks inside one.
+        const BLOCK: usize = 256;
+        let mut target = u * lane_sum(&weights);
+        // Whole blocks first: one subtraction chain per token would be the longest part.
+        for (b, block) in weights.chunks(BLOCK).enumerate() {
+            let sum = lane_sum(block);
+            if target >= sum {
+                target -= sum;
+                continue;
+            }
+            for (i, &w) in block.iter().enumerate() {
+                target -= f64::from(w);
+                if target < 0.0 {
+                    return (b * BLOCK + i) as u32;
+                }
+            }
+        }
+        (weights.len() - 1) as u32
+    }
+}
+
+/// `exp(v / temperature - max)` of every logit, into `out`. The same code
+/// is compiled for AVX2 where the CPU has it (the build's baseline is SSE2):
+/// the engine's `exp` is plain arithmetic, which Rust never fuses, so both
+/// give the same bits.
+fn fill_weights(l: &[f32], temperature: f32, max: f32, out: &mut Vec<f32>) {
+    #[inline(always)]
+    fn body(l: &[f32], temperature: f32, max: f32, out: &mut Vec<f32>) {
+        out.resize(l.len(), 0.0);
+        for (o, &v) in out.iter_mut().zip(l) {
+            *o = crate::softmax::exp(v / temperature - max);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(l: &[f32], temperature: f32, max: f32, out: &mut Vec<f32>) {
+        body(l, temperature, max, out);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected on this CPU.
+        return unsafe { avx2(l, temperature, max, out) };
+    }
+    body(l, temperature, max, out);
+}
+
+/// The largest of `l` (no NaN), over eight lanes so the loop vectorises.
+fn max_of(l: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = l.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `Σ w` in f64 over eight fixed lanes (element `i` in lane `i % 8`) and one
@@ -357,6 +445,24 @@ mod tests {
         // A fresh sampler (a replay on a new pipeline) at position 13 continues the same stream.
         let mut b = Sampler::new(params).expect("params");
         assert_eq!(b.sample(&logits(), &history[..13]).token, sequential[13]);
+    }
+
+    /// The untruncated draw splits [0, 1) by probability, in vocabulary
+    /// order; a NaN logit is never drawn.
+    #[test]
+    fn untruncated_draw_follows_the_probabilities() {
+        let l = [0.0, 3.0f32.ln()];
+        assert_eq!(Sampler::draw_all(&l, 1.0, 0.2), 0, "p = 1/4");
+        assert_eq!(Sampler::draw_all(&l, 1.0, 0.3), 1, "p = 3/4");
+        assert_eq!(Sampler::draw_all(&l, 1.0, 0.999_999), 1);
+        // Temperature 0.5 squares the odds: 1/10 and 9/10.
+        assert_eq!(Sampler::draw_all(&l, 0.5, 0.09), 0);
+        assert_eq!(Sampler::draw_all(&l, 0.5, 0.11), 1);
+        // NaN logits take the candidate path, where they weigh nothing.
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..SamplingParams::default() }).expect("valid");
+        for i in 0..20 {
+            assert_ne!(s.sample(&[0.0, f32::NAN, 1.0], &vec![7; i]).token, 1);
+        }
     }
 
     #[test]
