@@ -94,8 +94,6 @@ trait HeadKernels {
     fn softmax(scores: &mut [f32]) -> f32;
     /// [`weigh_values`].
     fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]);
-    /// A hint that `key` will be read soon (no effect on results).
-    fn prefetch(_key: &[f32]) {}
 }
 
 /// The reference kernels.
@@ -132,10 +130,6 @@ impl HeadKernels for Avx2 {
     fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
         // SAFETY: as above.
         unsafe { weigh_values_avx2(scores, inv, values, stride, out) }
-    }
-    #[inline(always)]
-    fn prefetch(key: &[f32]) {
-        prefetch_f32s(key.as_ptr(), key.len());
     }
 }
 
@@ -188,8 +182,6 @@ unsafe fn weigh_values_avx2(scores: &[f32], inv: f32, values: &[f32], stride: us
             let w = _mm256_set1_ps(s * inv);
             // SAFETY: the caller checked `values` holds `out.len()` after every `t * stride`, and `c + 8R <= out.len()`.
             let v = unsafe { values.as_ptr().add(t * stride + c) };
-            // The value row eight tokens on (never read through: prefetches do not fault).
-            prefetch_f32s(v.wrapping_add(8 * stride), 8 * R);
             for (r, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(w, unsafe { _mm256_loadu_ps(v.add(8 * r)) }));
             }
@@ -254,18 +246,6 @@ unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
     })
 }
 
-/// Asks the cache for the `n` floats at `p` (a KV row a few tokens ahead:
-/// the hardware prefetchers lose the strided rows of one head).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_f32s(p: *const f32, n: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    for line in (0..n).step_by(16) {
-        // SAFETY: a prefetch is a hint; it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
-    }
-}
-
 /// `dot`'s final tree `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`
 /// of eight accumulators at once, lane `k` of the result for `acc[k]`:
 /// the same adds, paired by shuffles instead of one key at a time through
@@ -307,9 +287,6 @@ fn attend_head_body<K: HeadKernels>(
     let mut t = 0;
     // Eight keys at a time: eight independent add chains hide the adds' latency.
     while t + 8 <= tokens {
-        for ahead in (t + 8..t + 16).take_while(|&a| a < tokens) {
-            K::prefetch(key(ahead));
-        }
         let d = K::dots8(q, std::array::from_fn(|i| key(t + i)));
         for (s, d) in scores[t..t + 8].iter_mut().zip(d) {
             *s = d * scale;

@@ -251,26 +251,24 @@ impl Sampler {
 /// The index where the running sum of `weights` passes `u` times their total.
 #[allow(clippy::cast_possible_truncation)]
 fn walk(weights: &[f32], u: f64) -> u32 {
-    {
-        /// Weights summed per block before the walk looks inside one.
-        const BLOCK: usize = 256;
-        let mut target = u * lane_sum(&weights);
-        // Whole blocks first: one subtraction chain per token would be the longest part.
-        for (b, block) in weights.chunks(BLOCK).enumerate() {
-            let sum = lane_sum(block);
-            if target >= sum {
-                target -= sum;
-                continue;
-            }
-            for (i, &w) in block.iter().enumerate() {
-                target -= f64::from(w);
-                if target < 0.0 {
-                    return (b * BLOCK + i) as u32;
-                }
+    /// Weights summed per block before the walk looks inside one.
+    const BLOCK: usize = 256;
+    let mut target = u * lane_sum(weights);
+    // Whole blocks first: one subtraction chain per token would be the longest part.
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let sum = lane_sum(block);
+        if target >= sum {
+            target -= sum;
+            continue;
+        }
+        for (i, &w) in block.iter().enumerate() {
+            target -= f64::from(w);
+            if target < 0.0 {
+                return (b * BLOCK + i) as u32;
             }
         }
-        (weights.len() - 1) as u32
     }
+    (weights.len() - 1) as u32
 }
 
 /// `exp(v / temperature - max)` of every logit, into `out`. The same code

@@ -126,7 +126,9 @@ pub(crate) fn dot_packed(
     let (d, x) = pre.rows_from(first);
     let mut i0 = 0;
     while i0 < m {
-        let k = [8, 4, 2, 1].into_iter().find(|&k| k <= isa.max_rows(dtype) && k <= m - i0).unwrap_or(1);
+        // Every row count up to the kernel's most has its own instance, so
+        // 7 rows are one pass over the weights, not 4 + 2 + 1.
+        let k = (m - i0).min(isa.max_rows(dtype));
         let ap: [*const u8; 8] = std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr());
         let job = Job {
             tiles: tiles.as_ptr(),
@@ -146,28 +148,17 @@ pub(crate) fn dot_packed(
         unsafe {
             match (isa, dtype) {
                 (DotIsa::Avx512Wide, GgmlType::Q4_1) => {
-                    use super::x86_tile_pair as w;
-                    let wide = [w::q4_1::<8> as KernelFn, w::q4_1::<4>, w::q4_1::<2>, w::q4_1::<1>];
-                    let narrow =
-                        [avx512::q4_1::<8> as KernelFn, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>];
-                    run_pairs(k, &job, tbb, wide, narrow);
+                    run_pairs(k, &job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
                 }
                 (DotIsa::Avx512Wide, _) => {
-                    use super::x86_tile_pair as w;
-                    let wide = [w::q8_0::<4> as KernelFn, w::q8_0::<2>, w::q8_0::<1>];
-                    run_pairs(k, &job, tbb, wide, [avx512::q8_0::<4>, avx512::q8_0::<2>, avx512::q8_0::<1>]);
+                    run_pairs(k, &job, tbb, upto4!(super::x86_tile_pair::q8_0), upto4!(avx512::q8_0));
                 }
-                (DotIsa::Avx512Vnni, GgmlType::Q4_1) => {
-                    let ks = [avx512::q4_1::<8> as KernelFn, avx512::q4_1::<4>, avx512::q4_1::<2>, avx512::q4_1::<1>];
-                    run_k(k, &job, ks);
-                }
-                (DotIsa::Avx512Vnni, _) => run_k(k, &job, [avx512::q8_0::<4>, avx512::q8_0::<2>, avx512::q8_0::<1>]),
-                (DotIsa::AvxVnni, GgmlType::Q4_1) => {
-                    run_k(k, &job, [avxvnni::q4_1::<4>, avxvnni::q4_1::<2>, avxvnni::q4_1::<1>]);
-                }
-                (DotIsa::AvxVnni, _) => run_k(k, &job, [avxvnni::q8_0::<4>, avxvnni::q8_0::<2>, avxvnni::q8_0::<1>]),
-                (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, &job, [avx2::q4_1::<4>, avx2::q4_1::<2>, avx2::q4_1::<1>]),
-                (DotIsa::Avx2, _) => run_k(k, &job, [avx2::q8_0::<4>, avx2::q8_0::<2>, avx2::q8_0::<1>]),
+                (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, &job, upto8!(avx512::q4_1)),
+                (DotIsa::Avx512Vnni, _) => run_k(k, &job, upto4!(avx512::q8_0)),
+                (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, &job, upto4!(avxvnni::q4_1)),
+                (DotIsa::AvxVnni, _) => run_k(k, &job, upto4!(avxvnni::q8_0)),
+                (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, &job, upto4!(avx2::q4_1)),
+                (DotIsa::Avx2, _) => run_k(k, &job, upto4!(avx2::q8_0)),
             }
         }
         i0 += k;
@@ -222,18 +213,40 @@ unsafe fn run_pairs<const N: usize>(k: usize, job: &Job, tbb: usize, wide: [Kern
 
 type KernelFn = unsafe fn(&Job);
 
-/// Calls the kernel instance for `k` activation rows from `ks`, which holds
-/// instances for the row counts `N * 2^j` down to 1 (`[8, 4, 2, 1]` or
-/// `[4, 2, 1]`); `k` is one of them.
+/// The instances `f::<1>` to `f::<4>` of a kernel, by row count.
+macro_rules! upto4 {
+    ($($f:ident)::+) => {
+        [$($f)::+::<1> as KernelFn, $($f)::+::<2>, $($f)::+::<3>, $($f)::+::<4>]
+    };
+}
+
+/// The instances `f::<1>` to `f::<8>` of a kernel, by row count.
+macro_rules! upto8 {
+    ($($f:ident)::+) => {
+        [
+            $($f)::+::<1> as KernelFn,
+            $($f)::+::<2>,
+            $($f)::+::<3>,
+            $($f)::+::<4>,
+            $($f)::+::<5>,
+            $($f)::+::<6>,
+            $($f)::+::<7>,
+            $($f)::+::<8>,
+        ]
+    };
+}
+use {upto4, upto8};
+
+/// Calls the kernel instance for `k` (1..=N) activation rows from `ks`,
+/// which holds the instances for 1 to N rows.
 ///
 /// # Safety
 /// As for the kernels: `job` satisfies [`dot_packed`]'s contract for `k` rows
 /// and the CPU has the kernels' target features.
 unsafe fn run_k<const N: usize>(k: usize, job: &Job, ks: [KernelFn; N]) {
-    let at = N - 1 - k.trailing_zeros() as usize;
-    debug_assert_eq!(1 << (N - 1 - at), k);
+    debug_assert!((1..=N).contains(&k));
     // SAFETY: forwarded contract.
-    unsafe { ks[at](job) }
+    unsafe { ks[k - 1](job) }
 }
 
 /// Defines `q4_1::<M>` and `q8_0::<M>` for one instruction set, given its
