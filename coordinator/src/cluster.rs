@@ -80,7 +80,7 @@ impl CoordinatorConfig {
             wire_dtype: WireDtype::F16,
             min_workers: 1,
             hold_down: DEFAULT_HOLD_DOWN,
-            shard_dir: std::env::temp_dir().join(format!("potluck-shards-{}", std::process::id())),
+            shard_dir: crate::shard_store::scratch_dir(&std::env::temp_dir()),
             worker_kv_budget: DEFAULT_WORKER_KV_BUDGET,
             join_token: String::new(),
             id: format!("coordinator-{}", std::process::id()),
@@ -157,6 +157,10 @@ impl Cluster {
         let model = file.config().clone();
         let tokenizer = file.tokenizer()?;
         let cost = cost_of(&config.model, &model)?;
+        let reaped = crate::shard_store::reap_scratch_dirs(&std::env::temp_dir());
+        if reaped > 0 {
+            tracing::info!(reaped, "removed shard directories left by coordinators that no longer run");
+        }
         let shards = Arc::new(ShardStore::new(&config.model, &config.shard_dir, DEFAULT_CHUNK_BYTES));
         let metrics = Arc::new(Metrics::default());
         let traffic = Arc::new(Traffic::default());

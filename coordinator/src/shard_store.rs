@@ -36,6 +36,42 @@ pub struct ShardStore {
     dir: PathBuf,
     chunk_bytes: u64,
     shards: std::sync::Mutex<HashMap<(usize, usize), Shard>>,
+    /// Whether the directory is this process's own scratch, removed on drop.
+    scratch: bool,
+}
+
+/// Prefix of the per-process scratch directories under the temp dir.
+const SCRATCH_PREFIX: &str = "potluck-shards-";
+
+/// This process's scratch directory for shards under `tmp`.
+pub fn scratch_dir(tmp: &Path) -> PathBuf {
+    tmp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()))
+}
+
+/// Removes the scratch directories under `tmp` of coordinators that no
+/// longer run, and returns how many. Why: a coordinator stopped by SIGKILL
+/// (or a crash) never drops its store, and each one left 100–350 MB of
+/// shards behind; a host that restarts coordinators, as the test suite does
+/// hundreds of times, filled its disk. Liveness is read from `/proc`, so this
+/// only runs on Linux.
+pub fn reap_scratch_dirs(tmp: &Path) -> usize {
+    if !cfg!(target_os = "linux") {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Lower-case hex sha256.
@@ -44,13 +80,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl ShardStore {
-    /// Shards of `model` will be written under `dir`.
+    /// Shards of `model` will be written under `dir`. A `dir` that is this
+    /// process's [`scratch_dir`] is removed when the store is dropped.
     pub fn new(model: &Path, dir: &Path, chunk_bytes: u64) -> Self {
         Self {
             model: model.to_path_buf(),
             dir: dir.to_path_buf(),
             chunk_bytes: chunk_bytes.max(1),
             shards: std::sync::Mutex::new(HashMap::new()),
+            scratch: dir == scratch_dir(&std::env::temp_dir()),
         }
     }
 
@@ -114,5 +152,53 @@ impl ShardStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), Shard>> {
         self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for ShardStore {
+    fn drop(&mut self) {
+        if self.scratch {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the scratch directories of processes that are gone are removed.
+    #[test]
+    fn reaping_removes_only_dead_coordinators_dirs() {
+        let tmp = std::env::temp_dir().join(format!("potluck-reap-test-{}", std::process::id()));
+        let dead = tmp.join(format!("{SCRATCH_PREFIX}{}", u32::MAX - 1));
+        let mine = scratch_dir(&tmp);
+        let other = tmp.join("potluck-shards-not-a-pid");
+        for d in [&dead, &mine, &other] {
+            std::fs::create_dir_all(d).expect("create");
+            std::fs::write(d.join("shard-0-1.gguf"), b"x").expect("write");
+        }
+        let removed = reap_scratch_dirs(&tmp);
+        if cfg!(target_os = "linux") {
+            assert_eq!(removed, 1);
+            assert!(!dead.exists(), "a dead process's shards are removed");
+        }
+        assert!(mine.exists() && other.exists(), "live and foreign directories stay");
+        std::fs::remove_dir_all(&tmp).expect("clean up");
+    }
+
+    /// The store removes its directory when dropped if it is this process's scratch.
+    #[test]
+    fn a_scratch_store_removes_its_directory() {
+        let dir = scratch_dir(&std::env::temp_dir());
+        std::fs::create_dir_all(&dir).expect("create");
+        std::fs::write(dir.join("shard-0-1.gguf"), b"x").expect("write");
+        drop(ShardStore::new(Path::new("model.gguf"), &dir, DEFAULT_CHUNK_BYTES));
+        assert!(!dir.exists());
+        let kept = std::env::temp_dir().join(format!("potluck-kept-{}", std::process::id()));
+        std::fs::create_dir_all(&kept).expect("create");
+        drop(ShardStore::new(Path::new("model.gguf"), &kept, DEFAULT_CHUNK_BYTES));
+        assert!(kept.exists(), "a directory the operator chose stays");
+        std::fs::remove_dir_all(&kept).expect("clean up");
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Every figure of one run comes from the same cluster, side by side, so the
 //! ratio of 16 streams to 1 is meaningful on a noisy machine even when the
-//! absolute numbers are not.
+//! absolute numbers are not. The list is measured in several rounds
+//! (`--runs`): each row is the median round, and `vs_one_stream` is the
+//! median of the rounds' own ratios.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
@@ -35,6 +37,10 @@ pub struct ServeBench {
     /// Tokens per request.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Rounds over the concurrency list; each figure is the median round
+    /// (a single-stream phase lasts about a second, so one round is noisy).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Micro-batches in flight through the pipeline (default: the coordinator's, one per stage, at least 2).
     #[arg(long)]
     max_inflight: Option<usize>,
@@ -67,6 +73,7 @@ impl ServeBench {
             "--concurrency wants counts ≥ 1"
         );
         ensure!(self.requests >= 1 && self.max_tokens >= 2, "--requests ≥ 1 and --max-tokens ≥ 2");
+        ensure!(self.runs >= 1, "--runs must be at least 1");
         let temp = std::env::temp_dir().join(format!("potluck-bench-serve-{}", std::process::id()));
         let cache = self.cache_dir.clone().unwrap_or_else(|| temp.clone());
         let most = self.concurrency.iter().copied().max().unwrap_or(1);
@@ -93,25 +100,40 @@ impl ServeBench {
         }
         let up = UpChild::start(&args)?;
         stream(&up.http, "warm-up", 0, 4)?;
-        let mut rows = Vec::new();
-        for &c in &self.concurrency {
-            let row = self.measure(&up.http, c);
-            if let Err(e) = &row {
-                eprintln!("[bench] {c} streams failed: {e:#}");
+        // Rounds go over the whole list in turn, so every concurrency is
+        // measured at several moments, side by side with the others.
+        let mut rounds: Vec<Vec<Option<Value>>> = Vec::new();
+        for round in 0..self.runs {
+            let mut rows = Vec::new();
+            for &c in &self.concurrency {
+                let row = self.measure(&up.http, c);
+                if let Err(e) = &row {
+                    eprintln!("[bench] round {} of {}: {c} streams failed: {e:#}", round + 1, self.runs);
+                }
+                rows.push(row.ok());
             }
-            rows.push((c, row.ok()));
+            rounds.push(rows);
         }
         drop(up);
         if self.cache_dir.is_none() {
             let _ = std::fs::remove_dir_all(&temp);
         }
-        let one =
-            rows.iter().find(|(c, _)| *c == 1).and_then(|(_, r)| r.as_ref()).and_then(|r| r["decode_tok_s"].as_f64());
+        let rate = |row: &Option<Value>| row.as_ref().and_then(|r| r["decode_tok_s"].as_f64());
+        let one = self.concurrency.iter().position(|&c| c == 1);
         let mut by = serde_json::Map::new();
-        for (c, row) in rows {
-            let mut row = row.unwrap_or(Value::Null);
-            if let (Some(base), Some(rate)) = (one, row["decode_tok_s"].as_f64()) {
-                row["vs_one_stream"] = json!(rate / base);
+        for (i, &c) in self.concurrency.iter().enumerate() {
+            let mut runs: Vec<&Option<Value>> = rounds.iter().map(|r| &r[i]).filter(|r| r.is_some()).collect();
+            runs.sort_by(|a, b| rate(a).unwrap_or(0.0).total_cmp(&rate(b).unwrap_or(0.0)));
+            let mut row = runs.get(runs.len() / 2).and_then(|r| (*r).clone()).unwrap_or(Value::Null);
+            let rates: Vec<f64> = rounds.iter().filter_map(|r| rate(&r[i])).collect();
+            // Each round's ratio compares phases run minutes apart at most.
+            let mut ratios: Vec<f64> = rounds.iter().filter_map(|r| Some(rate(&r[i])? / rate(&r[one?])?)).collect();
+            if !row.is_null() {
+                row["runs_decode_tok_s"] = json!(rates);
+                if !ratios.is_empty() {
+                    row["vs_one_stream_by_round"] = json!(ratios.clone());
+                    row["vs_one_stream"] = json!(percentile(&mut ratios, 0.5));
+                }
             }
             by.insert(c.to_string(), row);
         }
@@ -121,6 +143,7 @@ impl ServeBench {
             "threads_per_worker": self.threads_per_worker,
             "requests_per_stream": self.requests,
             "max_tokens": self.max_tokens,
+            "runs": self.runs,
             "concurrency": Value::Object(by),
         });
         super::print_report(&report, self.json)
@@ -160,7 +183,7 @@ impl ServeBench {
             "itl_ms": {"p50": percentile(&mut itl, 0.5), "p99": percentile(&mut itl, 0.99)},
             "stage_busy_fraction": busy,
         });
-        eprintln!("[bench] {c} streams: {row}");
+        eprintln!("[bench] {c} streams: {:.1} tok/s", tokens as f64 / wall);
         Ok(row)
     }
 }
