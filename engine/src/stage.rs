@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::attention::{attend_head, AttnShape, Visible};
+use crate::attention::{attend_group, AttnShape, Visible};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
@@ -396,13 +396,16 @@ impl Block {
         pool: &ComputePool,
     ) {
         let shape = AttnShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
-        let hd = c.head_dim;
-        let pairs = rows.len() * c.heads;
-        let max_tokens = rows.iter().map(|r| r.position + 1).max().unwrap_or(0);
+        // Work goes by (row, key/value head): the query heads sharing a
+        // key/value head attend together (grouped-query attention).
+        let group = c.heads / c.kv_heads.max(1);
+        let width = group * c.head_dim;
+        let units = rows.len() * c.kv_heads;
+        let scratch = group * rows.iter().map(|r| r.position + 1).max().unwrap_or(0);
         // One scores buffer per part, reused across layers and calls.
         let threads = pool.threads();
-        if s.scores.len() < threads * max_tokens {
-            s.scores.resize(threads * max_tokens, 0.0);
+        if s.scores.len() < threads * scratch {
+            s.scores.resize(threads * scratch, 0.0);
         }
         let out = SharedSlice(s.attn.as_mut_ptr());
         let scores_all = SharedSlice(s.scores.as_mut_ptr());
@@ -410,34 +413,35 @@ impl Block {
         let next = AtomicUsize::new(0);
         pool.run(&|part| {
             let (out, scores_all) = (&out, &scores_all);
-            // SAFETY: part `part` alone uses `scores[part * max_tokens..][..max_tokens]`,
+            // SAFETY: part `part` alone uses `scores[part * scratch..][..scratch]`,
             // inside the buffer (sized above), which outlives `pool.run`.
-            let scores = unsafe { std::slice::from_raw_parts_mut(scores_all.0.add(part * max_tokens), max_tokens) };
-            // Parts claim small runs of pairs from a shared counter: in a
+            let scores = unsafe { std::slice::from_raw_parts_mut(scores_all.0.add(part * scratch), scratch) };
+            // Parts claim small runs of units from a shared counter: in a
             // prompt, later rows attend over more tokens, and a descheduled
-            // thread's pairs go to the others.
-            while let Some(run) = claim(&next, pairs) {
-                for pair in run {
-                    let (i, head) = (pair / c.heads, pair % c.heads);
+            // thread's units go to the others.
+            while let Some(run) = claim(&next, units) {
+                for unit in run {
+                    let (i, kvh) = (unit / c.kv_heads, unit % c.kv_heads);
                     let r = rows[i];
                     let (keys, values) = cache.layer(local, r.session);
-                    let at = i * c.q_dim() + head * hd;
-                    // SAFETY: each (row, head) pair owns the disjoint range
-                    // `at..at + hd` of `s.attn`, which outlives `pool.run`.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
+                    let at = i * c.q_dim() + kvh * width;
+                    // SAFETY: each (row, key/value head) unit owns the disjoint
+                    // range `at..at + width` of `s.attn` (its group's heads are
+                    // consecutive), which outlives `pool.run`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
                     let seen = Visible { keys, values, tokens: r.position + 1 };
-                    attend_head(shape, head, &q[at..at + hd], seen, scores, dst);
+                    attend_group(shape, kvh, &q[at..at + width], seen, scores, dst);
                 }
             }
         });
     }
 }
 
-/// The next run of (row, head) pairs for a thread, or `None` when all are taken.
-fn claim(next: &AtomicUsize, pairs: usize) -> Option<Range<usize>> {
-    const RUN: usize = 4;
+/// The next run of attention units for a thread, or `None` when all are taken.
+fn claim(next: &AtomicUsize, units: usize) -> Option<Range<usize>> {
+    const RUN: usize = 2;
     let start = next.fetch_add(RUN, Ordering::Relaxed);
-    (start < pairs).then(|| start..(start + RUN).min(pairs))
+    (start < units).then(|| start..(start + RUN).min(units))
 }
 
 /// A buffer written by several threads at disjoint ranges.
