@@ -2,16 +2,12 @@
 
 use crate::config::RopeStyle;
 
-/// Rotates every head of one row in place for `position`.
+/// Rotates every head of a query row and a key row in place for
+/// `position`, sharing one table of angles (its sines and cosines cost more
+/// than the rotations). Either row may be empty.
 ///
 /// The angle for pair `i` is `position · base^(-2i/d)`, built by repeated
 /// multiplication in f32 as ggml does, so angles match llama.cpp's.
-pub fn rotate(row: &mut [f32], head_dim: usize, position: usize, theta_base: f32, style: RopeStyle) {
-    rotate_pair(row, &mut [], head_dim, position, theta_base, style);
-}
-
-/// [`rotate`] of a query row and a key row at one position, sharing one
-/// table of angles (its sines and cosines cost more than the rotations).
 #[allow(clippy::cast_precision_loss)]
 pub fn rotate_pair(q: &mut [f32], k: &mut [f32], head_dim: usize, position: usize, theta_base: f32, style: RopeStyle) {
     let half = head_dim / 2;
@@ -44,11 +40,11 @@ mod tests {
     fn position_zero_is_identity_and_norm_is_kept() {
         let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
         let mut row = orig.clone();
-        rotate(&mut row, 8, 0, 10_000.0, RopeStyle::Interleaved);
+        rotate_pair(&mut row, &mut [], 8, 0, 10_000.0, RopeStyle::Interleaved);
         assert_eq!(row, orig);
         for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
             let mut row = orig.clone();
-            rotate(&mut row, 8, 17, 10_000.0, style);
+            rotate_pair(&mut [], &mut row, 8, 17, 10_000.0, style);
             let n0: f32 = orig[..8].iter().map(|v| v * v).sum();
             let n1: f32 = row[..8].iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-4);
