@@ -167,12 +167,13 @@ impl Matrix {
         // Float weights dot the raw f32 rows; `a` is then empty.
         let a_bytes = if a.is_empty() { 0 } else { self.dtype.vec_dot_type().row_bytes(self.cols).unwrap_or(0) };
         let rows = self.rows;
+        let out_ptr = |i: usize, o: usize| out.0.wrapping_add(i * rows + o);
         let put = |i: usize, o: usize, v: f32| {
             debug_assert!(i < n && o < rows);
             // SAFETY: `i * rows + o` is in bounds (out.len() == n * rows, o < rows)
             // and each tile is claimed by exactly one thread, so no two threads
             // write the same element, and `out` outlives `pool.run`.
-            unsafe { *out.0.add(i * rows + o) = v };
+            unsafe { *out_ptr(i, o) = v };
         };
         if let (true, Some(pre)) = (self.packed, pre) {
             let tile_bytes = quant::TILE * self.row_bytes;
@@ -191,6 +192,19 @@ impl Matrix {
                     for t in t0..t1 {
                         let live = (rows - t * quant::TILE).min(quant::TILE);
                         for (j, lanes) in out[(t - t0) * m..(t - t0 + 1) * m].iter().enumerate() {
+                            if live == quant::TILE {
+                                // A whole tile is one fixed-size store (a
+                                // variable-length copy went through memcpy).
+                                debug_assert!(i + j < n && (t + 1) * quant::TILE <= rows);
+                                // SAFETY: as in `put`: the tile's features lie in
+                                // the row and only this thread writes them.
+                                unsafe {
+                                    out_ptr(i + j, t * quant::TILE)
+                                        .cast::<[f32; quant::TILE]>()
+                                        .write_unaligned(*lanes);
+                                }
+                                continue;
+                            }
                             for (r, &v) in lanes[..live].iter().enumerate() {
                                 put(i + j, t * quant::TILE + r, v);
                             }

@@ -40,6 +40,11 @@ pub struct EngineBench {
     /// Tokens per decode run.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Decode batch sizes to measure, comma-separated (each 1..=256). A
+    /// pipeline's micro-batches are a share of the streams, so
+    /// `--batches 8` shows what one stage sees under 16 streams.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16", value_parser = clap::value_parser!(u16).range(1..=256))]
+    batches: Vec<u16>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -183,27 +188,33 @@ impl EngineBench {
             }
             Ok(medians(&rates))
         };
-        let d1 = decode(1, &mut pipe)?;
-        let d4 = decode(4, &mut pipe)?;
-        let d16 = decode(16, &mut pipe)?;
-        let prompt = medians(&prompt);
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "model": self.model.display().to_string(),
             "threads": pipe.threads(),
             "runs": runs,
-            "prompt_tok_s": prompt.0,
-            "decode_tok_s": d1.0,
-            "decode_batch4_tok_s": d4.0,
-            "decode_batch16_tok_s": d16.0,
-            "batch16_over_batch1": d16.0 / d1.0,
-            // Tokens per second of on-CPU time (all threads): the engine's
-            // speed while it holds its cores, whatever else loads the host.
-            "prompt_tok_per_cpu_s": prompt.1,
-            "decode_tok_per_cpu_s": d1.1,
-            "decode_batch4_tok_per_cpu_s": d4.1,
-            "decode_batch16_tok_per_cpu_s": d16.1,
-            "peak_rss_mb": peak_rss_mb(),
         });
+        let mut decoded = std::collections::BTreeMap::new();
+        for &batch in &self.batches {
+            let batch = usize::from(batch);
+            if let std::collections::btree_map::Entry::Vacant(e) = decoded.entry(batch) {
+                e.insert(decode(batch, &mut pipe)?);
+            }
+        }
+        let prompt = medians(&prompt);
+        let fields = report.as_object_mut().context("report is an object")?;
+        fields.insert("prompt_tok_s".into(), prompt.0.into());
+        // Tokens per second of on-CPU time (all threads): the engine's
+        // speed while it holds its cores, whatever else loads the host.
+        fields.insert("prompt_tok_per_cpu_s".into(), prompt.1.into());
+        for (&batch, &(wall, cpu)) in &decoded {
+            let name = if batch == 1 { "decode".to_owned() } else { format!("decode_batch{batch}") };
+            fields.insert(format!("{name}_tok_s"), wall.into());
+            fields.insert(format!("{name}_tok_per_cpu_s"), cpu.into());
+        }
+        if let (Some(one), Some(sixteen)) = (decoded.get(&1), decoded.get(&16)) {
+            fields.insert("batch16_over_batch1".into(), (sixteen.0 / one.0).into());
+        }
+        fields.insert("peak_rss_mb".into(), peak_rss_mb().into());
         if self.json {
             println!("{report}");
         } else {

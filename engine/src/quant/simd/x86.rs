@@ -566,15 +566,25 @@ unsafe fn quantize_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
     while b + 4 <= blocks {
         // SAFETY: blocks `b..b + 4` lie in both slices (checked by `blocks`).
         unsafe {
-            let v: [[__m256; 4]; 4] = std::array::from_fn(|j| load_block(&x[(b + j) * 32..]));
-            let amax = _mm_setr_ps(block_amax(&v[0]), block_amax(&v[1]), block_amax(&v[2]), block_amax(&v[3]));
+            // Each block is loaded twice (for its maximum, then its codes)
+            // from L1: holding all four in one array made the compiler copy
+            // 512 bytes through memcpy per group.
+            let xs = |j: usize| &x[(b + j) * 32..];
+            let amax = _mm_setr_ps(
+                block_amax(&load_block(xs(0))),
+                block_amax(&load_block(xs(1))),
+                block_amax(&load_block(xs(2))),
+                block_amax(&load_block(xs(3))),
+            );
             let d = _mm_div_ps(amax, _mm_set1_ps(127.0));
             // `id = 0` where `d == 0`, else `1 / d`, as the reference writes it.
             let id = _mm_andnot_ps(_mm_cmpeq_ps(d, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(1.0), d));
             let mut ids = [0.0f32; 4];
             _mm_storeu_ps(ids.as_mut_ptr(), id);
-            let sums: [i32; 4] =
-                std::array::from_fn(|j| block_codes(&v[j], ids[j], &mut out[(b + j) * bytes + bytes - 32..]));
+            let mut sums = [0i32; 4];
+            for (j, sum) in sums.iter_mut().enumerate() {
+                *sum = block_codes(&load_block(xs(j)), ids[j], &mut out[(b + j) * bytes + bytes - 32..]);
+            }
             let dh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(d);
             let sh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_mul_ps(
                 _mm_cvtepi32_ps(_mm_loadu_si128(sums.as_ptr().cast())),
