@@ -3,6 +3,9 @@
 //! Each (row, head) is computed on its own with a fixed summation order, so
 //! a row's output never depends on the batch it came in.
 
+#[cfg(target_arch = "x86_64")]
+mod wide;
+
 /// Shape of the attention computation.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -315,9 +318,10 @@ fn score_head<K: HeadKernels>(shape: AttnShape, head: usize, q: &[f32], seen: Vi
 /// scratch of at least `heads per group × seen.tokens`. Each head's output
 /// equals [`attend_head`]'s bit for bit.
 ///
-/// Why: with AVX-512 and 64-wide heads, the value pass reads each cached
-/// value row once for the whole group and keeps every head's 64 sums in
-/// 512-bit registers, about half the instructions of one pass per head.
+/// Why: with AVX-512 and 64-wide heads, two heads share each 512-bit score
+/// register, and the value pass reads each cached value row once for the
+/// whole group, keeping every head's 64 sums in 512-bit registers: about
+/// half the instructions of one head at a time.
 pub fn attend_group(
     shape: AttnShape,
     kv_head: usize,
@@ -334,7 +338,7 @@ pub fn attend_group(
         && std::arch::is_x86_feature_detected!("avx512f")
     {
         // SAFETY: AVX2 and AVX-512 F were detected on this CPU.
-        unsafe { attend_group_avx512(shape, kv_head, q, seen, scores, out) };
+        unsafe { wide::attend_group(shape, kv_head, q, seen, scores, out) };
         return;
     }
     for j in 0..g {
@@ -347,73 +351,6 @@ pub fn attend_group(
             &mut scores[j * tokens..],
             &mut out[j * hd..(j + 1) * hd],
         );
-    }
-}
-
-/// [`attend_group`] for 64-wide heads, 1 to 4 per group, with AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f")]
-unsafe fn attend_group_avx512(
-    shape: AttnShape,
-    kv_head: usize,
-    q: &[f32],
-    seen: Visible<'_>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let (g, tokens) = (shape.heads / shape.kv_heads, seen.tokens);
-    let mut inv = [0.0f32; 4];
-    for (j, inv) in inv.iter_mut().enumerate().take(g) {
-        *inv = score_head::<Avx2>(shape, kv_head * g + j, &q[j * 64..(j + 1) * 64], seen, &mut scores[j * tokens..]);
-    }
-    let values = &seen.values[kv_head * 64..];
-    let stride = shape.kv_heads * 64;
-    // SAFETY (each call): AVX-512 F is enabled here; `weigh_group` checks its bounds.
-    unsafe {
-        match g {
-            1 => weigh_group::<1>(scores, tokens, inv, values, stride, out),
-            2 => weigh_group::<2>(scores, tokens, inv, values, stride, out),
-            3 => weigh_group::<3>(scores, tokens, inv, values, stride, out),
-            _ => weigh_group::<4>(scores, tokens, inv, values, stride, out),
-        }
-    }
-}
-
-/// [`weigh_values`] for `G` heads of width 64 at once: head `j`'s scores
-/// are `scores[j * tokens..][..tokens]` and its output `out[64 j..64 (j + 1)]`.
-/// Each output element sees the same multiply and add in the same `t` order
-/// as the reference; each value row is loaded once for all `G` heads.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,avx512f")]
-unsafe fn weigh_group<const G: usize>(
-    scores: &[f32],
-    tokens: usize,
-    inv: [f32; 4],
-    values: &[f32],
-    stride: usize,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    assert!(scores.len() >= G * tokens && out.len() >= G * 64, "group buffers too short");
-    assert!(tokens == 0 || values.len() >= (tokens - 1) * stride + 64, "values too short");
-    let mut acc = [[_mm512_setzero_ps(); 4]; G];
-    for t in 0..tokens {
-        // SAFETY: checked above: 64 floats at `t * stride`.
-        let v: [__m512; 4] =
-            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(values.as_ptr().add(t * stride + 16 * r)) });
-        for (j, acc) in acc.iter_mut().enumerate() {
-            let w = _mm512_set1_ps(scores[j * tokens + t] * inv[j]);
-            for (a, &x) in acc.iter_mut().zip(&v) {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(w, x));
-            }
-        }
-    }
-    for (j, acc) in acc.iter().enumerate() {
-        for (r, a) in acc.iter().enumerate() {
-            // SAFETY: `out` holds `G * 64` floats (checked above).
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(j * 64 + 16 * r), *a) };
-        }
     }
 }
 
