@@ -55,6 +55,17 @@ pub(crate) enum ForwardOutcome {
     },
 }
 
+/// A queued batch's outcome, ready once the compute thread has run it.
+#[derive(Debug)]
+pub(crate) struct Outcome(oneshot::Receiver<Result<ForwardOutcome, WorkerError>>);
+
+impl Outcome {
+    /// Waits for the batch to run.
+    pub async fn wait(self) -> Result<ForwardOutcome, WorkerError> {
+        self.0.await.map_err(|_| WorkerError::ComputeStopped)?
+    }
+}
+
 /// What `Info` reports about the loaded stage.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Snapshot {
@@ -104,9 +115,14 @@ impl Compute {
         self.ask(|tx| Job::Install(Box::new(loaded), tx)).await?
     }
 
-    /// Runs a batch through the loaded stage.
-    pub async fn forward(&self, batch: Batch) -> Result<ForwardOutcome, WorkerError> {
-        self.ask(|tx| Job::Forward(Box::new(batch), tracing::Span::current(), tx)).await?
+    /// Queues a batch behind the thread's current work; the receiver yields
+    /// its outcome. A stream queues its next batch while one computes, so
+    /// the thread goes from one to the next without waiting on the network.
+    /// `span` parents the compute span.
+    pub fn submit(&self, batch: Batch, span: tracing::Span) -> Result<Outcome, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(Job::Forward(Box::new(batch), span, tx)).map_err(|_| WorkerError::ComputeStopped)?;
+        Ok(Outcome(rx))
     }
 
     /// Frees sessions; returns how many were held here, and the next stage.
