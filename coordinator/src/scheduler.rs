@@ -211,6 +211,8 @@ struct Core {
     paused: bool,
     pause_waiters: Vec<oneshot::Sender<()>>,
     to_release: Vec<u64>,
+    /// Session events held back until the next micro-batch has left (see `run`).
+    outbox: Vec<(mpsc::UnboundedSender<SessionEvent>, SessionEvent)>,
 }
 
 impl Core {
@@ -238,6 +240,7 @@ impl Core {
             paused: false,
             pause_waiters: Vec::new(),
             to_release: Vec::new(),
+            outbox: Vec::new(),
         }
     }
 
@@ -246,6 +249,7 @@ impl Core {
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dispatch().await;
+            self.deliver().await;
             self.flush_releases();
             self.publish();
             tokio::select! {
@@ -528,9 +532,10 @@ impl Core {
             return self.finish(id, Finish::Stop);
         }
         let done = s.generated() >= s.max_tokens;
-        if s.events.send(SessionEvent::Token(token)).is_err() {
+        if s.events.is_closed() {
             return self.finish(id, Finish::Cancelled);
         }
+        self.outbox.push((s.events.clone(), SessionEvent::Token(token)));
         if done {
             self.finish(id, Finish::Length);
         }
@@ -538,7 +543,7 @@ impl Core {
 
     fn finish(&mut self, id: u64, finish: Finish) {
         if let Some(s) = self.sessions.remove(&id) {
-            let _ = s.events.send(SessionEvent::Finished(finish));
+            self.outbox.push((s.events, SessionEvent::Finished(finish)));
             self.admission.release(s.reserved);
             self.to_release.push(id);
             self.admit();
@@ -548,7 +553,7 @@ impl Core {
     fn fail(&mut self, id: u64, message: String) {
         if let Some(s) = self.sessions.remove(&id) {
             tracing::warn!(session = id, error = %message, "session failed");
-            let _ = s.events.send(SessionEvent::Failed(message));
+            self.outbox.push((s.events, SessionEvent::Failed(message)));
             self.admission.release(s.reserved);
             self.to_release.push(id);
             self.admit();
@@ -593,6 +598,21 @@ impl Core {
             for w in self.pause_waiters.drain(..) {
                 let _ = w.send(());
             }
+        }
+    }
+
+    /// Hands the held-back events to their sessions, in order. Called
+    /// after `dispatch`, with a yield between the two: the next micro-batch
+    /// is already on its way to stage 0 before the HTTP tasks wake to
+    /// stream the last tokens, instead of queueing behind them. (A client
+    /// that has gone is noticed at its next token, or by `form_batch`.)
+    async fn deliver(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        tokio::task::yield_now().await;
+        for (to, event) in self.outbox.drain(..) {
+            let _ = to.send(event);
         }
     }
 
