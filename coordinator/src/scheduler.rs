@@ -248,6 +248,10 @@ impl Core {
         let mut reap = tokio::time::interval(REAP_INTERVAL);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.link.is_none() {
+                // Opening the stream to stage 0 can take seconds: nothing waits on it.
+                self.deliver().await;
+            }
             self.dispatch().await;
             self.deliver().await;
             self.flush_releases();
