@@ -21,6 +21,8 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
 #[cfg(target_arch = "x86_64")]
+mod x86_quantize;
+#[cfg(target_arch = "x86_64")]
 mod x86_tile_pair;
 
 /// Most weight rows one [`vec_dot_rows`] call handles: one per f32 lane of an
@@ -410,35 +412,62 @@ mod tests {
             }
         }
 
+        /// Every instruction set's quantization (256- and 512-bit) equals
+        /// the scalar reference byte for byte.
         #[test]
         fn quantize_is_byte_exact() {
-            let Some(t) = token() else { return };
+            if token().is_none() {
+                return;
+            }
             let mut r = Rng(7);
-            for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
-                for nb in [1, 2, 5, 18, 64] {
-                    for case in 0..40 {
-                        let mut x = noise(&mut r, nb * 32);
-                        match case % 8 {
-                            // Exact halves: ties must round away from zero.
-                            0 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 64) as f32 * 0.5 - 16.0),
-                            1 => x.fill(0.0),
-                            2 => x[3] = f32::NAN,
-                            3 => x[5] = f32::INFINITY,
-                            4 => x.iter_mut().step_by(3).for_each(|v| *v = -*v * 1e30),
-                            5 => x[0] = -0.0,
-                            _ => {}
+            for t in Avx2::all() {
+                for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
+                    for nb in [1, 2, 5, 18, 64] {
+                        for case in 0..40 {
+                            let mut x = noise(&mut r, nb * 32);
+                            match case % 8 {
+                                // Exact halves: ties must round away from zero.
+                                0 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 64) as f32 * 0.5 - 16.0),
+                                1 => x.fill(0.0),
+                                2 => x[3] = f32::NAN,
+                                3 => x[5] = f32::INFINITY,
+                                4 => x.iter_mut().step_by(3).for_each(|v| *v = -*v * 1e30),
+                                5 => x[0] = -0.0,
+                                _ => {}
+                            }
+                            let n = ty.row_bytes(x.len()).unwrap();
+                            let mut want = vec![0u8; n];
+                            match ty {
+                                GgmlType::Q8_0 => legacy::quantize_q8_0(&x, &mut want),
+                                _ => legacy::quantize_q8_1(&x, &mut want),
+                            }
+                            let mut got = vec![0xAAu8; n];
+                            assert!(t.quantize_row(ty, &x, &mut got));
+                            assert_eq!(got, want, "{} {} case {case} nb {nb}", t.isa().name(), ty.name());
                         }
-                        let n = ty.row_bytes(x.len()).unwrap();
-                        let mut want = vec![0u8; n];
-                        match ty {
-                            GgmlType::Q8_0 => legacy::quantize_q8_0(&x, &mut want),
-                            _ => legacy::quantize_q8_1(&x, &mut want),
-                        }
-                        let mut got = vec![0xAAu8; n];
-                        assert!(t.quantize_row(ty, &x, &mut got));
-                        assert_eq!(got, want, "{} case {case} nb {nb}", ty.name());
                     }
                 }
+            }
+        }
+
+        /// Speed of activation quantization per instruction set (`cargo
+        /// test --release -p potluck-engine -- --ignored --nocapture
+        /// quantize_speed`): ns per float over a SmolLM2 FFN row.
+        #[test]
+        #[ignore]
+        #[allow(clippy::cast_precision_loss)]
+        fn quantize_speed() {
+            let mut r = Rng(9);
+            let x = noise(&mut r, 1536);
+            let mut out = vec![0u8; GgmlType::Q8_1.row_bytes(x.len()).expect("whole blocks")];
+            for t in Avx2::all() {
+                let reps = 200_000;
+                let start = std::time::Instant::now();
+                for _ in 0..reps {
+                    assert!(t.quantize_row(GgmlType::Q8_1, std::hint::black_box(&x), &mut out));
+                }
+                let ns = start.elapsed().as_secs_f64() * 1e9 / (reps * x.len()) as f64;
+                eprintln!("{}: {ns:.3} ns per float", t.isa().name());
             }
         }
 

@@ -23,6 +23,7 @@ use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::ActScalars;
 use super::super::GgmlType;
 use super::x86_packed::{self, DotIsa};
+use super::x86_quantize;
 use super::{MAX_ACT, ROW_TILE};
 
 /// Proof that the CPU supports AVX2 and F16C (and `isa`, which the packed
@@ -135,9 +136,15 @@ impl Avx2 {
             GgmlType::Q8_1 => true,
             _ => return false,
         };
-        // SAFETY: the token proves AVX2 and F16C; the kernel walks whole
-        // blocks present in both slices.
-        unsafe { quantize_q8(x, out, with_sum) };
+        // SAFETY: the token proves AVX2 and F16C, and AVX-512 F and VL for
+        // its AVX-512 instruction sets; the kernels walk whole blocks
+        // present in both slices.
+        unsafe {
+            match self.isa {
+                DotIsa::Avx512Vnni | DotIsa::Avx512Wide => x86_quantize::quantize_q8_wide(x, out, with_sum),
+                DotIsa::Avx2 | DotIsa::AvxVnni => x86_quantize::quantize_q8(x, out, with_sum),
+            }
+        }
         true
     }
 }
@@ -153,20 +160,10 @@ unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
 }
 
-/// Narrows `v` to f16 bits with F16C, rounding to nearest even as
-/// `half::f16::from_f32` does.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn f16_bits(v: f32) -> [u8; 2] {
-    // SAFETY: value-only intrinsics; F16C is enabled on this function.
-    let h = unsafe { _mm_cvtsi128_si32(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v))) };
-    (h as u16).to_le_bytes()
-}
-
 /// Sum of the eight i32 lanes (exact, any order).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
+pub(super) unsafe fn hsum_i32(v: __m256i) -> i32 {
     // SAFETY: value-only intrinsics; AVX2 is enabled on this function.
     unsafe {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
@@ -531,142 +528,4 @@ unsafe fn q6k_one(w: &[u8], a: &[u8]) -> f32 {
         sumf += (wd * f32_at(ab, 0)) * isum as f32;
     }
     sumf
-}
-
-/// Rounds each lane half away from zero (`f32::round`), exactly: the
-/// fractional part `t - trunc(t)` is exact, so comparing it with 0.5 decides.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn round_away(t: __m256) -> __m256 {
-    // SAFETY: value-only intrinsics; AVX2 is enabled on this function.
-    unsafe {
-        let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
-        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-        let frac = _mm256_and_ps(_mm256_sub_ps(t, tr), abs);
-        let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
-        let one = _mm256_or_ps(_mm256_andnot_ps(abs, t), _mm256_set1_ps(1.0));
-        _mm256_add_ps(tr, _mm256_and_ps(up, one))
-    }
-}
-
-/// Q8_0 (`with_sum == false`) or Q8_1 quantization, byte-identical to the
-/// reference: `amax` ignores NaNs like `f32::max`, `d = amax / 127`,
-/// `id = 1 / d` (or 0), codes `(v * id).round() as i8` with that cast's
-/// saturation and NaN-to-0, and the f16 fields converted by `half` as there.
-///
-/// Blocks go four at a time: their scales share one vector division for `d`,
-/// one for `1 / d` and one f16 conversion each for `d` and `s`. One block at
-/// a time, the two scalar divisions and the conversions were a latency chain
-/// per block (1.7 instructions per cycle).
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn quantize_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
-    let bytes = if with_sum { Q8_1_BYTES } else { Q8_0_BYTES };
-    let blocks = (x.len() / 32).min(out.len() / bytes);
-    let mut b = 0;
-    while b + 4 <= blocks {
-        // SAFETY: blocks `b..b + 4` lie in both slices (checked by `blocks`).
-        unsafe {
-            // Each block is loaded twice (for its maximum, then its codes)
-            // from L1: holding all four in one array made the compiler copy
-            // 512 bytes through memcpy per group.
-            let xs = |j: usize| &x[(b + j) * 32..];
-            let amax = _mm_setr_ps(
-                block_amax(&load_block(xs(0))),
-                block_amax(&load_block(xs(1))),
-                block_amax(&load_block(xs(2))),
-                block_amax(&load_block(xs(3))),
-            );
-            let d = _mm_div_ps(amax, _mm_set1_ps(127.0));
-            // `id = 0` where `d == 0`, else `1 / d`, as the reference writes it.
-            let id = _mm_andnot_ps(_mm_cmpeq_ps(d, _mm_setzero_ps()), _mm_div_ps(_mm_set1_ps(1.0), d));
-            let mut ids = [0.0f32; 4];
-            _mm_storeu_ps(ids.as_mut_ptr(), id);
-            let mut sums = [0i32; 4];
-            for (j, sum) in sums.iter_mut().enumerate() {
-                *sum = block_codes(&load_block(xs(j)), ids[j], &mut out[(b + j) * bytes + bytes - 32..]);
-            }
-            let dh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(d);
-            let sh = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_mul_ps(
-                _mm_cvtepi32_ps(_mm_loadu_si128(sums.as_ptr().cast())),
-                d,
-            ));
-            let (mut dbits, mut sbits) = ([0u16; 8], [0u16; 8]);
-            _mm_storeu_si128(dbits.as_mut_ptr().cast(), dh);
-            _mm_storeu_si128(sbits.as_mut_ptr().cast(), sh);
-            for j in 0..4 {
-                let blk = &mut out[(b + j) * bytes..];
-                blk[0..2].copy_from_slice(&dbits[j].to_le_bytes());
-                if with_sum {
-                    blk[2..4].copy_from_slice(&sbits[j].to_le_bytes());
-                }
-            }
-        }
-        b += 4;
-    }
-    for b in b..blocks {
-        // SAFETY: block `b` lies in both slices.
-        unsafe {
-            let v = load_block(&x[b * 32..]);
-            let amax = block_amax(&v);
-            let d = amax / 127.0;
-            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-            let blk = &mut out[b * bytes..(b + 1) * bytes];
-            let sum = block_codes(&v, id, &mut blk[bytes - 32..]);
-            blk[0..2].copy_from_slice(&f16_bits(d));
-            if with_sum {
-                blk[2..4].copy_from_slice(&f16_bits(sum as f32 * d));
-            }
-        }
-    }
-}
-
-/// The 32 floats at the start of `xs` (which holds at least 32).
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn load_block(xs: &[f32]) -> [__m256; 4] {
-    assert!(xs.len() >= 32, "a block is 32 floats");
-    // SAFETY: 32 floats are readable at `xs`.
-    std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) })
-}
-
-/// The block's largest magnitude; NaNs are skipped, as `f32::max` does.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn block_amax(v: &[__m256; 4]) -> f32 {
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    // `maxps` returns its second operand when either is NaN, so a NaN
-    // input leaves the running maximum unchanged.
-    let mut m = _mm256_setzero_ps();
-    for &vi in v {
-        m = _mm256_max_ps(_mm256_and_ps(vi, abs), m);
-    }
-    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)))
-}
-
-/// Writes the block's 32 codes `(v * id).round() as i8` to `qs[..32]` and
-/// returns their sum.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn block_codes(v: &[__m256; 4], id: f32, qs: &mut [u8]) -> i32 {
-    assert!(qs.len() >= 32, "a block has 32 codes");
-    let idv = _mm256_set1_ps(id);
-    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-    // SAFETY: value-only intrinsics (AVX2 is enabled here).
-    let codes: [__m256i; 4] = std::array::from_fn(|i| unsafe {
-        let r = round_away(_mm256_mul_ps(v[i], idv));
-        // NaN -> 0, then saturate: the semantics of `as i8`.
-        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
-        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
-    });
-    let total = _mm256_add_epi32(_mm256_add_epi32(codes[0], codes[1]), _mm256_add_epi32(codes[2], codes[3]));
-    // Packing interleaves 128-bit halves: 32-bit groups come out as
-    // [c0a c1a c2a c3a c0b c1b c2b c3b]; the permute restores order.
-    let p = _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]), _mm256_packs_epi32(codes[2], codes[3]));
-    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    // SAFETY: `qs` holds at least 32 bytes (checked above).
-    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), p) };
-    // SAFETY: AVX2 is enabled here.
-    unsafe { hsum_i32(total) }
 }
