@@ -443,7 +443,7 @@ mod tests {
     #[test]
     fn a_group_equals_its_heads_alone() {
         let mut v = noise(23, 6.0);
-        for (heads, kv_heads, hd) in [(9, 3, 64), (4, 1, 64), (6, 3, 64), (6, 2, 12), (10, 2, 64)] {
+        for (heads, kv_heads, hd) in [(9, 3, 64), (4, 1, 64), (6, 3, 64), (2, 2, 64), (6, 2, 12), (10, 2, 64)] {
             let shape = AttnShape { heads, kv_heads, head_dim: hd };
             let g = heads / kv_heads;
             for tokens in [1, 5, 8, 33, 100] {
