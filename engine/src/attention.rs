@@ -31,7 +31,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
         acc[l] += x * y;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    crate::lanes::tree8(acc)
 }
 
 /// [`dot`] of `a` with `K` vectors at once. Each result repeats `dot`'s
@@ -56,7 +56,7 @@ fn dots<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
             acc[k][l] += a[full + l] * bk[full + l];
         }
     }
-    acc.map(|a| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])))
+    acc.map(crate::lanes::tree8)
 }
 
 /// The part of a session's cache one query row may see.
@@ -245,7 +245,7 @@ unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
         for l in 0..n - full {
             lanes[l] += a[full + l] * b[k][full + l];
         }
-        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        crate::lanes::tree8(lanes)
     })
 }
 

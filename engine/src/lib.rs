@@ -16,6 +16,7 @@ pub mod fixture;
 pub mod gguf;
 pub mod hidden;
 pub mod kv_cache;
+mod lanes;
 pub mod local;
 pub mod model_file;
 pub mod norm;

@@ -12,17 +12,7 @@
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
     for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let mut lanes = [0.0f64; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += f64::from(v) * f64::from(v);
-            }
-        }
-        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
-            *l += f64::from(v) * f64::from(v);
-        }
-        let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        let sum = crate::lanes::sum8_f64(row, |v| f64::from(v) * f64::from(v));
         let mean = (sum / dim as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {

@@ -345,17 +345,7 @@ widest! {
     /// one fixed tree: a fixed order, which one sequential chain also was,
     /// but eight times shorter.
     fn lane_sum(w: &[f32]) -> f64 {
-        let mut lanes = [0.0f64; 8];
-        let mut chunks = w.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += f64::from(v);
-            }
-        }
-        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
-            *l += f64::from(v);
-        }
-        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        crate::lanes::sum8_f64(w, f64::from)
     }
 }
 
@@ -420,7 +410,7 @@ mod tests {
             for (i, &w) in plain.iter().enumerate() {
                 lanes[i % 8] += f64::from(w);
             }
-            let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            let sum = crate::lanes::tree8(lanes);
             assert_eq!(lane_sum(&plain).to_bits(), sum.to_bits(), "sum n={n}");
             assert!(!has_nan(&l));
             let mut with_nan = l.clone();

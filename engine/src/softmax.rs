@@ -84,7 +84,7 @@ pub(crate) fn softmax_scalar(scores: &mut [f32]) -> f32 {
         *s = exp(*s - top);
         sum[t % 8] += f64::from(*s);
     }
-    (1.0 / (((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7])))) as f32
+    (1.0 / crate::lanes::tree8(sum)) as f32
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -164,7 +164,7 @@ mod x86 {
             scores[t] = exp(scores[t] - top);
             sum[t % 8] += f64::from(scores[t]);
         }
-        (1.0 / (((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7])))) as f32
+        (1.0 / crate::lanes::tree8(sum)) as f32
     }
 }
 

@@ -56,7 +56,7 @@ fn lane_dot(n: usize, mut w: impl FnMut(usize) -> f32, a: &[f32]) -> f32 {
     for i in full..n {
         acc[i - full] += w(i) * a[i];
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    crate::lanes::tree8(acc)
 }
 
 pub(super) fn dot_f32(w: &[u8], a: &[f32]) -> f32 {
