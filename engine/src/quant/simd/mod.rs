@@ -435,7 +435,7 @@ mod tests {
                                 5 => x[0] = -0.0,
                                 _ => {}
                             }
-                            let n = ty.row_bytes(x.len()).unwrap();
+                            let n = ty.row_bytes(x.len()).expect("whole blocks");
                             let mut want = vec![0u8; n];
                             match ty {
                                 GgmlType::Q8_0 => legacy::quantize_q8_0(&x, &mut want),

@@ -176,6 +176,13 @@ unsafe fn amax_256(v: &[__m256; 4]) -> f32 {
     for &vi in v {
         m = _mm256_max_ps(_mm256_and_ps(vi, abs), m);
     }
+    hmax_256(m)
+}
+
+/// The largest of eight lanes that hold no NaN (exact in any order).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax_256(m: __m256) -> f32 {
     let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
     let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)))
@@ -261,11 +268,10 @@ unsafe fn amax_512(v: &[__m512; 2]) -> f32 {
     for &vi in v {
         m = _mm512_max_ps(_mm512_abs_ps(vi), m);
     }
-    let m8 =
-        _mm256_max_ps(_mm512_castps512_ps256(m), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(m))));
-    let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
-    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)))
+    hmax_256(_mm256_max_ps(
+        _mm512_castps512_ps256(m),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(m))),
+    ))
 }
 
 /// [`round_away_256`] on sixteen lanes, the same operations.
