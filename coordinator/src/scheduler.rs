@@ -211,7 +211,7 @@ struct Core {
     paused: bool,
     pause_waiters: Vec<oneshot::Sender<()>>,
     to_release: Vec<u64>,
-    /// Session events held back until the next micro-batch has left (see `run`).
+    /// Session events held back until the next micro-batch has left (see `deliver`).
     outbox: Vec<(mpsc::UnboundedSender<SessionEvent>, SessionEvent)>,
 }
 
@@ -248,12 +248,8 @@ impl Core {
         let mut reap = tokio::time::interval(REAP_INTERVAL);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.link.is_none() {
-                // Opening the stream to stage 0 can take seconds: nothing waits on it.
-                self.deliver().await;
-            }
-            self.dispatch().await;
-            self.deliver().await;
+            let sent = self.dispatch().await;
+            self.deliver(sent).await;
             self.flush_releases();
             self.publish();
             tokio::select! {
@@ -401,13 +397,17 @@ impl Core {
         self.config.max_inflight.unwrap_or(stages.max(2)).max(1)
     }
 
-    async fn dispatch(&mut self) {
+    /// Sends micro-batches while there is room in flight; returns whether
+    /// any left.
+    async fn dispatch(&mut self) -> bool {
         if self.paused || !self.sessions.values().any(Session::ready) {
-            return;
+            return false;
         }
-        let Some(plan) = self.plan.clone() else { return };
+        let Some(plan) = self.plan.clone() else { return false };
         if self.link.is_none() {
-            let Some(first) = plan.stages.first() else { return };
+            let Some(first) = plan.stages.first() else { return false };
+            // Opening the stream can take seconds: no held event waits on it.
+            self.deliver(false).await;
             let id = self.next_link;
             self.next_link += 1;
             let events = self.link_events.0.clone();
@@ -415,10 +415,11 @@ impl Core {
                 Ok(link) => self.link = Some(link),
                 Err(e) => {
                     self.fail_all(&e.to_string());
-                    return;
+                    return false;
                 }
             }
         }
+        let mut sent_any = false;
         while self.inflight.len() < self.max_inflight() {
             let Some((batch_id, rows, tokens, span)) = self.form_batch() else { break };
             let Some(link) = self.link.as_ref() else { break };
@@ -427,7 +428,9 @@ impl Core {
                 self.link_broken(&e.to_string());
                 break;
             }
+            sent_any = true;
         }
+        sent_any
     }
 
     /// The next micro-batch: ready sessions, oldest turn first, spread over the in-flight slots.
@@ -605,16 +608,18 @@ impl Core {
         }
     }
 
-    /// Hands the held-back events to their sessions, in order. Called
-    /// after `dispatch`, with a yield between the two: the next micro-batch
-    /// is already on its way to stage 0 before the HTTP tasks wake to
-    /// stream the last tokens, instead of queueing behind them. (A client
-    /// that has gone is noticed at its next token, or by `form_batch`.)
-    async fn deliver(&mut self) {
+    /// Hands the held-back events to their sessions, in order. After a
+    /// micro-batch was sent (`after_send`) it yields first, so the batch is
+    /// on its way to stage 0 before the HTTP tasks wake to stream the last
+    /// tokens, instead of queueing behind them. (A client that has gone is
+    /// noticed at its next token, or by `form_batch`.)
+    async fn deliver(&mut self, after_send: bool) {
         if self.outbox.is_empty() {
             return;
         }
-        tokio::task::yield_now().await;
+        if after_send {
+            tokio::task::yield_now().await;
+        }
         for (to, event) in self.outbox.drain(..) {
             let _ = to.send(event);
         }
