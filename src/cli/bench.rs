@@ -188,33 +188,30 @@ impl EngineBench {
             }
             Ok(medians(&rates))
         };
-        let mut report = serde_json::json!({
-            "model": self.model.display().to_string(),
-            "threads": pipe.threads(),
-            "runs": runs,
-        });
-        let mut decoded = std::collections::BTreeMap::new();
-        for &batch in &self.batches {
-            let batch = usize::from(batch);
-            if let std::collections::btree_map::Entry::Vacant(e) = decoded.entry(batch) {
-                e.insert(decode(batch, &mut pipe)?);
-            }
-        }
+        // Each size once, smallest first.
+        let batches: std::collections::BTreeSet<usize> = self.batches.iter().map(|&b| usize::from(b)).collect();
+        let mut report = serde_json::Map::new();
+        report.insert("model".into(), self.model.display().to_string().into());
+        report.insert("threads".into(), pipe.threads().into());
+        report.insert("runs".into(), runs.into());
         let prompt = medians(&prompt);
-        let fields = report.as_object_mut().context("report is an object")?;
-        fields.insert("prompt_tok_s".into(), prompt.0.into());
+        report.insert("prompt_tok_s".into(), prompt.0.into());
         // Tokens per second of on-CPU time (all threads): the engine's
         // speed while it holds its cores, whatever else loads the host.
-        fields.insert("prompt_tok_per_cpu_s".into(), prompt.1.into());
-        for (&batch, &(wall, cpu)) in &decoded {
+        report.insert("prompt_tok_per_cpu_s".into(), prompt.1.into());
+        let mut wall = std::collections::BTreeMap::new();
+        for batch in batches {
+            let (w, cpu) = decode(batch, &mut pipe)?;
             let name = if batch == 1 { "decode".to_owned() } else { format!("decode_batch{batch}") };
-            fields.insert(format!("{name}_tok_s"), wall.into());
-            fields.insert(format!("{name}_tok_per_cpu_s"), cpu.into());
+            report.insert(format!("{name}_tok_s"), w.into());
+            report.insert(format!("{name}_tok_per_cpu_s"), cpu.into());
+            wall.insert(batch, w);
         }
-        if let (Some(one), Some(sixteen)) = (decoded.get(&1), decoded.get(&16)) {
-            fields.insert("batch16_over_batch1".into(), (sixteen.0 / one.0).into());
+        if let (Some(one), Some(sixteen)) = (wall.get(&1), wall.get(&16)) {
+            report.insert("batch16_over_batch1".into(), (sixteen / one).into());
         }
-        fields.insert("peak_rss_mb".into(), peak_rss_mb().into());
+        report.insert("peak_rss_mb".into(), peak_rss_mb().into());
+        let report = serde_json::Value::Object(report);
         if self.json {
             println!("{report}");
         } else {
