@@ -8,6 +8,7 @@
 //! - [`Tokenizer`] and [`ChatTemplate`];
 //! - [`Sampler`]: greedy, temperature, top-k/p, min-p, penalties, logprobs.
 
+pub mod activation;
 pub mod attention;
 pub mod chat;
 pub mod config;

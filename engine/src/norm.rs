@@ -1,4 +1,4 @@
-//! RMSNorm and the SwiGLU activation, in place, row by row.
+//! RMSNorm, row by row.
 
 /// `x ← x / rms(x) * weight`, each row independently.
 ///
@@ -21,13 +21,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `gate ← silu(gate) * up`.
-pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,13 +31,5 @@ mod tests {
         rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 1.0, 2.0, 2.0], 0.0, &mut out);
         let r = (25.0f32 / 4.0).sqrt();
         assert_eq!(out, [3.0 / r, 4.0 / r, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn swiglu_zero_gate() {
-        let mut g = [0.0, 10.0];
-        swiglu(&mut g, &[5.0, 2.0]);
-        assert_eq!(g[0], 0.0);
-        assert!((g[1] - 2.0 * 10.0 / (1.0 + (-10.0f32).exp())).abs() < 1e-6);
     }
 }

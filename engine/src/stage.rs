@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::activation::swiglu;
 use crate::attention::{attend_group, AttnShape, Visible};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
 use crate::kv_cache::{KvCache, SessionId};
 use crate::model_file::ModelFile;
-use crate::norm::{rms_norm, swiglu};
+use crate::norm::rms_norm;
 use crate::pool::ComputePool;
 use crate::rope;
 use crate::weights::{Activations, Matrix};
