@@ -150,8 +150,10 @@ impl Sampler {
     fn draw(&self, l: &[f32], position: usize) -> u32 {
         let p = &self.params;
         let mut rng = Rng::new(p.seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 && !l.is_empty() && !has_nan(l) {
-            return Self::draw_all(l, p.temperature, rng.next_f64());
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            if let Some(max) = max_unless_nan(l) {
+                return Self::draw_all(l, max, p.temperature, rng.next_f64());
+            }
         }
         let mut cand: Vec<(u32, f32)> =
             l.iter().enumerate().filter(|(_, v)| !v.is_nan()).map(|(i, &v)| (i as u32, v / p.temperature)).collect();
@@ -233,30 +235,31 @@ impl Sampler {
     /// hold no NaN): no candidate list, and loops the compiler vectorises.
     /// `u` is the uniform draw in `[0, 1)`.
     #[allow(clippy::cast_possible_truncation)]
-    fn draw_all(l: &[f32], temperature: f32, u: f64) -> u32 {
+    fn draw_all(l: &[f32], max: f32, temperature: f32, u: f64) -> u32 {
         // Division by a positive number is monotonic, so this is the largest `v / temperature`.
-        let max = max_of(l) / temperature;
+        let max = max / temperature;
         thread_local! {
-            /// The weights buffer, kept between draws: a fresh vocabulary-sized
+            /// The weights and block sums, kept between draws: a fresh vocabulary-sized
             /// allocation is a fresh mapping, and its page faults cost more than the draw.
-            static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            static WEIGHTS: std::cell::RefCell<(Vec<f32>, Vec<f64>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
-        WEIGHTS.with_borrow_mut(|buf| {
-            fill_weights(l, temperature, max, buf);
-            walk(buf, u)
+        WEIGHTS.with_borrow_mut(|(weights, blocks)| {
+            let total = fill_weights(l, temperature, max, weights, blocks);
+            walk(weights, blocks, u * total)
         })
     }
 }
 
-/// The index where the running sum of `weights` passes `u` times their total.
+/// Weights summed per block, so the walk looks inside one block only.
+const BLOCK: usize = 256;
+
+/// The index where the running sum of `weights` passes `target`, given
+/// each [`BLOCK`]'s sum: one subtraction chain per token would be the
+/// longest part of the draw.
 #[allow(clippy::cast_possible_truncation)]
-fn walk(weights: &[f32], u: f64) -> u32 {
-    /// Weights summed per block before the walk looks inside one.
-    const BLOCK: usize = 256;
-    let mut target = u * lane_sum(weights);
-    // Whole blocks first: one subtraction chain per token would be the longest part.
-    for (b, block) in weights.chunks(BLOCK).enumerate() {
-        let sum = lane_sum(block);
+fn walk(weights: &[f32], blocks: &[f64], mut target: f64) -> u32 {
+    for (b, (block, &sum)) in weights.chunks(BLOCK).zip(blocks).enumerate() {
         if target >= sum {
             target -= sum;
             continue;
@@ -308,35 +311,61 @@ macro_rules! widest {
 
 widest! {
     /// `exp(v / temperature - max)` of every logit, into `out`, with the
-    /// engine's `exp` (plain arithmetic, so every width gives the same bits).
-    fn fill_weights(l: &[f32], temperature: f32, max: f32, out: &mut Vec<f32>) -> () {
+    /// engine's `exp` (plain arithmetic, so every width gives the same
+    /// bits). Puts each [`BLOCK`]'s [`lane_sum`] into `blocks`, while the
+    /// block is in L1, and returns the blocks' sum in block order.
+    ///
+    /// Why the total is a sum of block sums: one eight-lane chain over the
+    /// whole vocabulary (6,144 dependent adds) was a fifth of the draw,
+    /// where the blocks' chains are short and independent. The order is
+    /// still fixed by the vocabulary's size alone.
+    fn fill_weights(l: &[f32], temperature: f32, max: f32, out: &mut Vec<f32>, blocks: &mut Vec<f64>) -> f64 {
         out.resize(l.len(), 0.0);
-        for (o, &v) in out.iter_mut().zip(l) {
-            *o = crate::softmax::exp(v / temperature - max);
+        blocks.clear();
+        for (lb, ob) in l.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
+            for (o, &v) in ob.iter_mut().zip(lb) {
+                *o = crate::softmax::exp(v / temperature - max);
+            }
+            // `lanes::sum8_f64`'s lanes and tree, written so this build keeps
+            // the eight lanes in one register (the generic form spilled them).
+            let mut lanes = [0.0f64; 8];
+            let mut chunks = ob.chunks_exact(8);
+            for c in &mut chunks {
+                let w: [f64; 8] = std::array::from_fn(|j| f64::from(c[j]));
+                for j in 0..8 {
+                    lanes[j] += w[j];
+                }
+            }
+            for (l, &w) in lanes.iter_mut().zip(chunks.remainder()) {
+                *l += f64::from(w);
+            }
+            blocks.push(crate::lanes::tree8(lanes));
         }
+        blocks.iter().sum()
     }
 }
 
 widest! {
-    /// Whether any of `l` is NaN. No early exit, so the loop vectorises: an
-    /// `any` stopping at the first NaN took 11 µs of a 47 µs draw over
-    /// 49,152 logits.
-    fn has_nan(l: &[f32]) -> bool {
-        l.iter().fold(false, |nan, v| nan | v.is_nan())
-    }
-}
-
-widest! {
-    /// The largest of `l` (no NaN), over eight lanes so the loop vectorises.
-    fn max_of(l: &[f32]) -> f32 {
+    /// The largest of `l`, or `None` if `l` is empty or holds a NaN: one
+    /// pass, with no early exit so the loop vectorises (an `any` stopping
+    /// at the first NaN took 11 µs of a 47 µs draw over 49,152 logits).
+    /// The maximum runs over eight lanes, then the remainder and the lanes
+    /// in a fixed order.
+    fn max_unless_nan(l: &[f32]) -> Option<f32> {
         let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut nan = [false; 8];
         let mut chunks = l.chunks_exact(8);
         for c in &mut chunks {
-            for (m, &v) in lanes.iter_mut().zip(c) {
+            for ((m, n), &v) in lanes.iter_mut().zip(&mut nan).zip(c) {
                 *m = if v > *m { v } else { *m };
+                *n |= v.is_nan();
             }
         }
-        chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+        let rest = chunks.remainder();
+        if l.is_empty() || nan.contains(&true) || rest.iter().any(|v| v.is_nan()) {
+            return None;
+        }
+        Some(rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
     }
 }
 
@@ -397,25 +426,67 @@ mod tests {
         for n in [1, 7, 8, 15, 16, 17, 100, 1003, 49_152] {
             let l: Vec<f32> = (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * 40.0).collect();
             let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            assert_eq!(max_of(&l).to_bits(), max.to_bits(), "max n={n}");
-            let mut wide = Vec::new();
-            fill_weights(&l, 0.7, max / 0.7, &mut wide);
+            assert_eq!(max_unless_nan(&l).map(f32::to_bits), Some(max.to_bits()), "max n={n}");
+            let (mut wide, mut blocks) = (Vec::new(), Vec::new());
+            let total = fill_weights(&l, 0.7, max / 0.7, &mut wide, &mut blocks);
             let plain: Vec<f32> = l.iter().map(|&v| crate::softmax::exp(v / 0.7 - max / 0.7)).collect();
             assert_eq!(
                 wide.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
                 plain.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
                 "weights n={n}"
             );
-            let mut lanes = [0.0f64; 8];
-            for (i, &w) in plain.iter().enumerate() {
-                lanes[i % 8] += f64::from(w);
+            // Each block's sum: lane `i % 8`, then the tree; the total: the blocks in order.
+            let lane_tree = |w: &[f32]| {
+                let mut lanes = [0.0f64; 8];
+                for (i, &w) in w.iter().enumerate() {
+                    lanes[i % 8] += f64::from(w);
+                }
+                crate::lanes::tree8(lanes)
+            };
+            let per_block: Vec<f64> = plain.chunks(BLOCK).map(lane_tree).collect();
+            assert_eq!(
+                blocks.iter().map(|b| b.to_bits()).collect::<Vec<_>>(),
+                per_block.iter().map(|b| b.to_bits()).collect::<Vec<_>>(),
+                "blocks n={n}"
+            );
+            assert_eq!(total.to_bits(), per_block.iter().fold(0.0, |a, b| a + b).to_bits(), "total n={n}");
+            for at in [0, n / 2, n - 1] {
+                let mut with_nan = l.clone();
+                with_nan[at] = f32::NAN;
+                assert_eq!(max_unless_nan(&with_nan), None, "nan at {at} of {n}");
             }
-            let sum = crate::lanes::tree8(lanes);
-            assert_eq!(lane_sum(&plain).to_bits(), sum.to_bits(), "sum n={n}");
-            assert!(!has_nan(&l));
-            let mut with_nan = l.clone();
-            with_nan[n - 1] = f32::NAN;
-            assert!(has_nan(&with_nan), "nan n={n}");
+        }
+        assert_eq!(max_unless_nan(&[]), None);
+    }
+
+    /// The walk over block sums picks the token a plain running sum picks.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)]
+    fn the_walk_equals_a_running_sum() {
+        let mut rng = Rng::new(9);
+        let l: Vec<f32> = (0..5000).map(|_| (rng.next_f64() as f32 - 0.5) * 20.0).collect();
+        let max = max_unless_nan(&l).expect("no NaN");
+        let (mut w, mut blocks) = (Vec::new(), Vec::new());
+        let total = fill_weights(&l, 1.0, max, &mut w, &mut blocks);
+        for u in [0.0, 0.1, 0.37, 0.5, 0.93, 0.999_999] {
+            let mut target = u * total;
+            let mut plain = w.len() - 1;
+            // Block by block, as the walk's sums are kept; within a block, token by token.
+            'found: for (b, chunk) in w.chunks(BLOCK).enumerate() {
+                let sum = lane_sum(chunk);
+                if target >= sum {
+                    target -= sum;
+                    continue;
+                }
+                for (i, &x) in chunk.iter().enumerate() {
+                    target -= f64::from(x);
+                    if target < 0.0 {
+                        plain = b * BLOCK + i;
+                        break 'found;
+                    }
+                }
+            }
+            assert_eq!(walk(&w, &blocks, u * total), plain as u32, "u={u}");
         }
     }
 
@@ -506,12 +577,12 @@ mod tests {
     #[test]
     fn untruncated_draw_follows_the_probabilities() {
         let l = [0.0, 3.0f32.ln()];
-        assert_eq!(Sampler::draw_all(&l, 1.0, 0.2), 0, "p = 1/4");
-        assert_eq!(Sampler::draw_all(&l, 1.0, 0.3), 1, "p = 3/4");
-        assert_eq!(Sampler::draw_all(&l, 1.0, 0.999_999), 1);
+        assert_eq!(Sampler::draw_all(&l, l[1], 1.0, 0.2), 0, "p = 1/4");
+        assert_eq!(Sampler::draw_all(&l, l[1], 1.0, 0.3), 1, "p = 3/4");
+        assert_eq!(Sampler::draw_all(&l, l[1], 1.0, 0.999_999), 1);
         // Temperature 0.5 squares the odds: 1/10 and 9/10.
-        assert_eq!(Sampler::draw_all(&l, 0.5, 0.09), 0);
-        assert_eq!(Sampler::draw_all(&l, 0.5, 0.11), 1);
+        assert_eq!(Sampler::draw_all(&l, l[1], 0.5, 0.09), 0);
+        assert_eq!(Sampler::draw_all(&l, l[1], 0.5, 0.11), 1);
         // NaN logits take the candidate path, where they weigh nothing.
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..SamplingParams::default() }).expect("valid");
         for i in 0..20 {
