@@ -76,14 +76,18 @@ impl DotIsa {
     }
 
     /// Activation rows one kernel pass keeps in registers. AVX-512's 32
-    /// registers hold eight rows' Q4_1 accumulators (measured here: about 6%
-    /// faster than two passes of four); for Q8_0 eight rows were no faster,
-    /// and the 16-register sets take four.
+    /// registers hold eight rows' Q4_1 accumulators (about 6% faster than
+    /// two passes of four). For Q8_0 the 512-bit tile-pair kernel takes
+    /// eight as well: SmolLM2's lm_head at eight rows went from 1.3–1.6 ms
+    /// to 0.88–0.95 ms on a Zen 5 (`cargo run --release --example
+    /// matmul_speed -p potluck-engine`), where a Xeon had shown no gain.
+    /// Two passes of four meant each weight block loaded twice and its
+    /// unpacking paid for four rows, not eight. The 16-register sets take
+    /// four.
     fn max_rows(self, dtype: GgmlType) -> usize {
-        if matches!(self, Self::Avx512Vnni | Self::Avx512Wide) && dtype == GgmlType::Q4_1 {
-            8
-        } else {
-            4
+        match (self, dtype) {
+            (Self::Avx512Vnni | Self::Avx512Wide, GgmlType::Q4_1) | (Self::Avx512Wide, GgmlType::Q8_0) => 8,
+            _ => 4,
         }
     }
 }
@@ -151,7 +155,7 @@ pub(crate) fn dot_packed(
                     run_pairs(k, &job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
                 }
                 (DotIsa::Avx512Wide, _) => {
-                    run_pairs(k, &job, tbb, upto4!(super::x86_tile_pair::q8_0), upto4!(avx512::q8_0));
+                    run_pairs(k, &job, tbb, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, &job, upto8!(avx512::q4_1)),
                 (DotIsa::Avx512Vnni, _) => run_k(k, &job, upto4!(avx512::q8_0)),

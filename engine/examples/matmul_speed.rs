@@ -1,0 +1,66 @@
+//! Throughput of the quantized matmul at one and at eight activation rows,
+//! on SmolLM2's lm_head shape (Q8_0, 49,152 × 576) and an FFN shape (Q4_1,
+//! 1,536 × 576): cycling over enough copies that the weights stream from
+//! memory, as in a forward pass, and once with weights that stay in L2.
+//! The two show whether a kernel waits on memory or on arithmetic: eight
+//! rows are what each stage computes when serving 16 streams.
+//!
+//! `cargo run --release --example matmul_speed -p potluck-engine`
+
+use potluck_engine::quant::GgmlType;
+use potluck_engine::weights::{Activations, Matrix};
+use potluck_engine::ComputePool;
+
+/// Weights with every block's scale 1 (f16 0x3C00) and pseudo-random quants.
+fn matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Result<Matrix, Box<dyn std::error::Error>> {
+    let (block, scales) = match dtype {
+        GgmlType::Q8_0 => (34, 1),
+        GgmlType::Q4_1 => (20, 2),
+        _ => return Err("unsupported type".into()),
+    };
+    let mut s = seed;
+    let mut data = vec![0u8; rows * cols / 32 * block];
+    for b in data.chunks_exact_mut(block) {
+        for q in &mut b[2 * scales..] {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *q = (s >> 56) as u8;
+        }
+        for k in 0..scales {
+            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+        }
+    }
+    Matrix::new(dtype, rows, cols, data).ok_or_else(|| "bad shape".into())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let pool = ComputePool::new(1);
+    let shapes = [
+        ("lm_head Q8_0", GgmlType::Q8_0, 49_152, 576, 3),
+        ("ffn up Q4_1", GgmlType::Q4_1, 1_536, 576, 120),
+        ("ffn up Q4_1 in L2", GgmlType::Q4_1, 1_536, 576, 1),
+        ("lm_head slice Q8_0 in L2", GgmlType::Q8_0, 2_048, 576, 1),
+    ];
+    for (name, dtype, rows, cols, copies) in shapes {
+        let mats: Vec<Matrix> = (0..copies).map(|c| matrix(dtype, rows, cols, c)).collect::<Result<_, _>>()?;
+        let bytes: usize = mats[0].bytes();
+        for m in [1usize, 8] {
+            #[allow(clippy::cast_precision_loss)]
+            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let mut out = vec![0.0f32; m * rows];
+            let mut times = Vec::new();
+            for _ in 0..7 {
+                let started = std::time::Instant::now();
+                for w in &mats {
+                    w.matmul(&Activations::new(&x, m, cols), &mut out, &pool);
+                }
+                times.push(started.elapsed().as_secs_f64() / copies as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            let t = times[times.len() / 2];
+            #[allow(clippy::cast_precision_loss)]
+            let (gmac, gbs) = ((m * rows * cols) as f64 / t / 1e9, bytes as f64 / t / 1e9);
+            println!("{name} m={m}: {:.1} µs per matmul, {gmac:.0} GMAC/s, {gbs:.1} GB/s of weights", t * 1e6);
+        }
+    }
+    Ok(())
+}
