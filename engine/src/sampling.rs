@@ -233,8 +233,8 @@ impl Sampler {
 impl Sampler {
     /// The draw with nothing truncated, straight over the logits (which
     /// hold no NaN): no candidate list, and loops the compiler vectorises.
-    /// `u` is the uniform draw in `[0, 1)`.
-    #[allow(clippy::cast_possible_truncation)]
+    /// `max` is the largest logit, from the pass that checked for NaN, and
+    /// `u` the uniform draw in `[0, 1)`.
     fn draw_all(l: &[f32], max: f32, temperature: f32, u: f64) -> u32 {
         // Division by a positive number is monotonic, so this is the largest `v / temperature`.
         let max = max / temperature;
