@@ -14,14 +14,17 @@ pub(crate) fn tree8<T: Copy + std::ops::Add<Output = T>>(l: [T; 8]) -> T {
 
 /// `Σ term(x)` over `xs` in f64 on eight fixed lanes, then [`tree8`]. The
 /// loop vectorises, where one index-order chain would be a dependency per
-/// element.
+/// element. Each chunk's eight terms are made as one array before they are
+/// added: adding them one by one through a zipped iterator compiled, in
+/// the sampler's AVX-512 build, to scalar adds with the lanes spilled.
 #[inline(always)]
 pub(crate) fn sum8_f64(xs: &[f32], term: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0.0f64; 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += term(v);
+        let terms: [f64; 8] = std::array::from_fn(|j| term(c[j]));
+        for (l, t) in lanes.iter_mut().zip(terms) {
+            *l += t;
         }
     }
     for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {

@@ -326,20 +326,7 @@ widest! {
             for (o, &v) in ob.iter_mut().zip(lb) {
                 *o = crate::softmax::exp(v / temperature - max);
             }
-            // `lanes::sum8_f64`'s lanes and tree, written so this build keeps
-            // the eight lanes in one register (the generic form spilled them).
-            let mut lanes = [0.0f64; 8];
-            let mut chunks = ob.chunks_exact(8);
-            for c in &mut chunks {
-                let w: [f64; 8] = std::array::from_fn(|j| f64::from(c[j]));
-                for j in 0..8 {
-                    lanes[j] += w[j];
-                }
-            }
-            for (l, &w) in lanes.iter_mut().zip(chunks.remainder()) {
-                *l += f64::from(w);
-            }
-            blocks.push(crate::lanes::tree8(lanes));
+            blocks.push(crate::lanes::sum8_f64(ob, f64::from));
         }
         blocks.iter().sum()
     }
