@@ -6,6 +6,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use potluck_engine::{LocalPipeline, ModelFile, Row, SessionId, Stage, WireDtype};
 
+#[path = "bench_bandwidth.rs"]
+mod bench_bandwidth;
 #[path = "bench_pipeline.rs"]
 mod bench_pipeline;
 #[path = "bench_serve.rs"]
@@ -13,6 +15,8 @@ mod bench_serve;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
+    /// Read bandwidth of one thread from memory: the bound of batch-1 decode.
+    Bandwidth(bench_bandwidth::BandwidthBench),
     /// Prompt and decode throughput of the engine in this process.
     Engine(EngineBench),
     /// Weight bytes and peak RSS of a process holding one layer range.
@@ -66,6 +70,7 @@ pub struct MemoryBench {
 impl Bench {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            Self::Bandwidth(b) => b.run(),
             Self::Engine(b) => b.run(),
             Self::Memory(b) => b.run(),
             Self::Pipeline(b) => b.run(),

@@ -7,6 +7,13 @@
 //! absolute numbers are not. The list is measured in several rounds
 //! (`--runs`): each row is the median round, and `vs_one_stream` is the
 //! median of the rounds' own ratios.
+//!
+//! `decode_tok_s` counts a phase from its first request to its last token,
+//! so it includes the ramp-up (every stream's first prefill at once) and the
+//! tail (streams finishing one by one). `all_streams_tok_s` counts only the
+//! stretch when every stream was generating at once, the rate the
+//! concurrency level itself sustains; `all_streams_vs_one_stream` is its
+//! ratio. Short phases (few `--requests`) make the two differ most.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
@@ -54,9 +61,39 @@ pub struct ServeBench {
 
 /// What one stream saw of one request.
 struct Timing {
-    ttft: Duration,
-    gaps: Vec<Duration>,
+    /// When the request was sent.
+    sent: Instant,
+    /// When each token's text arrived (never empty).
+    arrivals: Vec<Instant>,
+    /// Completion tokens, as the final usage reports them.
     tokens: u64,
+}
+
+impl Timing {
+    fn ttft(&self) -> Duration {
+        self.arrivals[0] - self.sent
+    }
+
+    fn gaps(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.arrivals.windows(2).map(|w| w[1] - w[0])
+    }
+}
+
+/// Tokens per second while every stream was generating at once: from the
+/// last stream's first token to the first stream's last token. The whole
+/// phase also holds the ramp-up (every stream's first prefill at once) and
+/// the tail (streams finishing one by one), when fewer streams run; `None`
+/// if the streams never all overlapped.
+#[allow(clippy::cast_precision_loss)]
+fn all_streams_rate(streams: &[Vec<Timing>]) -> Option<f64> {
+    let from = streams.iter().map(|s| s.first().map(|t| t.arrivals[0])).collect::<Option<Vec<_>>>()?;
+    let to = streams.iter().map(|s| s.last().and_then(|t| t.arrivals.last().copied())).collect::<Option<Vec<_>>>()?;
+    let (from, to) = (*from.iter().max()?, *to.iter().min()?);
+    if to <= from {
+        return None;
+    }
+    let inside = streams.iter().flatten().flat_map(|t| &t.arrivals).filter(|&&a| a >= from && a <= to).count();
+    Some(inside as f64 / (to - from).as_secs_f64())
 }
 
 impl ServeBench {
@@ -119,6 +156,7 @@ impl ServeBench {
             let _ = std::fs::remove_dir_all(&temp);
         }
         let rate = |row: &Option<Value>| row.as_ref().and_then(|r| r["decode_tok_s"].as_f64());
+        let steady = |row: &Option<Value>| row.as_ref().and_then(|r| r["all_streams_tok_s"].as_f64());
         let one = self.concurrency.iter().position(|&c| c == 1);
         let mut by = serde_json::Map::new();
         for (i, &c) in self.concurrency.iter().enumerate() {
@@ -133,6 +171,11 @@ impl ServeBench {
                 if !ratios.is_empty() {
                     row["vs_one_stream_by_round"] = json!(ratios.clone());
                     row["vs_one_stream"] = json!(percentile(&mut ratios, 0.5));
+                }
+                let mut overlapped: Vec<f64> =
+                    rounds.iter().filter_map(|r| Some(steady(&r[i])? / steady(&r[one?])?)).collect();
+                if !overlapped.is_empty() {
+                    row["all_streams_vs_one_stream"] = json!(percentile(&mut overlapped, 0.5));
                 }
             }
             by.insert(c.to_string(), row);
@@ -164,19 +207,21 @@ impl ServeBench {
                 })
             })
             .collect();
-        let mut timings = Vec::new();
+        let mut streams = Vec::new();
         for h in handles {
-            timings.extend(h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
+            streams.push(h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
         }
         let wall = start.elapsed().as_secs_f64();
         let after = busy_seconds(http)?;
+        let timings: Vec<&Timing> = streams.iter().flatten().collect();
         let tokens: u64 = timings.iter().map(|t| t.tokens).sum();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let mut ttft: Vec<f64> = timings.iter().map(|t| ms(t.ttft)).collect();
-        let mut itl: Vec<f64> = timings.iter().flat_map(|t| t.gaps.iter().map(|&g| ms(g))).collect();
+        let mut ttft: Vec<f64> = timings.iter().map(|t| ms(t.ttft())).collect();
+        let mut itl: Vec<f64> = timings.iter().flat_map(|t| t.gaps().map(ms)).collect();
         let busy: Vec<f64> = after.iter().zip(&before).map(|(a, b)| (a - b) / wall).collect();
         let row = json!({
             "decode_tok_s": tokens as f64 / wall,
+            "all_streams_tok_s": all_streams_rate(&streams),
             "tokens": tokens,
             "seconds": wall,
             "ttft_ms": {"p50": percentile(&mut ttft, 0.5), "p99": percentile(&mut ttft, 0.99)},
@@ -221,7 +266,7 @@ fn stream(http: &str, prompt: &str, seed: usize, max_tokens: usize) -> anyhow::R
     let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": true,
         "stream_options": {"include_usage": true}})
     .to_string();
-    let start = Instant::now();
+    let sent = Instant::now();
     let mut s = std::net::TcpStream::connect(http)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
@@ -249,10 +294,9 @@ fn stream(http: &str, prompt: &str, seed: usize, max_tokens: usize) -> anyhow::R
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n;
         } else if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
-            arrivals.push(start.elapsed());
+            arrivals.push(Instant::now());
         }
     }
-    let ttft = arrivals.first().copied().context("no token arrived")?;
-    let gaps = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
-    Ok(Timing { ttft, gaps, tokens })
+    ensure!(!arrivals.is_empty(), "no token arrived");
+    Ok(Timing { sent, arrivals, tokens })
 }
