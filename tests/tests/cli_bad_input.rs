@@ -34,6 +34,8 @@ fn bad_models_prompts_and_flags_fail_cleanly() -> anyhow::Result<()> {
         "cannot be used",
     )?;
     assert_clean_failure(&["bench", "memory", "--model", t, "--layers", "3..99"], "invalid")?;
+    assert_clean_failure(&["bench", "bandwidth", "--mib", "1"], "not in 64..=16384")?;
+    assert_clean_failure(&["bench", "bandwidth", "--passes", "0"], "not in 1..=1000")?;
     let ok = potluck(&["generate", "--model", t, "--prompt", "hi", "--max-tokens", "4", "--temperature", "0"])?;
     assert!(ok.success, "tiny model failed: {}", ok.stderr);
     Ok(())
