@@ -91,12 +91,18 @@ pub(super) unsafe fn q4_1<const M: usize>(j: &Job) {
         let tile = j.nb * 8 * Q4_1_BYTES;
         for t in (0..j.ntiles).step_by(2) {
             let mut acc = [_mm512_setzero_ps(); M];
-            for b in 0..j.nb {
+            // Block `b + 1`'s integer sums are issued before block `b`'s
+            // float part, so the two overlap in program order rather than
+            // only as far as the scheduler's window reaches; and each row
+            // keeps one integer chain (eight rows are eight independent
+            // chains, enough for the 4-cycle `vpdpbusd`), saving the add
+            // that joined two. At eight rows: 4% fewer cycles
+            // (`examples/kernel_cycles.rs`); at two to six, within ±1.5%.
+            let sums = |b: usize| {
                 let p0 = j.tiles.add(t * tile + b * 8 * Q4_1_BYTES);
                 let p1 = p0.add(tile);
                 prefetch_next_pair(p0, tile, 8 * Q4_1_BYTES);
-                let mut lo_sum = [_mm512_setzero_si512(); M];
-                let mut hi_sum = [_mm512_setzero_si512(); M];
+                let mut sum = [_mm512_setzero_si512(); M];
                 for g in 0..4 {
                     let w = load_pair(p0, p1, 32 + 32 * g);
                     let lo = _mm512_and_si512(w, m4);
@@ -104,20 +110,31 @@ pub(super) unsafe fn q4_1<const M: usize>(j: &Job) {
                     let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(w), m4);
                     for i in 0..M {
                         let y = j.a[i].add(b * Q8_1_BYTES + 4 + 4 * g);
-                        lo_sum[i] = _mm512_dpbusd_epi32(lo_sum[i], lo, bcast(y));
-                        hi_sum[i] = _mm512_dpbusd_epi32(hi_sum[i], hi, bcast(y.add(16)));
+                        sum[i] = _mm512_dpbusd_epi32(sum[i], lo, bcast(y));
+                    }
+                    for i in 0..M {
+                        let y = j.a[i].add(b * Q8_1_BYTES + 4 + 4 * g);
+                        sum[i] = _mm512_dpbusd_epi32(sum[i], hi, bcast(y.add(16)));
                     }
                 }
+                sum
+            };
+            let mut cur = sums(0);
+            for b in 0..j.nb {
+                let next = if b + 1 < j.nb { sums(b + 1) } else { [_mm512_setzero_si512(); M] };
+                let p0 = j.tiles.add(t * tile + b * 8 * Q4_1_BYTES);
+                let p1 = p0.add(tile);
                 let dx = scales_pair(p0, p1, 0);
                 let mx = scales_pair(p0, p1, 16);
                 for i in 0..M {
                     let k = i * j.nb + b;
-                    let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum[i], hi_sum[i]));
+                    let sumi = _mm512_cvtepi32_ps(cur[i]);
                     let dy = _mm512_set1_ps(*j.d.add(k));
                     let sy = _mm512_castsi512_ps(_mm512_set1_epi32(*j.x.add(k) as i32));
                     let s = _mm512_mul_ps(_mm512_mul_ps(dx, dy), sumi);
                     acc[i] = _mm512_add_ps(acc[i], _mm512_add_ps(s, _mm512_mul_ps(mx, sy)));
                 }
+                cur = next;
             }
             for i in 0..M {
                 store_pair(j, t, i, acc[i]);
@@ -140,29 +157,34 @@ pub(super) unsafe fn q8_0<const M: usize>(j: &Job) {
         let tile = j.nb * 8 * Q8_0_BYTES;
         for t in (0..j.ntiles).step_by(2) {
             let mut acc = [_mm512_setzero_ps(); M];
-            for b in 0..j.nb {
+            // As in `q4_1`: block `b + 1`'s integer sums go before block
+            // `b`'s float part (4.5% fewer cycles at eight rows).
+            let sums = |b: usize| {
                 let p0 = j.tiles.add(t * tile + b * 8 * Q8_0_BYTES);
                 let p1 = p0.add(tile);
                 prefetch_next_pair(p0, tile, 8 * Q8_0_BYTES);
-                let mut even = [_mm512_setzero_si512(); M];
-                let mut odd = [_mm512_setzero_si512(); M];
-                for g in (0..8).step_by(2) {
-                    let w0 = load_pair(p0, p1, 16 + 32 * g);
-                    let w1 = load_pair(p0, p1, 48 + 32 * g);
+                let mut sum = [_mm512_setzero_si512(); M];
+                for g in 0..8 {
+                    let w = load_pair(p0, p1, 16 + 32 * g);
                     for i in 0..M {
-                        let y = j.a[i].add(b * Q8_0_BYTES + 2 + 4 * g);
-                        even[i] = _mm512_dpbusd_epi32(even[i], w0, bcast(y));
-                        odd[i] = _mm512_dpbusd_epi32(odd[i], w1, bcast(y.add(4)));
+                        sum[i] = _mm512_dpbusd_epi32(sum[i], w, bcast(j.a[i].add(b * Q8_0_BYTES + 2 + 4 * g)));
                     }
                 }
-                let dx = scales_pair(p0, p1, 0);
+                sum
+            };
+            let mut cur = sums(0);
+            for b in 0..j.nb {
+                let next = if b + 1 < j.nb { sums(b + 1) } else { [_mm512_setzero_si512(); M] };
+                let p0 = j.tiles.add(t * tile + b * 8 * Q8_0_BYTES);
+                let dx = scales_pair(p0, p0.add(tile), 0);
                 for i in 0..M {
                     let k = i * j.nb + b;
                     let corr = _mm512_set1_epi32(*j.x.add(k) as i32);
-                    let sumi = _mm512_sub_epi32(_mm512_add_epi32(even[i], odd[i]), corr);
+                    let sumi = _mm512_sub_epi32(cur[i], corr);
                     let d = _mm512_mul_ps(dx, _mm512_set1_ps(*j.d.add(k)));
                     acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), d));
                 }
+                cur = next;
             }
             for i in 0..M {
                 store_pair(j, t, i, acc[i]);

@@ -1,0 +1,61 @@
+//! One packed matmul, in L2, repeated: a fixed workload to count cycles on.
+//!
+//! Wall-clock rates drift 10–15% within minutes on a shared host, far more
+//! than a kernel change moves them; the cycles a process spends in user
+//! space drift about 0.5%. So kernel changes are judged by
+//!
+//! `perf stat -e cycles:u target/release/examples/kernel_cycles q4_1 8`
+//!
+//! before and after (arguments: `q4_1` or `q8_0`, then 1..=8 activation
+//! rows). Shapes: an FFN projection (1,536 × 576, Q4_1) and a slice of the
+//! lm_head (2,048 × 576, Q8_0), both small enough to stay in L2, so the
+//! kernel's arithmetic is what is timed. The checksum of the output bits
+//! must not change either.
+//!
+//! `cargo build --release --example kernel_cycles -p potluck-engine`
+
+use potluck_engine::quant::GgmlType;
+use potluck_engine::weights::{Activations, Matrix};
+use potluck_engine::ComputePool;
+
+/// Matmuls timed per run.
+const REPEATS: usize = 20_000;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (dtype, rows, block, scales) = match args.next().as_deref() {
+        Some("q8_0") => (GgmlType::Q8_0, 2_048, 34, 1),
+        Some("q4_1") | None => (GgmlType::Q4_1, 1_536, 20, 2),
+        Some(other) => return Err(format!("unknown type `{other}`: q4_1 or q8_0").into()),
+    };
+    let m: usize = args.next().map_or(Ok(8), |a| a.parse())?;
+    if !(1..=8).contains(&m) {
+        return Err("activation rows must be 1..=8".into());
+    }
+    let cols = 576;
+    let mut s = 1u64;
+    let mut data = vec![0u8; rows * cols / 32 * block];
+    for b in data.chunks_exact_mut(block) {
+        for q in &mut b[2 * scales..] {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *q = (s >> 56) as u8;
+        }
+        for k in 0..scales {
+            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+        }
+    }
+    let w = Matrix::new(dtype, rows, cols, data).ok_or("bad shape")?;
+    let pool = ComputePool::new(1);
+    #[allow(clippy::cast_precision_loss)]
+    let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let mut out = vec![0.0f32; m * rows];
+    let started = std::time::Instant::now();
+    for _ in 0..REPEATS {
+        w.matmul(&Activations::new(&x, m, cols), &mut out, &pool);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let each = started.elapsed().as_secs_f64() / REPEATS as f64;
+    let checksum = out.iter().fold(0u64, |a, v| a.wrapping_add(u64::from(v.to_bits())));
+    println!("{dtype:?} × {m} rows: {:.2} µs per matmul, output checksum {checksum}", each * 1e6);
+    Ok(())
+}
