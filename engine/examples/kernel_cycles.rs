@@ -14,8 +14,9 @@
 //!
 //! `cargo build --release --example kernel_cycles -p potluck-engine`
 
+use potluck_engine::fixture::unit_scale_matrix;
 use potluck_engine::quant::GgmlType;
-use potluck_engine::weights::{Activations, Matrix};
+use potluck_engine::weights::Activations;
 use potluck_engine::ComputePool;
 
 /// Matmuls timed per run.
@@ -23,9 +24,9 @@ const REPEATS: usize = 20_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (dtype, rows, block, scales) = match args.next().as_deref() {
-        Some("q8_0") => (GgmlType::Q8_0, 2_048, 34, 1),
-        Some("q4_1") | None => (GgmlType::Q4_1, 1_536, 20, 2),
+    let (dtype, rows) = match args.next().as_deref() {
+        Some("q8_0") => (GgmlType::Q8_0, 2_048),
+        Some("q4_1") | None => (GgmlType::Q4_1, 1_536),
         Some(other) => return Err(format!("unknown type `{other}`: q4_1 or q8_0").into()),
     };
     let m: usize = args.next().map_or(Ok(8), |a| a.parse())?;
@@ -33,18 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("activation rows must be 1..=8".into());
     }
     let cols = 576;
-    let mut s = 1u64;
-    let mut data = vec![0u8; rows * cols / 32 * block];
-    for b in data.chunks_exact_mut(block) {
-        for q in &mut b[2 * scales..] {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            *q = (s >> 56) as u8;
-        }
-        for k in 0..scales {
-            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
-        }
-    }
-    let w = Matrix::new(dtype, rows, cols, data).ok_or("bad shape")?;
+    let w = unit_scale_matrix(dtype, rows, cols, 1).ok_or("bad shape")?;
     let pool = ComputePool::new(1);
     #[allow(clippy::cast_precision_loss)]
     let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();

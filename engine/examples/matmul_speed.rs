@@ -7,30 +7,10 @@
 //!
 //! `cargo run --release --example matmul_speed -p potluck-engine`
 
+use potluck_engine::fixture::unit_scale_matrix;
 use potluck_engine::quant::GgmlType;
 use potluck_engine::weights::{Activations, Matrix};
 use potluck_engine::ComputePool;
-
-/// Weights with every block's scale 1 (f16 0x3C00) and pseudo-random quants.
-fn matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Result<Matrix, Box<dyn std::error::Error>> {
-    let (block, scales) = match dtype {
-        GgmlType::Q8_0 => (34, 1),
-        GgmlType::Q4_1 => (20, 2),
-        _ => return Err("unsupported type".into()),
-    };
-    let mut s = seed;
-    let mut data = vec![0u8; rows * cols / 32 * block];
-    for b in data.chunks_exact_mut(block) {
-        for q in &mut b[2 * scales..] {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            *q = (s >> 56) as u8;
-        }
-        for k in 0..scales {
-            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
-        }
-    }
-    Matrix::new(dtype, rows, cols, data).ok_or_else(|| "bad shape".into())
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = ComputePool::new(1);
@@ -41,7 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("lm_head slice Q8_0 in L2", GgmlType::Q8_0, 2_048, 576, 1),
     ];
     for (name, dtype, rows, cols, copies) in shapes {
-        let mats: Vec<Matrix> = (0..copies).map(|c| matrix(dtype, rows, cols, c)).collect::<Result<_, _>>()?;
+        let mats: Vec<Matrix> = (0..copies)
+            .map(|c| unit_scale_matrix(dtype, rows, cols, c).ok_or("bad shape"))
+            .collect::<Result<_, _>>()?;
         let bytes: usize = mats[0].bytes();
         for m in [1usize, 8] {
             #[allow(clippy::cast_precision_loss)]

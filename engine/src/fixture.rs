@@ -211,3 +211,31 @@ impl TinyModel {
         Ok(dir.to_path_buf())
     }
 }
+
+/// A `rows × cols` Q4_1 or Q8_0 matrix with every block scale (and Q4_1
+/// minimum) 1.0 and pseudo-random quants from `seed`: a kernel benchmark's
+/// workload, whose outputs are finite whatever the quants. `None` for other
+/// types or a width that is not a multiple of 32.
+pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Option<crate::weights::Matrix> {
+    let scales = match dtype {
+        GgmlType::Q8_0 => 1,
+        GgmlType::Q4_1 => 2,
+        _ => return None,
+    };
+    let block = dtype.block_bytes();
+    if cols % 32 != 0 {
+        return None;
+    }
+    let mut s = seed;
+    let mut data = vec![0u8; rows * cols / 32 * block];
+    for b in data.chunks_exact_mut(block) {
+        for q in &mut b[2 * scales..] {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *q = (s >> 56) as u8;
+        }
+        for k in 0..scales {
+            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+        }
+    }
+    crate::weights::Matrix::new(dtype, rows, cols, data)
+}
