@@ -223,7 +223,7 @@ pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -
         _ => return None,
     };
     let block = dtype.block_bytes();
-    if cols % 32 != 0 {
+    if !cols.is_multiple_of(32) {
         return None;
     }
     let mut s = seed;
