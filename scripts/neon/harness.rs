@@ -6,19 +6,25 @@
 //! toolchain has no aarch64 target (nor any way to download one). Debian's
 //! rustc 1.63 does ship an aarch64 std, and qemu-user runs the result; but
 //! the whole engine needs a much newer Rust. So this harness compiles just
-//! the two real files involved, unchanged, by `#[path]`:
+//! the real files involved, unchanged, by `#[path]`:
 //! - `engine/src/quant/legacy.rs`, the scalar reference (and its own tests);
-//! - `engine/src/quant/simd/neon.rs`, the NEON kernels.
+//! - `engine/src/quant/pack.rs`, the packed tile layout (and its own tests);
+//! - `engine/src/quant/simd/neon.rs`, the NEON row kernels;
+//! - `engine/src/quant/simd/neon_packed.rs`, the packed-tile kernels (`sdot`).
 //!
-//! The crate root stands in for `engine::quant` (`neon.rs` reaches its parent
-//! through `super::super`). `quant/mod.rs` itself cannot be included (it pulls
-//! in every kernel family and newer std APIs), so two items of it are shimmed
-//! below: `GgmlType`, reduced to the variants these files name, and
-//! `f16_at`, the same one-line decode. The `half` crate is Debian's.
+//! The crate root stands in for `engine::quant` (the kernels reach their
+//! parent through `super::super`). `quant/mod.rs` itself cannot be included
+//! (it pulls in every kernel family and newer std APIs), so two items of it
+//! are shimmed below: `GgmlType`, reduced to the variants these files name
+//! and the two methods `pack.rs` calls, and `f16_at`, the same one-line
+//! decode. The `half` crate is Debian's.
 //!
-//! The tests assert that `Neon::vec_dot` equals the reference bit for bit on
-//! random and edge-value blocks, and check a few results by hand, so that
-//! both sides agreeing on a wrong answer would not pass either.
+//! The tests assert that `Neon::vec_dot` and the packed kernels equal the
+//! reference bit for bit on random and edge-value blocks, and check a few
+//! results by hand, so that both sides agreeing on a wrong answer would not
+//! pass either. The packed tests need `dotprod` and fail without it (run
+//! under `qemu-aarch64 -cpu max`); `NEON_EXPECT_NO_DOTPROD=1` on a CPU without
+//! it instead checks that the packed path is switched off.
 
 use half::f16;
 
@@ -26,10 +32,18 @@ use half::f16;
 #[allow(dead_code)] // Only the dot products and the encoders are used here.
 mod legacy;
 
+#[path = "../../engine/src/quant/pack.rs"]
+#[allow(dead_code)] // `unpack_row` serves the engine's embedding lookups.
+mod pack;
+
 #[path = "../../engine/src/quant/simd"]
 mod simd {
     pub(crate) mod neon;
+    pub(crate) mod neon_packed;
 }
+
+#[cfg(test)]
+mod packed;
 
 /// Shim of `engine::quant::GgmlType`: the variants `neon.rs` dispatches on,
 /// plus two it must refuse.
@@ -43,6 +57,30 @@ pub enum GgmlType {
     Q4_K,
 }
 
+impl GgmlType {
+    /// Bytes per block, as `engine::quant::GgmlType::block_bytes`.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::Q4_0 => legacy::Q4_0_BYTES,
+            GgmlType::Q4_1 => legacy::Q4_1_BYTES,
+            GgmlType::Q8_0 => legacy::Q8_0_BYTES,
+            GgmlType::Q8_1 => legacy::Q8_1_BYTES,
+            GgmlType::Q4_K => 144,
+        }
+    }
+
+    /// Name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q8_1 => "q8_1",
+            GgmlType::Q4_K => "q4_k",
+        }
+    }
+}
+
 /// Shim of `engine::quant::f16_at`, identical to it.
 #[inline]
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -50,7 +88,7 @@ pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
     use super::simd::neon::Neon;
     use super::{legacy, GgmlType};
@@ -59,21 +97,21 @@ mod tests {
     const FORMATS: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
     /// xorshift64*: deterministic inputs without a `rand` dependency.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
             self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
         }
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             (self.next() >> 11) % n
         }
         /// A finite f16 scale, weighted towards the edges: zeros of both
         /// signs, the smallest subnormal, the largest finite values.
-        fn scale(&mut self) -> f16 {
+        pub(crate) fn scale(&mut self) -> f16 {
             match self.below(10) {
                 0 => f16::from_bits(0x0000),
                 1 => f16::from_bits(0x8000),
@@ -94,7 +132,7 @@ mod tests {
 
     /// How the quant bytes of a block are filled.
     #[derive(Debug, Clone, Copy)]
-    enum Fill {
+    pub(crate) enum Fill {
         Random,
         /// Random, with about a quarter of the bytes 0x80 (-128; nibbles 0 and 8).
         RandomMin,
@@ -103,7 +141,7 @@ mod tests {
         Const(u8),
     }
 
-    const FILLS: [Fill; 9] = [
+    pub(crate) const FILLS: [Fill; 9] = [
         Fill::Random,
         Fill::RandomMin,
         Fill::Const(0x00),
@@ -117,7 +155,7 @@ mod tests {
 
     /// Bytes per block and offset of the quants, for weights of `ty` and the
     /// activations that pair with them.
-    fn layout(ty: GgmlType) -> ((usize, usize), (usize, usize)) {
+    pub(crate) fn layout(ty: GgmlType) -> ((usize, usize), (usize, usize)) {
         match ty {
             GgmlType::Q4_0 => ((Q4_0_BYTES, 2), (Q8_0_BYTES, 2)),
             GgmlType::Q4_1 => ((Q4_1_BYTES, 4), (Q8_1_BYTES, 4)),
@@ -128,7 +166,7 @@ mod tests {
 
     /// `nb` blocks of `bytes` each: f16 scalars in the first `head` bytes
     /// (one or two), quants per `fill` after them.
-    fn blocks(r: &mut Rng, nb: usize, (bytes, head): (usize, usize), fill: Fill) -> Vec<u8> {
+    pub(crate) fn blocks(r: &mut Rng, nb: usize, (bytes, head): (usize, usize), fill: Fill) -> Vec<u8> {
         let mut v = vec![0u8; nb * bytes];
         for blk in v.chunks_exact_mut(bytes) {
             for at in (0..head).step_by(2) {
@@ -146,7 +184,7 @@ mod tests {
         v
     }
 
-    fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
+    pub(crate) fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
         match ty {
             GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0(w, a),
             GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1(w, a),
@@ -158,7 +196,7 @@ mod tests {
     /// Asserts the kernel equals the reference bit for bit; returns the value.
     fn check(ty: GgmlType, w: &[u8], a: &[u8], ctx: &str) -> f32 {
         let want = reference(ty, w, a);
-        let got = Neon.vec_dot(ty, w, a).unwrap_or_else(|| panic!("{ty:?}: no NEON kernel"));
+        let got = Neon::detect().vec_dot(ty, w, a).unwrap_or_else(|| panic!("{ty:?}: no NEON kernel"));
         assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {ctx}: neon {got:e} vs reference {want:e}");
         got
     }
@@ -166,10 +204,10 @@ mod tests {
     #[test]
     fn kernel_covers_exactly_the_32_element_weight_formats() {
         for ty in FORMATS {
-            assert!(Neon.vec_dot(ty, &[], &[]).is_some(), "{ty:?}");
+            assert!(Neon::detect().vec_dot(ty, &[], &[]).is_some(), "{ty:?}");
         }
         for ty in [GgmlType::Q8_1, GgmlType::Q4_K] {
-            assert_eq!(Neon.vec_dot(ty, &[0; 64], &[0; 64]), None, "{ty:?}");
+            assert_eq!(Neon::detect().vec_dot(ty, &[0; 64], &[0; 64]), None, "{ty:?}");
         }
     }
 

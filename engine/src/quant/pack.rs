@@ -23,6 +23,10 @@
 //! A tile holds every block of its rows in order (`blocks × packed block`),
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with
 //! zero rows, whose results are discarded.
+//!
+//! `scripts/test-neon` compiles this file with rustc 1.63 (it packs the
+//! NEON kernels' test rows), so it avoids newer syntax and std APIs
+//! (`let … else`, `div_ceil`, `cast_unsigned`).
 
 use super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 use super::{f16_at, GgmlType};
@@ -69,7 +73,7 @@ pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
     let tbb = tile_block_bytes(dtype)?;
     let bb = dtype.block_bytes();
     let nb = row_bytes / bb;
-    let tiles = rows.div_ceil(TILE);
+    let tiles = rows / TILE + usize::from(rows % TILE != 0);
     let mut out = vec![0u8; tiles * TILE * row_bytes];
     // Padding rows are packed from zero blocks, so they unpack to zeros.
     let zero = vec![0u8; bb];
@@ -91,7 +95,10 @@ pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
 
 /// Rebuilds row `r` in GGUF layout from a packed matrix (embedding lookups, tests).
 pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, out: &mut [u8]) {
-    let Some(tbb) = tile_block_bytes(dtype) else { return };
+    let tbb = match tile_block_bytes(dtype) {
+        Some(tbb) => tbb,
+        None => return,
+    };
     let bb = dtype.block_bytes();
     let (t, lane) = (r / TILE, r % TILE);
     let f = fields(dtype, lane);
@@ -136,7 +143,7 @@ impl ActScalars {
                     let y = &row[b * Q8_0_BYTES..];
                     d.push(f16_at(y, 0));
                     let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
-                    x.push((128 * s).cast_unsigned());
+                    x.push((128 * s) as u32); // Two's complement bits, read back as i32.
                 }
             }
         }

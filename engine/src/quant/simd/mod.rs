@@ -16,6 +16,8 @@ use super::GgmlType;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "aarch64")]
+mod neon_packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
@@ -42,7 +44,7 @@ enum Kernel {
     /// AVX2 + F16C (the token proves detection succeeded).
     #[cfg(target_arch = "x86_64")]
     Avx2(x86::Avx2),
-    /// NEON (aarch64 baseline).
+    /// NEON (aarch64 baseline), with packed kernels where `dotprod` is.
     #[cfg(target_arch = "aarch64")]
     Neon(neon::Neon),
 }
@@ -67,7 +69,7 @@ fn best(avx2_only: bool) -> Kernel {
     #[cfg(target_arch = "aarch64")]
     return {
         let _ = avx2_only;
-        Kernel::Neon(neon::Neon)
+        Kernel::Neon(neon::Neon::detect())
     };
     #[allow(unreachable_code)]
     Kernel::Scalar
@@ -120,7 +122,7 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(_) => matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0),
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(_) => false,
+        Kernel::Neon(k) => k.packs(dtype),
     }
 }
 
@@ -146,7 +148,7 @@ pub(crate) fn dot_packed(
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(_) => false,
+        Kernel::Neon(k) => m <= MAX_ACT && k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
     }
 }
 

@@ -5,18 +5,56 @@
 //! widened to i16 with `vmull_s8` (|p| <= 16384, exact even for -128 * -128)
 //! and pairwise-accumulated into i32 lanes. The float part is the scalar
 //! reference's expression, block by block, so results are bit-identical.
-//! K-quants fall back to the scalar reference on this architecture.
+//! K-quants fall back to the scalar reference on this architecture. The
+//! packed multi-row kernels (`neon_packed`) need the dot product extension.
 
 use std::arch::aarch64::*;
 
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::ActScalars;
 use super::super::{f16_at, GgmlType};
+use super::neon_packed::DotProd;
 
-/// Handle for the NEON kernels (always available on aarch64).
+/// Handle for the NEON kernels (always available on aarch64), and for the
+/// packed ones when the CPU has `dotprod`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Neon;
+pub(crate) struct Neon {
+    dot: Option<DotProd>,
+}
 
 impl Neon {
+    /// The kernels this CPU runs; callers detect once and keep the handle.
+    pub(crate) fn detect() -> Self {
+        Self { dot: DotProd::detect() }
+    }
+
+    /// Whether there is a packed-tile kernel for `dtype` (Q4_1 and Q8_0,
+    /// with `dotprod`); without one the GGUF layout and row kernels stay.
+    pub(crate) fn packs(self, dtype: GgmlType) -> bool {
+        self.dot.is_some() && matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
+    /// Packed-tile dot products with `x86_packed::dot_packed`'s contract
+    /// (see `neon_packed`); `false` (nothing written) without a kernel.
+    #[allow(clippy::too_many_arguments)] // The kernel's operands, checked in `neon_packed`.
+    pub(crate) fn dot_packed(
+        self,
+        dtype: GgmlType,
+        tiles: &[u8],
+        nb: usize,
+        a: &[u8],
+        a_stride: usize,
+        m: usize,
+        pre: &ActScalars,
+        first: usize,
+        out: &mut [[f32; 8]],
+    ) -> bool {
+        match self.dot {
+            Some(d) => d.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
+            None => false,
+        }
+    }
+
     /// Single-row dot product, or `None` for types without a NEON kernel.
     ///
     /// Block counts follow the reference's `chunks_exact(..).zip(..)`.

@@ -1,0 +1,379 @@
+//! Packed-tile kernels for aarch64 with the dot product extension (ARMv8.2
+//! `dotprod`: Apple M1 on, Neoverse N1 on, Cortex-A55/A76 on): eight weight
+//! rows against up to eight activation rows, over a run of tiles, so prefill
+//! and batched decode load each weight tile once for several activations.
+//!
+//! The lane-interleaved layout (see `quant::pack`) puts four consecutive
+//! quant bytes of weight row `r` in 32-bit lane `r % 4` of the `r / 4`-th
+//! 16-byte half of each group. `sdot vD.4s, vN.16b, vM.4b[l]` adds to every
+//! lane of `vD` the dot product of that lane's four bytes of `vN` with bytes
+//! `4l..4l + 4` of `vM`: with `vM` holding 16 consecutive activation bytes,
+//! one instruction computes four elements of four rows, and every row's exact
+//! integer block sum stays in its own lane (no horizontal sums).
+//!
+//! `sdot` is signed × signed. Q4_1 nibbles (0..=15) are valid signed bytes.
+//! Q8_0 quants are packed as `q ^ 0x80` for x86's unsigned × signed
+//! `vpdpbusd`; here one `eor` per 16 bytes restores `q`, shared by every
+//! activation row of the pass. (x86's `- 128 Σ y` correction does not apply:
+//! read as signed, `q ^ 0x80` is not `q + 128`, and the unsigned × signed
+//! `usdot` needs the later I8MM extension.)
+//!
+//! Integer sums are exact in any order (at most 32 · 128 · 128 per block).
+//! The float part repeats the scalar reference's f32 operations one for one,
+//! per lane, in block order, with the reference's operand order, as separate
+//! `fmul`/`fadd` (Rust never contracts them into FMA), so every output equals
+//! `legacy::vec_dot_*` bit for bit, whatever the number of activation rows.
+//!
+//! Cost per block, tile and activation row (Q4_1): 16 `sdot` (256 products),
+//! 2 activation loads, 2 `scvtf`, 2 `dup` and 10 float operations; shared by
+//! the pass: 8 weight loads, 8 `and`, 8 `ushr`, 2 scale loads, 4 `fcvtl`.
+//! Q8_0: 16 `sdot`, 2 loads, 2 `scvtf`, 1 `dup`, 6 float operations per row;
+//! 16 loads, 16 `eor`, 1 scale load, 2 `fcvtl` shared.
+//!
+//! Rust 1.63 (the harness's compiler, `scripts/test-neon`) has neither
+//! `sdot` nor f16 vector intrinsics, so both come from `asm!`, confined to
+//! [`sdot`] and [`widen_f16x8`].
+
+// NEON intrinsics are safe inside `#[target_feature]` functions on current
+// compilers but unsafe on 1.63; the `unsafe` blocks serve the latter.
+#![allow(unused_unsafe)]
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::ActScalars;
+use super::super::GgmlType;
+
+/// Activation rows one kernel pass keeps in registers: four rows' integer
+/// sums, float sums and activation bytes (24 of the 32 vector registers)
+/// leave room for the weights being unpacked.
+const PASS_ROWS: usize = 4;
+
+/// Most activation rows one call takes (`simd::MAX_ACT`).
+const MAX_ROWS: usize = 8;
+
+/// Proof that the CPU has the dot product extension: the packed kernels run
+/// only through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DotProd(());
+
+impl DotProd {
+    /// `Some` when the CPU reports `dotprod` (callers cache the answer).
+    pub(crate) fn detect() -> Option<Self> {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            Some(Self(()))
+        } else {
+            None
+        }
+    }
+
+    /// Runs the packed kernel for `dtype` over the `tiles.len() / (nb * 8 *
+    /// block)` whole tiles in `tiles` and `m` (1..=8) activation rows
+    /// `a_stride` bytes apart: `out[t * m + i][r]` is row `r` of tile `t`
+    /// times activation `i`. `pre` holds the activations' scalars from row
+    /// `first` on (the row `a` starts at). Returns `false` (nothing written)
+    /// for other types or operands too short: the contract of x86's
+    /// `dot_packed`.
+    #[allow(clippy::too_many_arguments)] // The kernel's operands, each checked here.
+    pub(crate) fn dot_packed(
+        self,
+        dtype: GgmlType,
+        tiles: &[u8],
+        nb: usize,
+        a: &[u8],
+        a_stride: usize,
+        m: usize,
+        pre: &ActScalars,
+        first: usize,
+        out: &mut [[f32; 8]],
+    ) -> bool {
+        let (tbb, abb) = match dtype {
+            GgmlType::Q4_1 => (8 * Q4_1_BYTES, Q8_1_BYTES),
+            GgmlType::Q8_0 => (8 * Q8_0_BYTES, Q8_0_BYTES),
+            _ => return false,
+        };
+        if m == 0 || m > MAX_ROWS || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
+            return false;
+        }
+        if nb == 0 {
+            out.iter_mut().for_each(|o| *o = [0.0; 8]);
+            return true;
+        }
+        let ntiles = tiles.len() / (nb * tbb);
+        if ntiles == 0 || out.len() < ntiles * m {
+            return false;
+        }
+        let (d, x) = pre.rows_from(first);
+        let mut i0 = 0;
+        while i0 < m {
+            let k = (m - i0).min(PASS_ROWS);
+            let job = Job {
+                tiles: tiles.as_ptr(),
+                ntiles,
+                nb,
+                a: std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr()),
+                d: d[i0 * nb..].as_ptr(),
+                x: x[i0 * nb..].as_ptr(),
+                out: out[i0..].as_mut_ptr(),
+                out_stride: m,
+            };
+            // SAFETY: the checks above give `ntiles` whole tiles of `nb`
+            // packed blocks, `nb` activation blocks after every `job.a`
+            // pointer, `k * nb` scalars after `d`/`x`, and `out[i0 + t * m +
+            // i]` in bounds for `t < ntiles`, `i < k`; `self` proves the CPU
+            // has `dotprod`.
+            unsafe {
+                match (dtype, k) {
+                    (GgmlType::Q4_1, 1) => q4_1::<1>(&job),
+                    (GgmlType::Q4_1, 2) => q4_1::<2>(&job),
+                    (GgmlType::Q4_1, 3) => q4_1::<3>(&job),
+                    (GgmlType::Q4_1, _) => q4_1::<4>(&job),
+                    (_, 1) => q8_0::<1>(&job),
+                    (_, 2) => q8_0::<2>(&job),
+                    (_, 3) => q8_0::<3>(&job),
+                    (_, _) => q8_0::<4>(&job),
+                }
+            }
+            i0 += k;
+        }
+        true
+    }
+}
+
+/// Operands of one kernel pass (raw pointers; see the checks in
+/// [`DotProd::dot_packed`]).
+struct Job {
+    tiles: *const u8,
+    ntiles: usize,
+    nb: usize,
+    /// Activation rows (unused trailing entries repeat the last one).
+    a: [*const u8; PASS_ROWS],
+    /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
+    d: *const f32,
+    x: *const u32,
+    /// `out[t * out_stride + i]`.
+    out: *mut [f32; 8],
+    out_stride: usize,
+}
+
+/// `acc + sdot(w, lane L of y)`: adds to each i32 lane of `acc` the dot
+/// product of that lane's four signed bytes of `w` with signed bytes `4L..4L
+/// + 4` of `y`. Exact: at most 4 · 128 · 128 per lane and step.
+///
+/// # Safety
+/// The CPU must have `dotprod` (register operands only; no memory access).
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn sdot<const L: usize>(acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: `sdot` reads and writes only these registers; the caller
+    // guarantees the extension. The lane index must be an immediate.
+    unsafe {
+        match L {
+            0 => {
+                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[0]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
+            }
+            1 => {
+                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[1]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
+            }
+            2 => {
+                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[2]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
+            }
+            _ => {
+                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[3]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
+            }
+        }
+    }
+    acc
+}
+
+/// The eight f16 scales at `p` (rows 0..4, rows 4..8) widened to f32 with
+/// `fcvtl`/`fcvtl2` (base ARMv8), exactly as the reference's `f16_at`:
+/// every f16, subnormals included, is an f32.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline]
+unsafe fn widen_f16x8(p: *const u8) -> [float32x4_t; 2] {
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: the caller guarantees the 16 bytes; `out` operands never share
+    // a register with the input, so `fcvtl` cannot clobber it for `fcvtl2`.
+    unsafe {
+        let h = vld1q_u16(p.cast());
+        asm!(
+            "fcvtl {lo:v}.4s, {h:v}.4h",
+            "fcvtl2 {hi:v}.4s, {h:v}.8h",
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            h = in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    [lo, hi]
+}
+
+/// The 32 activation quants at byte `at` of each of the pass's `M`
+/// activation rows, as two vectors per row (elements 0..16, 16..32).
+///
+/// # Safety
+/// Each `j.a[i]` must have 32 readable bytes at `at`.
+#[inline]
+unsafe fn load_acts<const M: usize>(j: &Job, at: usize) -> [[int8x16_t; 2]; M] {
+    // SAFETY: the caller guarantees the bytes. (A loop, not
+    // `array::from_fn`, which rustc 1.63 left as a call.)
+    unsafe {
+        let mut ys = [[vdupq_n_s8(0); 2]; M];
+        for (y, a) in ys.iter_mut().zip(&j.a) {
+            let p = a.add(at);
+            *y = [vld1q_s8(p.cast()), vld1q_s8(p.add(16).cast())];
+        }
+        ys
+    }
+}
+
+/// Group `L` of a Q4_1 packed block at `p`: elements `4L..4L + 4` (low
+/// nibbles) and `16 + 4L..` (high nibbles) of all eight rows, into each
+/// activation row's two integer sums (rows 0..4, 4..8).
+///
+/// # Safety
+/// `p` is a packed Q4_1 block; the CPU has `dotprod`.
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn q4_1_group<const L: usize, const M: usize>(
+    p: *const u8,
+    ys: &[[int8x16_t; 2]; M],
+    sum: &mut [[int32x4_t; 2]; M],
+) {
+    // SAFETY: the 32 bytes of group `L` lie inside the packed block.
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        let w0 = vld1q_u8(p.add(32 + 32 * L));
+        let w1 = vld1q_u8(p.add(48 + 32 * L));
+        let lo = [vreinterpretq_s8_u8(vandq_u8(w0, m4)), vreinterpretq_s8_u8(vandq_u8(w1, m4))];
+        let hi = [vreinterpretq_s8_u8(vshrq_n_u8::<4>(w0)), vreinterpretq_s8_u8(vshrq_n_u8::<4>(w1))];
+        for (s, y) in sum.iter_mut().zip(ys) {
+            for h in 0..2 {
+                s[h] = sdot::<L>(s[h], lo[h], y[0]);
+                s[h] = sdot::<L>(s[h], hi[h], y[1]);
+            }
+        }
+    }
+}
+
+/// Q4_1×Q8_1 for `M` activation rows: lane `r` of activation `i` runs the
+/// reference chain `sumf += (dx * dy) * sumi as f32 + mx * sy`, block by block.
+///
+/// # Safety
+/// `j` satisfies [`DotProd::dot_packed`]'s checks for `M` rows; the CPU has `dotprod`.
+#[target_feature(enable = "dotprod")]
+unsafe fn q4_1<const M: usize>(j: &Job) {
+    // SAFETY: see `DotProd::dot_packed`; unaligned loads only.
+    unsafe {
+        for t in 0..j.ntiles {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; M];
+            for b in 0..j.nb {
+                let p = j.tiles.add((t * j.nb + b) * 8 * Q4_1_BYTES);
+                let ys = load_acts::<M>(j, b * Q8_1_BYTES + 4);
+                let mut sum = [[vdupq_n_s32(0); 2]; M];
+                q4_1_group::<0, M>(p, &ys, &mut sum);
+                q4_1_group::<1, M>(p, &ys, &mut sum);
+                q4_1_group::<2, M>(p, &ys, &mut sum);
+                q4_1_group::<3, M>(p, &ys, &mut sum);
+                let dx = widen_f16x8(p);
+                let mx = widen_f16x8(p.add(16));
+                for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
+                    let k = i * j.nb + b;
+                    let dy = vdupq_n_f32(*j.d.add(k));
+                    let sy = vdupq_n_f32(f32::from_bits(*j.x.add(k)));
+                    for h in 0..2 {
+                        let scaled = vmulq_f32(vmulq_f32(dx[h], dy), vcvtq_f32_s32(s[h]));
+                        a[h] = vaddq_f32(a[h], vaddq_f32(scaled, vmulq_f32(mx[h], sy)));
+                    }
+                }
+            }
+            store(j, t, &acc);
+        }
+    }
+}
+
+/// Group `4H + L` of a Q8_0 packed block at `p`: elements `4(4H + L)..+4`
+/// of all eight rows (XORed back to signed), into each activation row's two
+/// integer sums.
+///
+/// # Safety
+/// `p` is a packed Q8_0 block; the CPU has `dotprod`.
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn q8_0_group<const H: usize, const L: usize, const M: usize>(
+    p: *const u8,
+    ys: &[[int8x16_t; 2]; M],
+    sum: &mut [[int32x4_t; 2]; M],
+) {
+    // SAFETY: the 32 bytes of group `4H + L` lie inside the packed block.
+    unsafe {
+        let at = 16 + 32 * (4 * H + L);
+        let sign = vdupq_n_u8(0x80);
+        let w = [
+            vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(at)), sign)),
+            vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(at + 16)), sign)),
+        ];
+        for (s, y) in sum.iter_mut().zip(ys) {
+            for h in 0..2 {
+                s[h] = sdot::<L>(s[h], w[h], y[H]);
+            }
+        }
+    }
+}
+
+/// Q8_0×Q8_0 for `M` activation rows: lane `r` of activation `i` runs the
+/// reference chain `sumf += sumi as f32 * (dx * dy)`, block by block.
+///
+/// # Safety
+/// `j` satisfies [`DotProd::dot_packed`]'s checks for `M` rows; the CPU has `dotprod`.
+#[target_feature(enable = "dotprod")]
+unsafe fn q8_0<const M: usize>(j: &Job) {
+    // SAFETY: see `DotProd::dot_packed`; unaligned loads only.
+    unsafe {
+        for t in 0..j.ntiles {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; M];
+            for b in 0..j.nb {
+                let p = j.tiles.add((t * j.nb + b) * 8 * Q8_0_BYTES);
+                let ys = load_acts::<M>(j, b * Q8_0_BYTES + 2);
+                let mut sum = [[vdupq_n_s32(0); 2]; M];
+                q8_0_group::<0, 0, M>(p, &ys, &mut sum);
+                q8_0_group::<0, 1, M>(p, &ys, &mut sum);
+                q8_0_group::<0, 2, M>(p, &ys, &mut sum);
+                q8_0_group::<0, 3, M>(p, &ys, &mut sum);
+                q8_0_group::<1, 0, M>(p, &ys, &mut sum);
+                q8_0_group::<1, 1, M>(p, &ys, &mut sum);
+                q8_0_group::<1, 2, M>(p, &ys, &mut sum);
+                q8_0_group::<1, 3, M>(p, &ys, &mut sum);
+                let dx = widen_f16x8(p);
+                for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
+                    let dy = vdupq_n_f32(*j.d.add(i * j.nb + b));
+                    for h in 0..2 {
+                        a[h] = vaddq_f32(a[h], vmulq_f32(vcvtq_f32_s32(s[h]), vmulq_f32(dx[h], dy)));
+                    }
+                }
+            }
+            store(j, t, &acc);
+        }
+    }
+}
+
+/// Writes tile `t`'s sums for the pass's `M` activation rows.
+///
+/// # Safety
+/// `out[t * out_stride + i]` is in bounds for `i < M` (see [`DotProd::dot_packed`]).
+#[inline]
+unsafe fn store<const M: usize>(j: &Job, t: usize, acc: &[[float32x4_t; 2]; M]) {
+    // SAFETY: the caller guarantees the output rows.
+    unsafe {
+        for (i, a) in acc.iter().enumerate() {
+            let o = (*j.out.add(t * j.out_stride + i)).as_mut_ptr();
+            vst1q_f32(o, a[0]);
+            vst1q_f32(o.add(4), a[1]);
+        }
+    }
+}
