@@ -55,8 +55,9 @@ fn check_rows(ty: GgmlType, w: &[u8], rows: usize, nb: usize, a: &[u8], stride: 
     let ntiles = (rows + TILE - 1) / TILE;
     assert_eq!(packed.len(), ntiles * TILE * rb);
     let pre = ActScalars::new(ty, nb, MAX_ACT, a, stride);
-    let want: Vec<Vec<f32>> =
-        (0..rows).map(|o| (0..MAX_ACT).map(|i| reference(ty, &w[o * rb..][..rb], &a[i * stride..][..ab])).collect()).collect();
+    let want: Vec<Vec<f32>> = (0..rows)
+        .map(|o| (0..MAX_ACT).map(|i| reference(ty, &w[o * rb..][..rb], &a[i * stride..][..ab])).collect())
+        .collect();
     let (mut nonzero, mut total) = (0, 0);
     for m in 1..=MAX_ACT {
         let mut out = vec![[f32::NAN; 8]; ntiles * m];
@@ -196,11 +197,12 @@ fn bad_operands_are_refused_untouched() {
         let a = act_rows(&mut r, ty, nb, 4, ab, Fill::Random);
         let pre = ActScalars::new(ty, nb, 4, &a, ab);
         let other = if ty == GgmlType::Q4_1 { GgmlType::Q8_0 } else { GgmlType::Q4_1 };
-        let refused = |dtype: GgmlType, tiles: &[u8], a: &[u8], m: usize, pre: &ActScalars, first: usize, n_out: usize| {
-            let mut out = vec![[f32::NAN; 8]; n_out];
-            let ran = k.dot_packed(dtype, tiles, nb, a, ab, m, pre, first, &mut out);
-            !ran && out.iter().flatten().all(|v| v.is_nan())
-        };
+        let refused =
+            |dtype: GgmlType, tiles: &[u8], a: &[u8], m: usize, pre: &ActScalars, first: usize, n_out: usize| {
+                let mut out = vec![[f32::NAN; 8]; n_out];
+                let ran = k.dot_packed(dtype, tiles, nb, a, ab, m, pre, first, &mut out);
+                !ran && out.iter().flatten().all(|v| v.is_nan())
+            };
         let ctx = ty.name();
         assert!(!refused(ty, &packed, &a, 2, &pre, 0, 4), "{ctx}: valid call refused");
         for dtype in [GgmlType::Q4_0, GgmlType::Q8_1, GgmlType::Q4_K] {

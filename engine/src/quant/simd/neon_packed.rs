@@ -167,22 +167,26 @@ struct Job {
 #[target_feature(enable = "dotprod")]
 unsafe fn sdot<const L: usize>(acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> int32x4_t {
     let mut acc = acc;
+    // The lane index is an immediate: one `asm!` per lane, chosen at compile time.
+    macro_rules! sdot_lane {
+        ($lane:literal) => {
+            asm!(
+                concat!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[", $lane, "]"),
+                a = inout(vreg) acc,
+                w = in(vreg) w,
+                y = in(vreg) y,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+    }
     // SAFETY: `sdot` reads and writes only these registers; the caller
-    // guarantees the extension. The lane index must be an immediate.
+    // guarantees the extension.
     unsafe {
         match L {
-            0 => {
-                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[0]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
-            }
-            1 => {
-                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[1]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
-            }
-            2 => {
-                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[2]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
-            }
-            _ => {
-                asm!("sdot {a:v}.4s, {w:v}.16b, {y:v}.4b[3]", a = inout(vreg) acc, w = in(vreg) w, y = in(vreg) y, options(pure, nomem, nostack, preserves_flags))
-            }
+            0 => sdot_lane!("0"),
+            1 => sdot_lane!("1"),
+            2 => sdot_lane!("2"),
+            _ => sdot_lane!("3"),
         }
     }
     acc
