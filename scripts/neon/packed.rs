@@ -8,6 +8,7 @@ use half::f16;
 
 use super::pack::{pack, ActScalars, TILE};
 use super::simd::neon::Neon;
+use super::simd::neon_packed::DotProd;
 use super::tests::{blocks, layout, reference, Fill, Rng, FILLS};
 use super::{legacy, GgmlType};
 
@@ -16,14 +17,14 @@ const PACKED: [GgmlType; 2] = [GgmlType::Q4_1, GgmlType::Q8_0];
 /// Most activation rows per call (`engine::quant::MAX_ACT`).
 const MAX_ACT: usize = 8;
 
-/// The kernels, insisting on `dotprod`: a CPU without it would leave the
-/// packed path untested, so that is a failure, not a skip.
-fn neon() -> Neon {
+/// The packed kernels, insisting on `dotprod`: a CPU without it would leave
+/// the packed path untested, so that is a failure, not a skip.
+fn neon() -> DotProd {
     assert!(
         std::arch::is_aarch64_feature_detected!("dotprod"),
         "this CPU lacks dotprod, so the packed kernels cannot run (use qemu-aarch64 -cpu max)"
     );
-    Neon::detect()
+    Neon::detect().dotprod().expect("dotprod detected, so the packed kernels are on")
 }
 
 /// Activation bytes per row of `nb` blocks for `ty` weights.
@@ -206,7 +207,7 @@ fn bad_operands_are_refused_untouched() {
         let ctx = ty.name();
         assert!(!refused(ty, &packed, &a, 2, &pre, 0, 4), "{ctx}: valid call refused");
         for dtype in [GgmlType::Q4_0, GgmlType::Q8_1, GgmlType::Q4_K] {
-            assert!(!k.packs(dtype));
+            assert!(!Neon::detect().packs(dtype));
             assert!(refused(dtype, &packed, &a, 2, &pre, 0, 4), "{ctx}: {dtype:?} accepted");
         }
         assert!(refused(ty, &packed[..8 * rb - 1], &a, 1, &pre, 0, 2), "{ctx}: short tiles");
@@ -228,27 +229,20 @@ fn bad_operands_are_refused_untouched() {
 
 /// With `dotprod` (the default) exactly Q4_1 and Q8_0 are packed. With
 /// `NEON_EXPECT_NO_DOTPROD` set, on a CPU without the extension
-/// (`qemu-aarch64 -cpu cortex-a53`), nothing is packed and the packed entry
-/// point refuses, so the engine keeps the GGUF layout and row kernels.
+/// (`qemu-aarch64 -cpu cortex-a53`), nothing is packed and there are no
+/// packed kernels, so the engine keeps the GGUF layout and row kernels.
 #[test]
 fn dotprod_decides_the_packed_path() {
     let n = Neon::detect();
     if std::env::var_os("NEON_EXPECT_NO_DOTPROD").is_some() {
         assert!(!std::arch::is_aarch64_feature_detected!("dotprod"), "this CPU has dotprod");
-        let ab = act_bytes(GgmlType::Q8_0, 1);
-        let a = vec![1u8; ab];
-        let pre = ActScalars::new(GgmlType::Q8_0, 1, 1, &a, ab);
-        let tiles = vec![0u8; 8 * legacy::Q8_0_BYTES];
-        let mut out = [[f32::NAN; 8]; 1];
         for ty in PACKED {
             assert!(!n.packs(ty), "{ty:?} packed without dotprod");
         }
-        assert!(!n.dot_packed(GgmlType::Q8_0, &tiles, 1, &a, ab, 1, &pre, 0, &mut out));
-        assert!(out[0].iter().all(|v| v.is_nan()));
+        assert_eq!(n.dotprod(), None);
         return;
     }
-    let n2 = neon();
-    assert_eq!(n, n2);
+    assert_eq!(n.dotprod(), Some(neon()));
     for ty in PACKED {
         assert!(n.packs(ty), "{ty:?}");
     }

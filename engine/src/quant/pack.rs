@@ -34,6 +34,9 @@ use super::{f16_at, GgmlType};
 /// Rows per packed tile (one per f32 lane of an AVX2 register).
 pub(crate) const TILE: usize = 8;
 
+/// Most activation rows one packed kernel call takes (`quant::MAX_ACT`).
+pub(crate) const MAX_ACT: usize = 8;
+
 /// Bytes of one packed block of a tile for `dtype`, if `dtype` has a packed layout.
 pub(crate) fn tile_block_bytes(dtype: GgmlType) -> Option<usize> {
     match dtype {
@@ -158,6 +161,93 @@ impl ActScalars {
     /// `d` and `x` from activation row `i` on.
     pub(crate) fn rows_from(&self, i: usize) -> (&[f32], &[u32]) {
         (&self.d[i * self.nb..], &self.x[i * self.nb..])
+    }
+}
+
+/// Operands of one pass of a packed kernel (x86 or NEON) over a run of
+/// tiles, as raw pointers for the `unsafe` kernels. Only [`Job::passes`]
+/// makes them, from operands it has checked, so a kernel given a `Job` and
+/// its row count `k` may read `ntiles` whole tiles of `nb` packed blocks at
+/// `tiles`, `nb` activation blocks after each of `a[..k]`, `k * nb` scalars
+/// after `d` and `x`, and write `out[t * out_stride + i]` for `t < ntiles`,
+/// `i < k`.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) struct Job {
+    pub(crate) tiles: *const u8,
+    pub(crate) ntiles: usize,
+    pub(crate) nb: usize,
+    /// Activation rows (unused trailing entries repeat the last one).
+    pub(crate) a: [*const u8; MAX_ACT],
+    /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
+    pub(crate) d: *const f32,
+    pub(crate) x: *const u32,
+    /// `out[t * out_stride + i]`.
+    pub(crate) out: *mut [f32; TILE],
+    pub(crate) out_stride: usize,
+}
+
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+impl Job {
+    /// Checks a packed kernel call against the contract of
+    /// `quant::dot_packed` (the tiles of `dtype` in `tiles`, `m` activation
+    /// rows `a_stride` bytes apart in `a`, their scalars `pre` from row
+    /// `first`, outputs `out`) and calls `run(job, k)` once per pass of `k`
+    /// (at most `max_rows`) activation rows. Returns `false`, with nothing
+    /// written, for types without a packed layout, `m` outside
+    /// 1..=[`MAX_ACT`] or operands too short; with no blocks every output is
+    /// zero (the reference's empty sum). One check serves every architecture.
+    #[allow(clippy::too_many_arguments)] // The kernel's operands, and how to run them.
+    pub(crate) fn passes(
+        dtype: GgmlType,
+        tiles: &[u8],
+        nb: usize,
+        a: &[u8],
+        a_stride: usize,
+        m: usize,
+        pre: &ActScalars,
+        first: usize,
+        out: &mut [[f32; TILE]],
+        max_rows: usize,
+        mut run: impl FnMut(&Job, usize),
+    ) -> bool {
+        let abb = match dtype {
+            GgmlType::Q4_1 => Q8_1_BYTES,
+            GgmlType::Q8_0 => Q8_0_BYTES,
+            _ => return false,
+        };
+        let tbb = TILE * dtype.block_bytes();
+        if m == 0 || m > MAX_ACT || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
+            return false;
+        }
+        if nb == 0 {
+            out.iter_mut().for_each(|o| *o = [0.0; TILE]);
+            return true;
+        }
+        let ntiles = tiles.len() / (nb * tbb);
+        if ntiles == 0 || out.len() < ntiles * m {
+            return false;
+        }
+        let (d, x) = pre.rows_from(first);
+        let mut i0 = 0;
+        while i0 < m {
+            // Every row count up to the kernel's most has its own instance, so
+            // 7 rows are one pass over the weights, not 4 + 2 + 1.
+            let k = (m - i0).min(max_rows.clamp(1, MAX_ACT));
+            let job = Job {
+                tiles: tiles.as_ptr(),
+                ntiles,
+                nb,
+                a: std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr()),
+                d: d[i0 * nb..].as_ptr(),
+                x: x[i0 * nb..].as_ptr(),
+                out: out[i0..].as_mut_ptr(),
+                out_stride: m,
+            };
+            run(&job, k);
+            i0 += k;
+        }
+        true
     }
 }
 

@@ -34,7 +34,7 @@ pub(crate) const ROW_TILE: usize = 8;
 /// Most activation rows one [`dot_packed`] call takes: each weight tile is
 /// loaded once for all of them (AVX-512 keeps eight rows' Q4_1 sums in
 /// registers; narrower kernels take them in passes of four).
-pub(crate) const MAX_ACT: usize = 8;
+pub(crate) const MAX_ACT: usize = super::pack::MAX_ACT;
 
 /// The kernel family in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +148,9 @@ pub(crate) fn dot_packed(
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(k) => m <= MAX_ACT && k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
+        Kernel::Neon(k) => {
+            m <= MAX_ACT && k.dotprod().is_some_and(|d| d.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out))
+        }
     }
 }
 

@@ -11,7 +11,6 @@
 use std::arch::aarch64::*;
 
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::ActScalars;
 use super::super::{f16_at, GgmlType};
 use super::neon_packed::DotProd;
 
@@ -34,25 +33,9 @@ impl Neon {
         self.dot.is_some() && matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
     }
 
-    /// Packed-tile dot products with `x86_packed::dot_packed`'s contract
-    /// (see `neon_packed`); `false` (nothing written) without a kernel.
-    #[allow(clippy::too_many_arguments)] // The kernel's operands, checked in `neon_packed`.
-    pub(crate) fn dot_packed(
-        self,
-        dtype: GgmlType,
-        tiles: &[u8],
-        nb: usize,
-        a: &[u8],
-        a_stride: usize,
-        m: usize,
-        pre: &ActScalars,
-        first: usize,
-        out: &mut [[f32; 8]],
-    ) -> bool {
-        match self.dot {
-            Some(d) => d.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
-            None => false,
-        }
+    /// The packed-tile kernels (`neon_packed`), if the CPU has `dotprod`.
+    pub(crate) fn dotprod(self) -> Option<DotProd> {
+        self.dot
     }
 
     /// Single-row dot product, or `None` for types without a NEON kernel.

@@ -1,5 +1,5 @@
 //! Packed-tile kernels for aarch64 with the dot product extension (ARMv8.2
-//! `dotprod`: Apple M1 on, Neoverse N1 on, Cortex-A55/A76 on): eight weight
+//! `dotprod`: Apple M1 on, Neoverse N1, Cortex-A55/A76 on): eight weight
 //! rows against up to eight activation rows, over a run of tiles, so prefill
 //! and batched decode load each weight tile once for several activations.
 //!
@@ -20,9 +20,9 @@
 //!
 //! Integer sums are exact in any order (at most 32 · 128 · 128 per block).
 //! The float part repeats the scalar reference's f32 operations one for one,
-//! per lane, in block order, with the reference's operand order, as separate
-//! `fmul`/`fadd` (Rust never contracts them into FMA), so every output equals
-//! `legacy::vec_dot_*` bit for bit, whatever the number of activation rows.
+//! per lane, in block order, as separate `fmul`/`fadd` (Rust never contracts
+//! them into FMA), so every output equals `legacy::vec_dot_*` bit for bit,
+//! whatever the number of activation rows or tiles.
 //!
 //! Cost per block, tile and activation row (Q4_1): 16 `sdot` (256 products),
 //! 2 activation loads, 2 `scvtf`, 2 `dup` and 10 float operations; shared by
@@ -42,16 +42,13 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::ActScalars;
+use super::super::pack::{ActScalars, Job};
 use super::super::GgmlType;
 
 /// Activation rows one kernel pass keeps in registers: four rows' integer
 /// sums, float sums and activation bytes (24 of the 32 vector registers)
 /// leave room for the weights being unpacked.
 const PASS_ROWS: usize = 4;
-
-/// Most activation rows one call takes (`simd::MAX_ACT`).
-const MAX_ROWS: usize = 8;
 
 /// Proof that the CPU has the dot product extension: the packed kernels run
 /// only through it.
@@ -74,8 +71,8 @@ impl DotProd {
     /// times activation `i`. `pre` holds the activations' scalars from row
     /// `first` on (the row `a` starts at). Returns `false` (nothing written)
     /// for other types or operands too short: the contract of x86's
-    /// `dot_packed`.
-    #[allow(clippy::too_many_arguments)] // The kernel's operands, each checked here.
+    /// `dot_packed`, checked by the same [`Job::passes`].
+    #[allow(clippy::too_many_arguments)] // The kernel's operands.
     pub(crate) fn dot_packed(
         self,
         dtype: GgmlType,
@@ -88,73 +85,23 @@ impl DotProd {
         first: usize,
         out: &mut [[f32; 8]],
     ) -> bool {
-        let (tbb, abb) = match dtype {
-            GgmlType::Q4_1 => (8 * Q4_1_BYTES, Q8_1_BYTES),
-            GgmlType::Q8_0 => (8 * Q8_0_BYTES, Q8_0_BYTES),
-            _ => return false,
-        };
-        if m == 0 || m > MAX_ROWS || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
-            return false;
-        }
-        if nb == 0 {
-            out.iter_mut().for_each(|o| *o = [0.0; 8]);
-            return true;
-        }
-        let ntiles = tiles.len() / (nb * tbb);
-        if ntiles == 0 || out.len() < ntiles * m {
-            return false;
-        }
-        let (d, x) = pre.rows_from(first);
-        let mut i0 = 0;
-        while i0 < m {
-            let k = (m - i0).min(PASS_ROWS);
-            let job = Job {
-                tiles: tiles.as_ptr(),
-                ntiles,
-                nb,
-                a: std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr()),
-                d: d[i0 * nb..].as_ptr(),
-                x: x[i0 * nb..].as_ptr(),
-                out: out[i0..].as_mut_ptr(),
-                out_stride: m,
-            };
-            // SAFETY: the checks above give `ntiles` whole tiles of `nb`
-            // packed blocks, `nb` activation blocks after every `job.a`
-            // pointer, `k * nb` scalars after `d`/`x`, and `out[i0 + t * m +
-            // i]` in bounds for `t < ntiles`, `i < k`; `self` proves the CPU
-            // has `dotprod`.
+        Job::passes(dtype, tiles, nb, a, a_stride, m, pre, first, out, PASS_ROWS, |job, k| {
+            // SAFETY: `Job::passes` checked the operands of `job` for `k`
+            // rows; `self` proves the CPU has `dotprod`.
             unsafe {
                 match (dtype, k) {
-                    (GgmlType::Q4_1, 1) => q4_1::<1>(&job),
-                    (GgmlType::Q4_1, 2) => q4_1::<2>(&job),
-                    (GgmlType::Q4_1, 3) => q4_1::<3>(&job),
-                    (GgmlType::Q4_1, _) => q4_1::<4>(&job),
-                    (_, 1) => q8_0::<1>(&job),
-                    (_, 2) => q8_0::<2>(&job),
-                    (_, 3) => q8_0::<3>(&job),
-                    (_, _) => q8_0::<4>(&job),
+                    (GgmlType::Q4_1, 1) => q4_1::<1>(job),
+                    (GgmlType::Q4_1, 2) => q4_1::<2>(job),
+                    (GgmlType::Q4_1, 3) => q4_1::<3>(job),
+                    (GgmlType::Q4_1, _) => q4_1::<4>(job),
+                    (_, 1) => q8_0::<1>(job),
+                    (_, 2) => q8_0::<2>(job),
+                    (_, 3) => q8_0::<3>(job),
+                    (_, _) => q8_0::<4>(job),
                 }
             }
-            i0 += k;
-        }
-        true
+        })
     }
-}
-
-/// Operands of one kernel pass (raw pointers; see the checks in
-/// [`DotProd::dot_packed`]).
-struct Job {
-    tiles: *const u8,
-    ntiles: usize,
-    nb: usize,
-    /// Activation rows (unused trailing entries repeat the last one).
-    a: [*const u8; PASS_ROWS],
-    /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
-    d: *const f32,
-    x: *const u32,
-    /// `out[t * out_stride + i]`.
-    out: *mut [f32; 8],
-    out_stride: usize,
 }
 
 /// `acc + sdot(w, lane L of y)`: adds to each i32 lane of `acc` the dot
@@ -269,10 +216,10 @@ unsafe fn q4_1_group<const L: usize, const M: usize>(
 /// reference chain `sumf += (dx * dy) * sumi as f32 + mx * sy`, block by block.
 ///
 /// # Safety
-/// `j` satisfies [`DotProd::dot_packed`]'s checks for `M` rows; the CPU has `dotprod`.
+/// `j` came from [`Job::passes`] for `M` rows; the CPU has `dotprod`.
 #[target_feature(enable = "dotprod")]
 unsafe fn q4_1<const M: usize>(j: &Job) {
-    // SAFETY: see `DotProd::dot_packed`; unaligned loads only.
+    // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
     unsafe {
         for t in 0..j.ntiles {
             let mut acc = [[vdupq_n_f32(0.0); 2]; M];
@@ -334,10 +281,10 @@ unsafe fn q8_0_group<const H: usize, const L: usize, const M: usize>(
 /// reference chain `sumf += sumi as f32 * (dx * dy)`, block by block.
 ///
 /// # Safety
-/// `j` satisfies [`DotProd::dot_packed`]'s checks for `M` rows; the CPU has `dotprod`.
+/// `j` came from [`Job::passes`] for `M` rows; the CPU has `dotprod`.
 #[target_feature(enable = "dotprod")]
 unsafe fn q8_0<const M: usize>(j: &Job) {
-    // SAFETY: see `DotProd::dot_packed`; unaligned loads only.
+    // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
     unsafe {
         for t in 0..j.ntiles {
             let mut acc = [[vdupq_n_f32(0.0); 2]; M];
@@ -369,7 +316,7 @@ unsafe fn q8_0<const M: usize>(j: &Job) {
 /// Writes tile `t`'s sums for the pass's `M` activation rows.
 ///
 /// # Safety
-/// `out[t * out_stride + i]` is in bounds for `i < M` (see [`DotProd::dot_packed`]).
+/// `out[t * out_stride + i]` is in bounds for `i < M` (see [`Job`]).
 #[inline]
 unsafe fn store<const M: usize>(j: &Job, t: usize, acc: &[[float32x4_t; 2]; M]) {
     // SAFETY: the caller guarantees the output rows.

@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::ActScalars;
+use super::super::pack::{ActScalars, Job};
 use super::super::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
@@ -97,8 +97,8 @@ impl DotIsa {
 /// `a_stride` bytes apart: `out[t * m + i][r]` is row `r` of tile `t` times
 /// activation `i`. `pre` holds the activations' scalars from row `first`
 /// on (the row `a` starts at). Returns `false` (nothing written) for other
-/// types or operands too short.
-#[allow(clippy::too_many_arguments)] // The kernel's operands, each checked here.
+/// types or operands too short (checked by [`Job::passes`]).
+#[allow(clippy::too_many_arguments)] // The kernel's operands.
 pub(crate) fn dot_packed(
     isa: DotIsa,
     dtype: GgmlType,
@@ -111,80 +111,28 @@ pub(crate) fn dot_packed(
     first: usize,
     out: &mut [[f32; 8]],
 ) -> bool {
-    let (tbb, abb) = match dtype {
-        GgmlType::Q4_1 => (8 * Q4_1_BYTES, Q8_1_BYTES),
-        GgmlType::Q8_0 => (8 * Q8_0_BYTES, Q8_0_BYTES),
-        _ => return false,
-    };
-    if m == 0 || m > 8 || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
-        return false;
-    }
-    if nb == 0 {
-        out.iter_mut().for_each(|o| *o = [0.0; 8]);
-        return true;
-    }
-    let ntiles = tiles.len() / (nb * tbb);
-    if ntiles == 0 || out.len() < ntiles * m {
-        return false;
-    }
-    let (d, x) = pre.rows_from(first);
-    let mut i0 = 0;
-    while i0 < m {
-        // Every row count up to the kernel's most has its own instance, so
-        // 7 rows are one pass over the weights, not 4 + 2 + 1.
-        let k = (m - i0).min(isa.max_rows(dtype));
-        let ap: [*const u8; 8] = std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr());
-        let job = Job {
-            tiles: tiles.as_ptr(),
-            ntiles,
-            nb,
-            a: ap,
-            d: d[i0 * nb..].as_ptr(),
-            x: x[i0 * nb..].as_ptr(),
-            out: out[i0..].as_mut_ptr(),
-            out_stride: m,
-        };
-        // SAFETY: the checks above give `ntiles` whole tiles of `nb` packed
-        // blocks, `nb` activation blocks after every `ap` pointer, `k * nb`
-        // scalars after `d`/`x`, and `out[i0 + t * m + i]` in bounds for
-        // `t < ntiles`, `i < k`. The target features are enabled because the
-        // caller's `isa` came from `DotIsa::available` on this CPU.
+    let tbb = 8 * dtype.block_bytes();
+    Job::passes(dtype, tiles, nb, a, a_stride, m, pre, first, out, isa.max_rows(dtype), |job, k| {
+        // SAFETY: `Job::passes` checked the operands of `job` for `k` rows.
+        // The target features are enabled because the caller's `isa` came
+        // from `DotIsa::available` on this CPU.
         unsafe {
             match (isa, dtype) {
                 (DotIsa::Avx512Wide, GgmlType::Q4_1) => {
-                    run_pairs(k, &job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
+                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
                 }
                 (DotIsa::Avx512Wide, _) => {
-                    run_pairs(k, &job, tbb, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
+                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
                 }
-                (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, &job, upto8!(avx512::q4_1)),
-                (DotIsa::Avx512Vnni, _) => run_k(k, &job, upto4!(avx512::q8_0)),
-                (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, &job, upto4!(avxvnni::q4_1)),
-                (DotIsa::AvxVnni, _) => run_k(k, &job, upto4!(avxvnni::q8_0)),
-                (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, &job, upto4!(avx2::q4_1)),
-                (DotIsa::Avx2, _) => run_k(k, &job, upto4!(avx2::q8_0)),
+                (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, job, upto8!(avx512::q4_1)),
+                (DotIsa::Avx512Vnni, _) => run_k(k, job, upto4!(avx512::q8_0)),
+                (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, job, upto4!(avxvnni::q4_1)),
+                (DotIsa::AvxVnni, _) => run_k(k, job, upto4!(avxvnni::q8_0)),
+                (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, job, upto4!(avx2::q4_1)),
+                (DotIsa::Avx2, _) => run_k(k, job, upto4!(avx2::q8_0)),
             }
         }
-        i0 += k;
-    }
-    true
-}
-
-/// Operands of one kernel pass (raw pointers; see the safety contract of
-/// [`dot_packed`]).
-#[derive(Clone, Copy)]
-pub(super) struct Job {
-    pub(super) tiles: *const u8,
-    pub(super) ntiles: usize,
-    pub(super) nb: usize,
-    /// Activation rows (unused trailing entries repeat the last one).
-    pub(super) a: [*const u8; 8],
-    /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
-    pub(super) d: *const f32,
-    pub(super) x: *const u32,
-    /// `out[t * out_stride + i]`.
-    pub(super) out: *mut [f32; 8],
-    pub(super) out_stride: usize,
+    })
 }
 
 /// Runs the tile-pair kernels of `wide` over the even number of leading
@@ -245,8 +193,8 @@ use {upto4, upto8};
 /// which holds the instances for 1 to N rows.
 ///
 /// # Safety
-/// As for the kernels: `job` satisfies [`dot_packed`]'s contract for `k` rows
-/// and the CPU has the kernels' target features.
+/// As for the kernels: `job` came from [`Job::passes`] for `k` rows and the
+/// CPU has the kernels' target features.
 unsafe fn run_k<const N: usize>(k: usize, job: &Job, ks: [KernelFn; N]) {
     debug_assert!((1..=N).contains(&k));
     // SAFETY: forwarded contract.
@@ -276,7 +224,7 @@ macro_rules! packed_kernels {
             #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn q4_1<const M: usize>(j: &Job) {
-                // SAFETY: see `dot_packed`; unaligned loads only.
+                // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
                 unsafe {
                     let m4 = _mm256_set1_epi8(0x0F);
                     for t in 0..j.ntiles {
@@ -319,7 +267,7 @@ macro_rules! packed_kernels {
             #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn q8_0<const M: usize>(j: &Job) {
-                // SAFETY: see `dot_packed`; unaligned loads only.
+                // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
                 unsafe {
                     for t in 0..j.ntiles {
                         let mut acc = [_mm256_setzero_ps(); M];

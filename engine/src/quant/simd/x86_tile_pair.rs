@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::x86_packed::Job;
+use super::super::pack::Job;
 
 /// The same 32 bytes at `off` of tile `t` (low half) and tile `t + 1` (high half).
 #[inline]
@@ -80,12 +80,12 @@ unsafe fn store_pair(j: &Job, t: usize, i: usize, acc: __m512) {
 /// activation `i` runs `sumf += (dx * dy) * sumi as f32 + mx * sy` per block.
 ///
 /// # Safety
-/// `j` satisfies `x86_packed::dot_packed`'s contract with an even tile
+/// `j` came from `pack::Job::passes` (then split by `run_pairs`), with an even tile
 /// count, and the CPU has this module's target features.
 #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
 pub(super) unsafe fn q4_1<const M: usize>(j: &Job) {
-    // SAFETY: see `x86_packed::dot_packed`; unaligned loads only.
+    // SAFETY: see `pack::Job` (the operands' bounds); unaligned loads only.
     unsafe {
         let m4 = _mm512_set1_epi8(0x0F);
         let tile = j.nb * 8 * Q4_1_BYTES;
@@ -152,7 +152,7 @@ pub(super) unsafe fn q4_1<const M: usize>(j: &Job) {
 #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
 pub(super) unsafe fn q8_0<const M: usize>(j: &Job) {
-    // SAFETY: see `x86_packed::dot_packed`; unaligned loads only.
+    // SAFETY: see `pack::Job` (the operands' bounds); unaligned loads only.
     unsafe {
         let tile = j.nb * 8 * Q8_0_BYTES;
         for t in (0..j.ntiles).step_by(2) {
