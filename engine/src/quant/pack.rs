@@ -76,7 +76,8 @@ pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
     let tbb = tile_block_bytes(dtype)?;
     let bb = dtype.block_bytes();
     let nb = row_bytes / bb;
-    let tiles = rows / TILE + usize::from(rows % TILE != 0);
+    #[allow(clippy::manual_div_ceil)] // `div_ceil` is newer than the NEON harness's rustc 1.63.
+    let tiles = (rows + TILE - 1) / TILE;
     let mut out = vec![0u8; tiles * TILE * row_bytes];
     // Padding rows are packed from zero blocks, so they unpack to zeros.
     let zero = vec![0u8; bb];
