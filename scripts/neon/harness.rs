@@ -3,10 +3,13 @@
 //!
 //! Why this exists: the NEON kernels in `engine/src/quant/simd/neon.rs` are
 //! compiled only under `cfg(target_arch = "aarch64")`, and the project's
-//! toolchain has no aarch64 target (nor any way to download one). Debian's
-//! rustc 1.63 does ship an aarch64 std, and qemu-user runs the result; but
-//! the whole engine needs a much newer Rust. So this harness compiles just
-//! the real files involved, unchanged, by `#[path]`:
+//! toolchain has no aarch64 target (nor any way to download one). It was
+//! written when only Debian's rustc 1.63, too old for the engine, had an
+//! aarch64 std; `scripts/test-neon` now runs the engine's own tests on
+//! aarch64 with rustc-web first, and keeps this harness for the checks
+//! those lack (hand-computed results, encoder-made and ragged rows, refused
+//! calls leaving their output untouched). It compiles just the real files
+//! involved, unchanged, by `#[path]`:
 //! - `engine/src/quant/legacy.rs`, the scalar reference (and its own tests);
 //! - `engine/src/quant/pack.rs`, the packed tile layout (and its own tests);
 //! - `engine/src/quant/simd/neon.rs`, the NEON row kernels;

@@ -23,10 +23,6 @@
 //! A tile holds every block of its rows in order (`blocks × packed block`),
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with
 //! zero rows, whose results are discarded.
-//!
-//! `scripts/test-neon` compiles this file with rustc 1.63 (it packs the
-//! NEON kernels' test rows), so it avoids newer syntax and std APIs
-//! (`let … else`, `div_ceil`, `cast_unsigned`).
 
 use super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 use super::{f16_at, GgmlType};
@@ -76,8 +72,7 @@ pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
     let tbb = tile_block_bytes(dtype)?;
     let bb = dtype.block_bytes();
     let nb = row_bytes / bb;
-    #[allow(clippy::manual_div_ceil)] // `div_ceil` is newer than the NEON harness's rustc 1.63.
-    let tiles = (rows + TILE - 1) / TILE;
+    let tiles = rows.div_ceil(TILE);
     let mut out = vec![0u8; tiles * TILE * row_bytes];
     // Padding rows are packed from zero blocks, so they unpack to zeros.
     let zero = vec![0u8; bb];

@@ -109,8 +109,12 @@ pub(crate) fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8]
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(k) => k.vec_dot_rows(dtype, w, row_bytes, a, out),
+        // No multi-row NEON kernel: the packed tiles serve batches there.
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(_) => false,
+        Kernel::Neon(_) => {
+            let _ = (dtype, w, row_bytes, a, out);
+            false
+        }
     }
 }
 
@@ -162,13 +166,18 @@ pub(crate) fn quantize_row(dtype: GgmlType, x: &[f32], out: &mut [u8]) -> bool {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2(k) => k.quantize_row(dtype, x, out),
+        // NEON quantization is not written yet: the scalar reference runs.
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(_) => false,
+        Kernel::Neon(_) => {
+            let _ = (dtype, x, out);
+            false
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::pack::ActScalars;
     use super::super::{kquant, legacy, GgmlType};
     use half::f16;
 
@@ -292,19 +301,150 @@ mod tests {
         }
     }
 
-    fn noise(r: &mut Rng, n: usize) -> Vec<f32> {
-        let mag = [1e-3, 1.0, 7.5, 300.0][(r.next() % 4) as usize];
-        (0..n).map(|_| r.unit() * mag).collect()
+    /// `vec_dot` against the scalar reference on every row of [`cases`];
+    /// `covers(ty)` says which types must have a kernel (the others must not).
+    fn single_rows_match(covers: impl Fn(GgmlType) -> bool, vec_dot: impl Fn(GgmlType, &[u8], &[u8]) -> Option<f32>) {
+        cases(|ty, w, rb, k, a| {
+            for row in w.chunks_exact(rb).take(k) {
+                let got = vec_dot(ty, row, a);
+                assert_eq!(got.is_some(), covers(ty), "{}: kernel or not", ty.name());
+                if let Some(got) = got {
+                    let want = reference(ty, row, a);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{}: {got} vs {want}", ty.name());
+                }
+            }
+        });
+    }
+
+    /// Packed tiles against the scalar reference, for kernel `isa` (`dot`):
+    /// every (row, activation) output, for 1..=MAX_ACT activation rows per
+    /// call, one to four tiles per call (pairs and a lone tile) with a
+    /// partial last tile, random and edge-value quants and scales; a row's
+    /// result must not depend on how many activation rows or tiles share the
+    /// call. Short tiles and other rows' scalars must be refused.
+    fn packed_tiles_match(
+        r: &mut Rng,
+        isa: &str,
+        dot: impl Fn(GgmlType, &[u8], usize, &[u8], usize, usize, &ActScalars, usize, &mut [[f32; 8]]) -> bool,
+    ) {
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let tbb = 8 * ty.block_bytes();
+            for nb in [1, 2, 3, 7, 18, 48] {
+                for (fi, &wf) in FILLS.iter().enumerate() {
+                    for &af in &FILLS[fi % 2..] {
+                        let ntiles = 1 + (r.next() as usize) % 4;
+                        let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
+                        let rb = nb * ty.block_bytes();
+                        let w: Vec<u8> = (0..rows).flat_map(|_| row(r, ty, nb, wf)).collect();
+                        let packed = super::super::pack::pack(ty, &w, rows, rb).expect("packable");
+                        assert_eq!(packed.len(), ntiles * 8 * rb);
+                        // Activation rows with a gap between them (stride > row).
+                        let ab = nb * ty.vec_dot_type().block_bytes();
+                        let stride = ab + 5;
+                        let acts: Vec<Vec<u8>> = (0..super::MAX_ACT)
+                            .map(|i| row(r, ty.vec_dot_type(), nb, if i % 2 == 0 { af } else { Fill::Random }))
+                            .collect();
+                        let mut a = vec![0u8; stride * acts.len()];
+                        for (i, act) in acts.iter().enumerate() {
+                            a[i * stride..i * stride + ab].copy_from_slice(act);
+                        }
+                        let pre = ActScalars::new(ty, nb, acts.len(), &a, stride);
+                        let mut alone = vec![[f32::NAN; 8]; 1];
+                        for m in 1..=super::MAX_ACT {
+                            let mut out = vec![[f32::NAN; 8]; ntiles * m];
+                            assert!(dot(ty, &packed, nb, &a, stride, m, &pre, 0, &mut out));
+                            for (ti, tile) in packed.chunks_exact(8 * rb).enumerate() {
+                                for i in 0..m {
+                                    let lanes = out[ti * m + i];
+                                    let ai = &a[i * stride..];
+                                    assert!(dot(ty, tile, nb, ai, stride, 1, &pre, i, &mut alone));
+                                    for (rr, got) in lanes.iter().enumerate().filter(|(rr, _)| ti * 8 + rr < rows) {
+                                        let wr = &w[(ti * 8 + rr) * rb..][..rb];
+                                        let want = reference(ty, wr, &acts[i]);
+                                        let ctx = format!("{} {} m={m} t={ti} i={i} r={rr}", isa, ty.name());
+                                        assert_eq!(got.to_bits(), want.to_bits(), "{ctx}: {got} vs {want}");
+                                        assert_eq!(got.to_bits(), alone[0][rr].to_bits(), "{ctx} alone");
+                                    }
+                                }
+                            }
+                        }
+                        let mut short = [[0.0f32; 8]; 1];
+                        let cut = &packed[..nb * tbb - 1];
+                        assert!(!dot(ty, cut, nb, &a, stride, 1, &pre, 0, &mut short));
+                        // Scalars of other rows, block counts or types are refused.
+                        let few = ActScalars::new(ty, nb, 1, &a, stride);
+                        assert!(!dot(ty, &packed, nb, &a, stride, 2, &few, 0, &mut vec![[0.0; 8]; 2 * ntiles]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The NEON kernels, run by `scripts/test-neon` under qemu-aarch64 (with
+    /// and without `dotprod`), since no aarch64 machine is at hand.
+    #[cfg(target_arch = "aarch64")]
+    mod neon {
+        use super::super::neon::Neon;
+        use super::*;
+
+        /// Whether the CPU running the tests must (`1`) or must not (`0`)
+        /// have `dotprod`: set by `scripts/test-neon`, so that a qemu CPU
+        /// model without it cannot silently skip the packed kernels.
+        fn expected_dotprod() -> Option<bool> {
+            std::env::var("POTLUCK_EXPECT_DOTPROD").ok().map(|v| v == "1")
+        }
+
+        #[test]
+        fn neon_is_the_kernel_in_use() {
+            if std::env::var_os("POTLUCK_KERNEL").is_none() {
+                assert_eq!(super::super::kernel_name(), "neon");
+            }
+        }
+
+        #[test]
+        fn single_row_is_bit_exact() {
+            let n = Neon::detect();
+            let covers = |ty| matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+            single_rows_match(covers, |ty, w, a| n.vec_dot(ty, w, a));
+        }
+
+        /// With `dotprod` exactly Q4_1 and Q8_0 are packed; without it
+        /// nothing is, and the engine keeps the GGUF layout and row kernels.
+        #[test]
+        fn dotprod_decides_the_packed_path() {
+            let has = std::arch::is_aarch64_feature_detected!("dotprod");
+            if let Some(want) = expected_dotprod() {
+                assert_eq!(has, want, "dotprod on this CPU");
+            }
+            let n = Neon::detect();
+            assert_eq!(n.dotprod().is_some(), has);
+            for ty in TYPES.into_iter().chain([GgmlType::Q8_1]) {
+                let packed = has && matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0);
+                assert_eq!(n.packs(ty), packed, "{}", ty.name());
+            }
+        }
+
+        #[test]
+        fn packed_tiles_are_bit_exact_for_any_activation_count() {
+            let Some(d) = Neon::detect().dotprod() else {
+                assert_ne!(expected_dotprod(), Some(true), "no dotprod");
+                eprintln!("skipping: CPU lacks dotprod");
+                return;
+            };
+            packed_tiles_match(&mut Rng(99), "neon", |ty, tiles, nb, a, stride, m, pre, first, out| {
+                d.dot_packed(ty, tiles, nb, a, stride, m, pre, first, out)
+            });
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
-        use super::super::super::pack::ActScalars;
         use super::super::x86::Avx2;
         use super::*;
 
-        fn out2(ntiles: usize) -> Vec<[f32; 8]> {
-            vec![[0.0; 8]; 2 * ntiles]
+        fn noise(r: &mut Rng, n: usize) -> Vec<f32> {
+            let mag = [1e-3, 1.0, 7.5, 300.0][(r.next() % 4) as usize];
+            (0..n).map(|_| r.unit() * mag).collect()
         }
 
         fn token() -> Option<Avx2> {
@@ -318,13 +458,7 @@ mod tests {
         #[test]
         fn single_row_is_bit_exact() {
             let Some(t) = token() else { return };
-            cases(|ty, w, rb, k, a| {
-                for row in w.chunks_exact(rb).take(k) {
-                    let want = reference(ty, row, a);
-                    let got = t.vec_dot(ty, row, a).expect("kernel");
-                    assert_eq!(got.to_bits(), want.to_bits(), "{}: {got} vs {want}", ty.name());
-                }
-            });
+            single_rows_match(|_| true, |ty, w, a| t.vec_dot(ty, w, a));
         }
 
         #[test]
@@ -344,75 +478,15 @@ mod tests {
         }
 
         /// Packed tiles against the scalar reference, for every packed
-        /// instruction set this CPU has (AVX2, AVX-VNNI, AVX-512 VNNI): every
-        /// (row, activation) output, for 1..=MAX_ACT activation rows per call,
-        /// one to four tiles per call (pairs and a lone tile) with a partial last tile, random and
-        /// edge-value quants and scales; a row's result must not depend on how
-        /// many activation rows or tiles share the call.
+        /// instruction set this CPU has (AVX2, AVX-VNNI, AVX-512 VNNI).
         #[test]
         fn packed_tiles_are_bit_exact_for_any_activation_count() {
             let mut r = Rng(99);
             for t in Avx2::all() {
                 eprintln!("packed kernels: {}", t.isa().name());
-                for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-                    let tbb = 8 * ty.block_bytes();
-                    for nb in [1, 2, 3, 7, 18, 48] {
-                        for (fi, &wf) in FILLS.iter().enumerate() {
-                            for &af in &FILLS[fi % 2..] {
-                                let ntiles = 1 + (r.next() as usize) % 4;
-                                let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
-                                let rb = nb * ty.block_bytes();
-                                let w: Vec<u8> = (0..rows).flat_map(|_| row(&mut r, ty, nb, wf)).collect();
-                                let packed = super::super::super::pack::pack(ty, &w, rows, rb).expect("packable");
-                                assert_eq!(packed.len(), ntiles * 8 * rb);
-                                // Activation rows with a gap between them (stride > row).
-                                let ab = nb * ty.vec_dot_type().block_bytes();
-                                let stride = ab + 5;
-                                let acts: Vec<Vec<u8>> = (0..super::super::MAX_ACT)
-                                    .map(|i| {
-                                        row(&mut r, ty.vec_dot_type(), nb, if i % 2 == 0 { af } else { Fill::Random })
-                                    })
-                                    .collect();
-                                let mut a = vec![0u8; stride * acts.len()];
-                                for (i, act) in acts.iter().enumerate() {
-                                    a[i * stride..i * stride + ab].copy_from_slice(act);
-                                }
-                                let pre = ActScalars::new(ty, nb, acts.len(), &a, stride);
-                                let mut alone = vec![[f32::NAN; 8]; 1];
-                                for m in 1..=super::super::MAX_ACT {
-                                    let mut out = vec![[f32::NAN; 8]; ntiles * m];
-                                    assert!(t.dot_packed(ty, &packed, nb, &a, stride, m, &pre, 0, &mut out));
-                                    for (ti, tile) in packed.chunks_exact(8 * rb).enumerate() {
-                                        for i in 0..m {
-                                            let lanes = out[ti * m + i];
-                                            let ai = &a[i * stride..];
-                                            assert!(t.dot_packed(ty, tile, nb, ai, stride, 1, &pre, i, &mut alone));
-                                            for (rr, got) in
-                                                lanes.iter().enumerate().filter(|(rr, _)| ti * 8 + rr < rows)
-                                            {
-                                                let wr = &w[(ti * 8 + rr) * rb..][..rb];
-                                                let want = reference(ty, wr, &acts[i]);
-                                                let ctx = format!(
-                                                    "{} {} m={m} t={ti} i={i} r={rr}",
-                                                    t.isa().name(),
-                                                    ty.name()
-                                                );
-                                                assert_eq!(got.to_bits(), want.to_bits(), "{ctx}: {got} vs {want}");
-                                                assert_eq!(got.to_bits(), alone[0][rr].to_bits(), "{ctx} alone");
-                                            }
-                                        }
-                                    }
-                                }
-                                let mut short = [[0.0f32; 8]; 1];
-                                let cut = &packed[..nb * tbb - 1];
-                                assert!(!t.dot_packed(ty, cut, nb, &a, stride, 1, &pre, 0, &mut short));
-                                // Scalars of other rows, block counts or types are refused.
-                                let few = ActScalars::new(ty, nb, 1, &a, stride);
-                                assert!(!t.dot_packed(ty, &packed, nb, &a, stride, 2, &few, 0, &mut out2(ntiles)));
-                            }
-                        }
-                    }
-                }
+                packed_tiles_match(&mut r, t.isa().name(), |ty, tiles, nb, a, stride, m, pre, first, out| {
+                    t.dot_packed(ty, tiles, nb, a, stride, m, pre, first, out)
+                });
             }
         }
 

@@ -30,12 +30,12 @@
 //! Q8_0: 16 `sdot`, 2 loads, 2 `scvtf`, 1 `dup`, 6 float operations per row;
 //! 16 loads, 16 `eor`, 1 scale load, 2 `fcvtl` shared.
 //!
-//! Rust 1.63 (the harness's compiler, `scripts/test-neon`) has neither
-//! `sdot` nor f16 vector intrinsics, so both come from `asm!`, confined to
-//! [`sdot`] and [`widen_f16x8`].
+//! This file was first tested with rustc 1.63 (`scripts/neon/harness.rs`),
+//! which has neither `sdot` nor f16 vector intrinsics, so both come from
+//! `asm!`, confined to [`sdot`] and [`widen_f16x8`].
 
 // NEON intrinsics are safe inside `#[target_feature]` functions on current
-// compilers but unsafe on 1.63; the `unsafe` blocks serve the latter.
+// compilers but were unsafe on 1.63; some `unsafe` blocks date from then.
 #![allow(unused_unsafe)]
 
 use std::arch::aarch64::*;
