@@ -13,7 +13,10 @@
 //! tail (streams finishing one by one). `all_streams_tok_s` counts only the
 //! stretch when every stream was generating at once, the rate the
 //! concurrency level itself sustains; `all_streams_vs_one_stream` is its
-//! ratio. Short phases (few `--requests`) make the two differ most.
+//! ratio, and `all_streams_busy_fraction` each stage's busy fraction over
+//! the same stretch (from `/metrics`, sampled every 50 ms). Short phases
+//! (few `--requests`) make the whole-phase and all-streams figures differ
+//! most.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
@@ -23,6 +26,10 @@ use anyhow::{ensure, Context as _};
 use serde_json::{json, Value};
 
 use super::bench_pipeline::UpChild;
+
+#[path = "stage_busy.rs"]
+mod stage_busy;
+use stage_busy::{busy_between, busy_seconds, BusySampler};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeBench {
@@ -82,21 +89,23 @@ impl Timing {
     }
 }
 
-/// Tokens per second while every stream was generating at once: from the
-/// last stream's first token to the first stream's last token. The whole
-/// phase also holds the ramp-up (every stream's first prefill at once) and
-/// the tail (streams finishing one by one), when fewer streams run; `None`
-/// if the streams never all overlapped.
-#[allow(clippy::cast_precision_loss)]
-fn all_streams_rate(streams: &[Vec<Timing>]) -> Option<f64> {
+/// The stretch when every stream was generating at once: from the last
+/// stream's first token to the first stream's last token. The whole phase
+/// also holds the ramp-up (every stream's first prefill at once) and the
+/// tail (streams finishing one by one), when fewer streams run; `None` if
+/// the streams never all overlapped.
+fn all_streams_window(streams: &[Vec<Timing>]) -> Option<(Instant, Instant)> {
     let from = streams.iter().map(|s| s.first().map(|t| t.arrivals[0])).collect::<Option<Vec<_>>>()?;
     let to = streams.iter().map(|s| s.last().and_then(|t| t.arrivals.last().copied())).collect::<Option<Vec<_>>>()?;
     let (from, to) = (*from.iter().max()?, *to.iter().min()?);
-    if to <= from {
-        return None;
-    }
+    (to > from).then_some((from, to))
+}
+
+/// Tokens per second that arrived within `window`.
+#[allow(clippy::cast_precision_loss)]
+fn rate_within(streams: &[Vec<Timing>], (from, to): (Instant, Instant)) -> f64 {
     let inside = streams.iter().flatten().flat_map(|t| &t.arrivals).filter(|&&a| a >= from && a <= to).count();
-    Some(inside as f64 / (to - from).as_secs_f64())
+    inside as f64 / (to - from).as_secs_f64()
 }
 
 impl ServeBench {
@@ -199,6 +208,7 @@ impl ServeBench {
     #[allow(clippy::cast_precision_loss)]
     fn measure(&self, http: &str, c: usize) -> anyhow::Result<Value> {
         let before = busy_seconds(http)?;
+        let sampler = BusySampler::start(http);
         let start = Instant::now();
         let handles: Vec<_> = (0..c)
             .map(|i| {
@@ -216,6 +226,8 @@ impl ServeBench {
         }
         let wall = start.elapsed().as_secs_f64();
         let after = busy_seconds(http)?;
+        let samples = sampler.finish();
+        let window = all_streams_window(&streams);
         let timings: Vec<&Timing> = streams.iter().flatten().collect();
         let tokens: u64 = timings.iter().map(|t| t.tokens).sum();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -224,7 +236,8 @@ impl ServeBench {
         let busy: Vec<f64> = after.iter().zip(&before).map(|(a, b)| (a - b) / wall).collect();
         let row = json!({
             "decode_tok_s": tokens as f64 / wall,
-            "all_streams_tok_s": all_streams_rate(&streams),
+            "all_streams_tok_s": window.map(|w| rate_within(&streams, w)),
+            "all_streams_busy_fraction": window.and_then(|(from, to)| busy_between(&samples, from, to)),
             "tokens": tokens,
             "seconds": wall,
             "ttft_ms": {"p50": percentile(&mut ttft, 0.5), "p99": percentile(&mut ttft, 0.99)},
@@ -244,24 +257,6 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     let i = ((v.len() - 1) as f64 * q).round() as usize;
     v[i.min(v.len() - 1)]
-}
-
-/// Each stage's busy seconds so far, in stage order, from `/metrics`.
-fn busy_seconds(http: &str) -> anyhow::Result<Vec<f64>> {
-    let mut s = std::net::TcpStream::connect(http)?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n")?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text)?;
-    let mut stages: Vec<(usize, f64)> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("potluck_stage_busy_seconds_total{stage=\""))
-        .filter_map(|rest| {
-            let (stage, rest) = rest.split_once('"')?;
-            Some((stage.parse().ok()?, rest.rsplit_once(' ')?.1.parse().ok()?))
-        })
-        .collect();
-    stages.sort_by_key(|&(s, _)| s);
-    Ok(stages.into_iter().map(|(_, v)| v).collect())
 }
 
 /// One streaming completion over HTTP/1.0 (events are plain lines); times each token's arrival.
