@@ -188,7 +188,17 @@ impl Matrix {
                 while i < n {
                     let m = (n - i).min(quant::MAX_ACT);
                     let out = &mut buf[..(t1 - t0) * m];
-                    quant::dot_packed(self.dtype, run, nb, &a[i * a_bytes..], a_bytes, m, pre, i, out);
+                    let ops = quant::PackedOperands {
+                        dtype: self.dtype,
+                        tiles: run,
+                        nb,
+                        a: &a[i * a_bytes..],
+                        a_stride: a_bytes,
+                        m,
+                        pre,
+                        first: i,
+                    };
+                    quant::dot_packed(&ops, out);
                     for t in t0..t1 {
                         let live = (rows - t * quant::TILE).min(quant::TILE);
                         for (j, lanes) in out[(t - t0) * m..(t - t0 + 1) * m].iter().enumerate() {

@@ -6,7 +6,7 @@
 
 use half::f16;
 
-use super::pack::{pack, ActScalars, TILE};
+use super::pack::{pack, ActScalars, PackedOperands, TILE};
 use super::simd::neon::Neon;
 use super::simd::neon_packed::DotProd;
 use super::tests::{blocks, layout, reference, Fill, Rng, FILLS};
@@ -59,15 +59,16 @@ fn check_rows(ty: GgmlType, w: &[u8], rows: usize, nb: usize, a: &[u8], stride: 
     let want: Vec<Vec<f32>> = (0..rows)
         .map(|o| (0..MAX_ACT).map(|i| reference(ty, &w[o * rb..][..rb], &a[i * stride..][..ab])).collect())
         .collect();
+    let all = PackedOperands { dtype: ty, tiles: &packed, nb, a, a_stride: stride, m: 1, pre: &pre, first: 0 };
     let (mut nonzero, mut total) = (0, 0);
     for m in 1..=MAX_ACT {
         let mut out = vec![[f32::NAN; 8]; ntiles * m];
-        assert!(k.dot_packed(ty, &packed, nb, a, stride, m, &pre, 0, &mut out), "{ctx} m={m}: refused");
+        assert!(k.dot_packed(&PackedOperands { m, ..all }, &mut out), "{ctx} m={m}: refused");
         for t in 0..ntiles {
             for i in 0..m {
                 let mut alone = [[f32::NAN; 8]; 1];
                 let tile = &packed[t * TILE * rb..][..TILE * rb];
-                assert!(k.dot_packed(ty, tile, nb, &a[i * stride..], stride, 1, &pre, i, &mut alone));
+                assert!(k.dot_packed(&PackedOperands { tiles: tile, a: &a[i * stride..], first: i, ..all }, &mut alone));
                 for lane in 0..TILE.min(rows - t * TILE) {
                     let (got, exp) = (out[t * m + i][lane], want[t * TILE + lane][i]);
                     let at = format!("{} {ctx} m={m} tile={t} act={i} lane={lane}", ty.name());
@@ -161,7 +162,9 @@ fn extreme_tiles_match_hand_arithmetic() {
     let packed = pack(GgmlType::Q8_0, &w, 8, rb).expect("packable");
     let pre = ActScalars::new(GgmlType::Q8_0, 2, 1, &a, rb);
     let mut out = [[f32::NAN; 8]; 1];
-    assert!(k.dot_packed(GgmlType::Q8_0, &packed, 2, &a, rb, 1, &pre, 0, &mut out));
+    let ops =
+        PackedOperands { dtype: GgmlType::Q8_0, tiles: &packed, nb: 2, a: &a, a_stride: rb, m: 1, pre: &pre, first: 0 };
+    assert!(k.dot_packed(&ops, &mut out));
     let mut want = [1_048_576.0f32; 8];
     want[5] = 524_288.0;
     assert_eq!(out[0], want);
@@ -179,7 +182,17 @@ fn extreme_tiles_match_hand_arithmetic() {
     a[2..4].copy_from_slice(&f16b(3.0));
     let packed = pack(GgmlType::Q4_1, &w, 8, legacy::Q4_1_BYTES).expect("packable");
     let pre = ActScalars::new(GgmlType::Q4_1, 1, 1, &a, a.len());
-    assert!(k.dot_packed(GgmlType::Q4_1, &packed, 1, &a, a.len(), 1, &pre, 0, &mut out));
+    let ops = PackedOperands {
+        dtype: GgmlType::Q4_1,
+        tiles: &packed,
+        nb: 1,
+        a: &a,
+        a_stride: a.len(),
+        m: 1,
+        pre: &pre,
+        first: 0,
+    };
+    assert!(k.dot_packed(&ops, &mut out));
     assert_eq!(out[0], [-15358.5; 8]);
 }
 
@@ -201,7 +214,7 @@ fn bad_operands_are_refused_untouched() {
         let refused =
             |dtype: GgmlType, tiles: &[u8], a: &[u8], m: usize, pre: &ActScalars, first: usize, n_out: usize| {
                 let mut out = vec![[f32::NAN; 8]; n_out];
-                let ran = k.dot_packed(dtype, tiles, nb, a, ab, m, pre, first, &mut out);
+                let ran = k.dot_packed(&PackedOperands { dtype, tiles, nb, a, a_stride: ab, m, pre, first }, &mut out);
                 !ran && out.iter().flatten().all(|v| v.is_nan())
             };
         let ctx = ty.name();
@@ -222,7 +235,8 @@ fn bad_operands_are_refused_untouched() {
         // No blocks: every output is zero, as the reference's empty sum.
         let mut out = vec![[f32::NAN; 8]; 2];
         let empty = ActScalars::new(ty, 0, 2, &a, ab);
-        assert!(k.dot_packed(ty, &[], 0, &a, ab, 2, &empty, 0, &mut out));
+        let ops = PackedOperands { dtype: ty, tiles: &[], nb: 0, a: &a, a_stride: ab, m: 2, pre: &empty, first: 0 };
+        assert!(k.dot_packed(&ops, &mut out));
         assert!(out.iter().flatten().all(|v| v.to_bits() == 0), "{ctx}: empty rows");
     }
 }

@@ -234,7 +234,7 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
     }
 }
 
-pub use pack::ActScalars;
+pub use pack::{ActScalars, PackedOperands};
 
 /// Decodes the per-block scalars of `n` quantized activation rows (`a_stride`
 /// bytes apart, `nb` blocks each) that the packed kernels for `dtype` weights
@@ -267,29 +267,17 @@ pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, ou
     pack::unpack_row(dtype, packed, row_bytes, r, out);
 }
 
-/// Dot products of every packed tile in `tiles` (whole tiles of [`TILE`]
-/// rows of `nb` blocks, as [`pack_matrix`] made them) with `m`
-/// (1..=[`MAX_ACT`]) activation rows, quantized to `dtype.vec_dot_type()` and
-/// starting `a_stride` bytes apart in `a`. `out[t * m + i][r]` equals
+/// Dot products of every packed tile in `ops.tiles` (whole tiles of
+/// [`TILE`] rows, as [`pack_matrix`] made them) with the `ops.m`
+/// (1..=[`MAX_ACT`]) activation rows of `ops` (see [`PackedOperands`]; their
+/// [`ActScalars`] are decoded once per matmul). `out[t * m + i][r]` equals
 /// [`vec_dot`] of row `r` of tile `t` with activation `i`, bit for bit,
-/// whatever `m` or the number of tiles. `pre` are the activations'
-/// [`ActScalars`] (decoded once per matmul), from row `first` on: the row
-/// `a` starts at.
-#[allow(clippy::too_many_arguments)] // The kernel's operands.
-pub fn dot_packed(
-    dtype: GgmlType,
-    tiles: &[u8],
-    nb: usize,
-    a: &[u8],
-    a_stride: usize,
-    m: usize,
-    pre: &ActScalars,
-    first: usize,
-    out: &mut [[f32; TILE]],
-) {
-    if simd::dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out) {
+/// whatever `m` or the number of tiles.
+pub fn dot_packed(ops: &PackedOperands<'_>, out: &mut [[f32; TILE]]) {
+    if simd::dot_packed(ops, out) {
         return;
     }
+    let PackedOperands { dtype, tiles, nb, a, a_stride, m, .. } = *ops;
     // Reference path: rebuild each row and take the scalar dot product.
     let row_bytes = nb * dtype.block_bytes();
     let a_bytes = nb * dtype.vec_dot_type().block_bytes();

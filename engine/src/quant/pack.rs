@@ -160,6 +160,32 @@ impl ActScalars {
     }
 }
 
+/// What one packed-kernel call multiplies: the whole tiles of `dtype` in
+/// `tiles` (`nb` packed blocks each, as `pack` made them) by `m`
+/// (1..=[`MAX_ACT`]) activation rows, quantized to `dtype.vec_dot_type()`
+/// and starting `a_stride` bytes apart in `a`, whose scalars `pre` are read
+/// from row `first` on (the row `a` starts at). Every layer from
+/// `quant::dot_packed` down to [`Job::passes`] hands it on whole.
+#[derive(Clone, Copy)]
+pub struct PackedOperands<'a> {
+    /// Weight type (Q4_1 and Q8_0 have packed kernels).
+    pub dtype: GgmlType,
+    /// Whole packed tiles.
+    pub tiles: &'a [u8],
+    /// Blocks per row.
+    pub nb: usize,
+    /// Quantized activation rows.
+    pub a: &'a [u8],
+    /// Bytes from one activation row to the next.
+    pub a_stride: usize,
+    /// Activation rows.
+    pub m: usize,
+    /// The activations' decoded scalars.
+    pub pre: &'a ActScalars,
+    /// The row of `pre` that `a` starts at.
+    pub first: usize,
+}
+
 /// Operands of one pass of a packed kernel (x86 or NEON) over a run of
 /// tiles, as raw pointers for the `unsafe` kernels. Only [`Job::passes`]
 /// makes them, from operands it has checked, so a kernel given a `Job` and
@@ -186,27 +212,19 @@ pub(crate) struct Job {
 #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 impl Job {
     /// Checks a packed kernel call against the contract of
-    /// `quant::dot_packed` (the tiles of `dtype` in `tiles`, `m` activation
-    /// rows `a_stride` bytes apart in `a`, their scalars `pre` from row
-    /// `first`, outputs `out`) and calls `run(job, k)` once per pass of `k`
+    /// `quant::dot_packed` (operands `ops`, outputs `out`) and calls
+    /// `run(job, k)` once per pass of `k`
     /// (at most `max_rows`) activation rows. Returns `false`, with nothing
     /// written, for types without a packed layout, `m` outside
     /// 1..=[`MAX_ACT`] or operands too short; with no blocks every output is
     /// zero (the reference's empty sum). One check serves every architecture.
-    #[allow(clippy::too_many_arguments)] // The kernel's operands, and how to run them.
     pub(crate) fn passes(
-        dtype: GgmlType,
-        tiles: &[u8],
-        nb: usize,
-        a: &[u8],
-        a_stride: usize,
-        m: usize,
-        pre: &ActScalars,
-        first: usize,
+        ops: &PackedOperands<'_>,
         out: &mut [[f32; TILE]],
         max_rows: usize,
         mut run: impl FnMut(&Job, usize),
     ) -> bool {
+        let PackedOperands { dtype, tiles, nb, a, a_stride, m, pre, first } = *ops;
         let abb = match dtype {
             GgmlType::Q4_1 => Q8_1_BYTES,
             GgmlType::Q8_0 => Q8_0_BYTES,

@@ -130,31 +130,17 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     }
 }
 
-/// Dot products of the eight rows of each packed tile in `tiles` (`nb`
-/// blocks each) with `m` (1..=[`MAX_ACT`]) activation rows `a_stride` bytes
-/// apart, into `out[t * m + i]`. Returns `false` (nothing written) when there
-/// is no packed kernel.
+/// Dot products of the eight rows of each packed tile of `ops` with its
+/// activation rows, into `out[t * m + i]`. Returns `false` (nothing
+/// written) when there is no packed kernel or the operands are short.
 #[inline]
-#[allow(clippy::too_many_arguments)] // The kernel's operands.
-pub(crate) fn dot_packed(
-    dtype: GgmlType,
-    tiles: &[u8],
-    nb: usize,
-    a: &[u8],
-    a_stride: usize,
-    m: usize,
-    pre: &super::pack::ActScalars,
-    first: usize,
-    out: &mut [[f32; 8]],
-) -> bool {
+pub(crate) fn dot_packed(ops: &super::pack::PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(k) => k.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out),
+        Kernel::Avx2(k) => k.dot_packed(ops, out),
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(k) => {
-            m <= MAX_ACT && k.dotprod().is_some_and(|d| d.dot_packed(dtype, tiles, nb, a, a_stride, m, pre, first, out))
-        }
+        Kernel::Neon(k) => k.dotprod().is_some_and(|d| d.dot_packed(ops, out)),
     }
 }
 
@@ -177,7 +163,7 @@ pub(crate) fn quantize_row(dtype: GgmlType, x: &[f32], out: &mut [u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pack::ActScalars;
+    use super::super::pack::{ActScalars, PackedOperands};
     use super::super::{kquant, legacy, GgmlType};
     use half::f16;
 
@@ -322,11 +308,7 @@ mod tests {
     /// partial last tile, random and edge-value quants and scales; a row's
     /// result must not depend on how many activation rows or tiles share the
     /// call. Short tiles and other rows' scalars must be refused.
-    fn packed_tiles_match(
-        r: &mut Rng,
-        isa: &str,
-        dot: impl Fn(GgmlType, &[u8], usize, &[u8], usize, usize, &ActScalars, usize, &mut [[f32; 8]]) -> bool,
-    ) {
+    fn packed_tiles_match(r: &mut Rng, isa: &str, dot: impl Fn(&PackedOperands<'_>, &mut [[f32; 8]]) -> bool) {
         for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
             let tbb = 8 * ty.block_bytes();
             for nb in [1, 2, 3, 7, 18, 48] {
@@ -349,15 +331,25 @@ mod tests {
                             a[i * stride..i * stride + ab].copy_from_slice(act);
                         }
                         let pre = ActScalars::new(ty, nb, acts.len(), &a, stride);
+                        let all = PackedOperands {
+                            dtype: ty,
+                            tiles: &packed,
+                            nb,
+                            a: &a,
+                            a_stride: stride,
+                            m: 1,
+                            pre: &pre,
+                            first: 0,
+                        };
                         let mut alone = vec![[f32::NAN; 8]; 1];
                         for m in 1..=super::MAX_ACT {
                             let mut out = vec![[f32::NAN; 8]; ntiles * m];
-                            assert!(dot(ty, &packed, nb, &a, stride, m, &pre, 0, &mut out));
+                            assert!(dot(&PackedOperands { m, ..all }, &mut out));
                             for (ti, tile) in packed.chunks_exact(8 * rb).enumerate() {
                                 for i in 0..m {
                                     let lanes = out[ti * m + i];
                                     let ai = &a[i * stride..];
-                                    assert!(dot(ty, tile, nb, ai, stride, 1, &pre, i, &mut alone));
+                                    assert!(dot(&PackedOperands { tiles: tile, a: ai, first: i, ..all }, &mut alone));
                                     for (rr, got) in lanes.iter().enumerate().filter(|(rr, _)| ti * 8 + rr < rows) {
                                         let wr = &w[(ti * 8 + rr) * rb..][..rb];
                                         let want = reference(ty, wr, &acts[i]);
@@ -370,10 +362,10 @@ mod tests {
                         }
                         let mut short = [[0.0f32; 8]; 1];
                         let cut = &packed[..nb * tbb - 1];
-                        assert!(!dot(ty, cut, nb, &a, stride, 1, &pre, 0, &mut short));
+                        assert!(!dot(&PackedOperands { tiles: cut, ..all }, &mut short));
                         // Scalars of other rows, block counts or types are refused.
                         let few = ActScalars::new(ty, nb, 1, &a, stride);
-                        assert!(!dot(ty, &packed, nb, &a, stride, 2, &few, 0, &mut vec![[0.0; 8]; 2 * ntiles]));
+                        assert!(!dot(&PackedOperands { m: 2, pre: &few, ..all }, &mut vec![[0.0; 8]; 2 * ntiles]));
                     }
                 }
             }
@@ -431,9 +423,7 @@ mod tests {
                 eprintln!("skipping: CPU lacks dotprod");
                 return;
             };
-            packed_tiles_match(&mut Rng(99), "neon", |ty, tiles, nb, a, stride, m, pre, first, out| {
-                d.dot_packed(ty, tiles, nb, a, stride, m, pre, first, out)
-            });
+            packed_tiles_match(&mut Rng(99), "neon", |ops, out| d.dot_packed(ops, out));
         }
     }
 
@@ -484,9 +474,7 @@ mod tests {
             let mut r = Rng(99);
             for t in Avx2::all() {
                 eprintln!("packed kernels: {}", t.isa().name());
-                packed_tiles_match(&mut r, t.isa().name(), |ty, tiles, nb, a, stride, m, pre, first, out| {
-                    t.dot_packed(ty, tiles, nb, a, stride, m, pre, first, out)
-                });
+                packed_tiles_match(&mut r, t.isa().name(), |ops, out| t.dot_packed(ops, out));
             }
         }
 
@@ -575,7 +563,17 @@ mod tests {
                         let start = std::time::Instant::now();
                         for _ in 0..iters {
                             for tiles in packed.chunks_exact(tb) {
-                                t.dot_packed(ty, tiles, nb, &a, ab, m, &pre, 0, &mut out);
+                                let ops = PackedOperands {
+                                    dtype: ty,
+                                    tiles,
+                                    nb,
+                                    a: &a,
+                                    a_stride: ab,
+                                    m,
+                                    pre: &pre,
+                                    first: 0,
+                                };
+                                t.dot_packed(&ops, &mut out);
                             }
                         }
                         let s = start.elapsed().as_secs_f64();

@@ -42,7 +42,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{ActScalars, Job};
+use super::super::pack::{Job, PackedOperands};
 use super::super::GgmlType;
 
 /// Activation rows one kernel pass keeps in registers: four rows' integer
@@ -65,27 +65,12 @@ impl DotProd {
         }
     }
 
-    /// Runs the packed kernel for `dtype` over the `tiles.len() / (nb * 8 *
-    /// block)` whole tiles in `tiles` and `m` (1..=8) activation rows
-    /// `a_stride` bytes apart: `out[t * m + i][r]` is row `r` of tile `t`
-    /// times activation `i`. `pre` holds the activations' scalars from row
-    /// `first` on (the row `a` starts at). Returns `false` (nothing written)
-    /// for other types or operands too short: the contract of x86's
-    /// `dot_packed`, checked by the same [`Job::passes`].
-    #[allow(clippy::too_many_arguments)] // The kernel's operands.
-    pub(crate) fn dot_packed(
-        self,
-        dtype: GgmlType,
-        tiles: &[u8],
-        nb: usize,
-        a: &[u8],
-        a_stride: usize,
-        m: usize,
-        pre: &ActScalars,
-        first: usize,
-        out: &mut [[f32; 8]],
-    ) -> bool {
-        Job::passes(dtype, tiles, nb, a, a_stride, m, pre, first, out, PASS_ROWS, |job, k| {
+    /// Runs the packed kernels on `ops` (the contract of `quant::dot_packed`);
+    /// `false`, with nothing written, for other types or operands too short
+    /// (checked by [`Job::passes`], as on x86).
+    pub(crate) fn dot_packed(self, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+        let dtype = ops.dtype;
+        Job::passes(ops, out, PASS_ROWS, |job, k| {
             // SAFETY: `Job::passes` checked the operands of `job` for `k`
             // rows; `self` proves the CPU has `dotprod`.
             unsafe {

@@ -20,11 +20,11 @@ use std::arch::x86_64::*;
 
 use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::ActScalars;
+use super::super::pack::PackedOperands;
 use super::super::GgmlType;
 use super::x86_packed::{self, DotIsa};
 use super::x86_quantize;
-use super::{MAX_ACT, ROW_TILE};
+use super::ROW_TILE;
 
 /// Proof that the CPU supports AVX2 and F16C (and `isa`, which the packed
 /// kernels use); only [`Avx2::detect`] and [`Avx2::all`] make one.
@@ -97,30 +97,11 @@ impl Avx2 {
         true
     }
 
-    /// Dot products of the eight rows of each packed tile (see
-    /// `quant::pack`) in `tiles` (whole tiles of `nb` blocks) with `m`
-    /// (1..=[`MAX_ACT`]) activation rows that start `a_stride` bytes apart in
-    /// `a`: `out[t * m + i][r]` is row `r` of tile `t` times activation row
-    /// `i`, bit-identical to the single-row reference. `pre` holds the
-    /// activations' scalars (see `quant::pack::ActScalars`) from row `first`,
-    /// the row `a` starts at.
-    ///
-    /// Returns `false` (nothing written) for types without a packed kernel or
-    /// operands too short.
-    #[allow(clippy::too_many_arguments)] // The kernel's operands, checked in `x86_packed`.
-    pub(crate) fn dot_packed(
-        self,
-        dtype: GgmlType,
-        tiles: &[u8],
-        nb: usize,
-        a: &[u8],
-        a_stride: usize,
-        m: usize,
-        pre: &ActScalars,
-        first: usize,
-        out: &mut [[f32; 8]],
-    ) -> bool {
-        m <= MAX_ACT && x86_packed::dot_packed(self.isa, dtype, tiles, nb, a, a_stride, m, pre, first, out)
+    /// `quant::dot_packed` with this CPU's best packed kernels (see
+    /// `x86_packed`); `false`, with nothing written, for types without one
+    /// or operands too short.
+    pub(crate) fn dot_packed(self, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+        x86_packed::dot_packed(self.isa, ops, out)
     }
 
     /// The instruction set of the packed kernels.

@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{ActScalars, Job};
+use super::super::pack::{Job, PackedOperands};
 use super::super::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
@@ -92,27 +92,13 @@ impl DotIsa {
     }
 }
 
-/// Runs the packed kernel of `isa` for `dtype` over the `tiles.len() / (nb *
-/// 8 * block)` whole tiles in `tiles` and `m` (1..=8) activation rows
-/// `a_stride` bytes apart: `out[t * m + i][r]` is row `r` of tile `t` times
-/// activation `i`. `pre` holds the activations' scalars from row `first`
-/// on (the row `a` starts at). Returns `false` (nothing written) for other
-/// types or operands too short (checked by [`Job::passes`]).
-#[allow(clippy::too_many_arguments)] // The kernel's operands.
-pub(crate) fn dot_packed(
-    isa: DotIsa,
-    dtype: GgmlType,
-    tiles: &[u8],
-    nb: usize,
-    a: &[u8],
-    a_stride: usize,
-    m: usize,
-    pre: &ActScalars,
-    first: usize,
-    out: &mut [[f32; 8]],
-) -> bool {
+/// Runs the packed kernels of `isa` on `ops` (the contract of
+/// `quant::dot_packed`); `false`, with nothing written, for other types or
+/// operands too short (checked by [`Job::passes`]).
+pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+    let dtype = ops.dtype;
     let tbb = 8 * dtype.block_bytes();
-    Job::passes(dtype, tiles, nb, a, a_stride, m, pre, first, out, isa.max_rows(dtype), |job, k| {
+    Job::passes(ops, out, isa.max_rows(dtype), |job, k| {
         // SAFETY: `Job::passes` checked the operands of `job` for `k` rows.
         // The target features are enabled because the caller's `isa` came
         // from `DotIsa::available` on this CPU.
