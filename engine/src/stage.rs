@@ -98,6 +98,9 @@ pub struct Stage {
     embed: Option<Matrix>,
     blocks: Vec<Block>,
     head: Option<Head>,
+    /// The last call's buffers, reused by the next: fresh ones cost page
+    /// faults and zeroing on every step.
+    scratch: std::sync::Mutex<Scratch>,
 }
 
 impl Stage {
@@ -122,7 +125,7 @@ impl Stage {
         } else {
             None
         };
-        Ok(Self { config: c, range, embed, blocks, head })
+        Ok(Self { config: c, range, embed, blocks, head, scratch: std::sync::Mutex::default() })
     }
 
     /// The model's shape.
@@ -189,10 +192,12 @@ impl Stage {
             _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
         };
         cache.reserve(&growth)?;
-        let mut scratch = Scratch::new(c, n);
+        let mut scratch = self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        scratch.fit(c, n);
         for (local, block) in self.blocks.iter().enumerate() {
             block.forward(c, local, rows, &mut x, cache, &mut scratch, pool);
         }
+        drop(scratch);
         for (&session, &tokens) in &growth {
             cache.commit(session, tokens);
         }
@@ -265,7 +270,9 @@ impl Stage {
     }
 }
 
-/// Buffers reused across the blocks of one forward call.
+/// Buffers reused across the blocks of one forward call, and across calls.
+/// Every block overwrites what it reads back, so stale contents never leak.
+#[derive(Debug, Default)]
 struct Scratch {
     h: Vec<f32>,
     q: Vec<f32>,
@@ -280,17 +287,19 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(c: &ModelConfig, n: usize) -> Self {
-        Self {
-            h: vec![0.0; n * c.hidden],
-            q: vec![0.0; n * c.q_dim()],
-            k: vec![0.0; n * c.kv_dim()],
-            v: vec![0.0; n * c.kv_dim()],
-            attn: vec![0.0; n * c.q_dim()],
-            proj: vec![0.0; n * c.hidden],
-            gate: vec![0.0; n * c.ffn],
-            up: vec![0.0; n * c.ffn],
-            scores: Vec::new(),
+    /// Sizes every buffer for `n` rows (keeping capacity from earlier calls).
+    fn fit(&mut self, c: &ModelConfig, n: usize) {
+        for (buf, width) in [
+            (&mut self.h, c.hidden),
+            (&mut self.q, c.q_dim()),
+            (&mut self.k, c.kv_dim()),
+            (&mut self.v, c.kv_dim()),
+            (&mut self.attn, c.q_dim()),
+            (&mut self.proj, c.hidden),
+            (&mut self.gate, c.ffn),
+            (&mut self.up, c.ffn),
+        ] {
+            buf.resize(n * width, 0.0);
         }
     }
 }

@@ -110,7 +110,7 @@ impl Matrix {
         // Quantize first, rows split across the pool; the lazily filled
         // cache itself is only touched on this thread (it is not `Sync`).
         for m in mats {
-            x.quantize_on(m.dtype.vec_dot_type(), pool);
+            x.prepare_on(m.dtype, m.packed, pool);
         }
         let jobs: Vec<(&Matrix, &[u8], Option<&quant::ActScalars>, SharedOut)> = mats
             .iter()
@@ -251,7 +251,7 @@ unsafe impl Sync for SharedOut {}
 
 /// Quantized rows written by several threads, one row each.
 struct SharedBytes(*mut u8);
-// SAFETY: see `Activations::quantize_rows`: each row is written by one thread.
+// SAFETY: see `Activations::prepare_on`: each row is written by one thread.
 unsafe impl Sync for SharedBytes {}
 
 /// A batch of activation rows and, lazily, their quantized forms.
@@ -290,50 +290,100 @@ impl<'a> Activations<'a> {
     /// The packed kernels' scalars of these rows for `dtype` weights (Q4_1
     /// or Q8_0, the types that pack), decoded once per batch.
     fn scalars(&self, dtype: GgmlType) -> &quant::ActScalars {
-        let ty = dtype.vec_dot_type();
-        let cell = if ty == GgmlType::Q8_1 { &self.pre_q8_1 } else { &self.pre_q8_0 };
-        cell.get_or_init(|| {
+        self.pre_cell(dtype).get_or_init(|| {
+            let ty = dtype.vec_dot_type();
             let rb = ty.row_bytes(self.dim).unwrap_or(0);
             quant::act_scalars(dtype, self.dim / ty.block_len(), self.n, self.quantized(ty), rb)
         })
     }
 
-    fn quantized(&self, ty: GgmlType) -> &[u8] {
-        self.quantize_rows(ty, |n, f| f(0..n))
+    fn pre_cell(&self, dtype: GgmlType) -> &OnceCell<quant::ActScalars> {
+        if dtype.vec_dot_type() == GgmlType::Q8_1 {
+            &self.pre_q8_1
+        } else {
+            &self.pre_q8_0
+        }
     }
 
-    /// Fills the `ty` cache (if empty) with rows quantized across `pool`.
-    fn quantize_on(&self, ty: GgmlType, pool: &ComputePool) {
+    fn q_cell(&self, ty: GgmlType) -> Option<&OnceCell<Vec<u8>>> {
+        match ty {
+            GgmlType::Q8_0 => Some(&self.q8_0),
+            GgmlType::Q8_1 => Some(&self.q8_1),
+            GgmlType::Q8_K => Some(&self.q8_k),
+            _ => None,
+        }
+    }
+
+    fn quantized(&self, ty: GgmlType) -> &[u8] {
+        match self.q_cell(ty) {
+            Some(cell) => cell.get_or_init(|| {
+                let rb = ty.row_bytes(self.dim).unwrap_or(0);
+                let mut q = vec![0u8; rb * self.n];
+                for (x, o) in self.x.chunks_exact(self.dim.max(1)).zip(q.chunks_exact_mut(rb.max(1))) {
+                    quant::quantize_row_into(ty, x, o);
+                }
+                q
+            }),
+            None => &[],
+        }
+    }
+
+    /// Makes what a matmul with `dtype` weights reads, in one pool job with
+    /// rows split across the threads: the rows quantized to the partner
+    /// type, and for `packed` weights the kernels' scalars, decoded from
+    /// each row as it is made. Either is skipped when an earlier matrix of
+    /// the group made it.
+    fn prepare_on(&self, dtype: GgmlType, packed: bool, pool: &ComputePool) {
         /// Fewer rows are quantized on the calling thread.
         const MIN_PARALLEL_ROWS: usize = 4;
-        self.quantize_rows(ty, |n, f| pool.rows(n, MIN_PARALLEL_ROWS, f));
-    }
-
-    /// The `ty` cache, filled if empty by `each(n, f)`, which must call
-    /// `f` once over every row index in disjoint ranges.
-    fn quantize_rows(&self, ty: GgmlType, each: impl FnOnce(usize, &(dyn Fn(std::ops::Range<usize>) + Sync))) -> &[u8] {
-        let cell = match ty {
-            GgmlType::Q8_0 => &self.q8_0,
-            GgmlType::Q8_1 => &self.q8_1,
-            GgmlType::Q8_K => &self.q8_k,
-            _ => return &[],
-        };
-        cell.get_or_init(|| {
-            let rb = ty.row_bytes(self.dim).unwrap_or(0);
-            let mut q = vec![0u8; rb * self.n];
-            let out = SharedBytes(q.as_mut_ptr());
-            let (x, dim) = (self.x, self.dim);
-            each(self.n, &|rows| {
-                let out = &out;
-                for i in rows {
-                    // SAFETY: `i < n`, so bytes `i * rb..(i + 1) * rb` lie in `q`, which
-                    // outlives `each`; callers hand each row to one call only.
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * rb), rb) };
-                    quant::quantize_row_into(ty, &x[i * dim..(i + 1) * dim], o);
+        let ty = dtype.vec_dot_type();
+        let Some(q_cell) = self.q_cell(ty) else { return };
+        let pre_cell = self.pre_cell(dtype);
+        let quantize = q_cell.get().is_none();
+        let decode = packed && pre_cell.get().is_none();
+        if !quantize && !decode {
+            return;
+        }
+        let (rb, nb, dim) = (ty.row_bytes(self.dim).unwrap_or(0), self.dim / ty.block_len(), self.dim);
+        let mut fresh = if quantize { vec![0u8; rb * self.n] } else { Vec::new() };
+        // The rows are read back (to decode scalars) where they are written,
+        // or from the filled cache, which is never written here.
+        let q_rows = SharedBytes(if quantize {
+            fresh.as_mut_ptr()
+        } else {
+            q_cell.get().map_or(std::ptr::null_mut(), |q| q.as_ptr().cast_mut())
+        });
+        let (mut d, mut x) =
+            if decode { (vec![0.0f32; nb * self.n], vec![0u32; nb * self.n]) } else { (Vec::new(), Vec::new()) };
+        let (d_out, x_out) = (SharedOut(d.as_mut_ptr()), SharedBytes(x.as_mut_ptr().cast()));
+        let xs = self.x;
+        pool.rows(self.n, MIN_PARALLEL_ROWS, &|rows| {
+            let (q_rows, d_out, x_out) = (&q_rows, &d_out, &x_out);
+            for i in rows {
+                // SAFETY: `i < n`: row `i`'s bytes lie in `fresh` (or the
+                // filled cache) and its `nb` scalars in `d` and `x`, all of
+                // which outlive `pool.rows`; each row goes to one call only,
+                // so the written ranges are disjoint.
+                unsafe {
+                    if quantize {
+                        let o = std::slice::from_raw_parts_mut(q_rows.0.add(i * rb), rb);
+                        quant::quantize_row_into(ty, &xs[i * dim..(i + 1) * dim], o);
+                    }
+                    if decode {
+                        let row = std::slice::from_raw_parts(q_rows.0.add(i * rb), rb);
+                        let d = std::slice::from_raw_parts_mut(d_out.0.add(i * nb), nb);
+                        let x = std::slice::from_raw_parts_mut(x_out.0.cast::<u32>().add(i * nb), nb);
+                        quant::ActScalars::decode_row(dtype, row, d, x);
+                    }
                 }
-            });
-            q
-        })
+            }
+        });
+        if decode {
+            let _ = pre_cell.set(quant::ActScalars::from_parts(dtype, nb, d, x));
+        }
+        if quantize {
+            let _ = q_cell.set(fresh);
+        }
     }
 }
 

@@ -129,24 +129,35 @@ impl ActScalars {
     /// Scalars of `n` activation rows of `nb` blocks, `a_stride` bytes apart,
     /// quantized for `dtype` weights (`dtype.vec_dot_type()`).
     pub(crate) fn new(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> Self {
-        let mut d = Vec::with_capacity(n * nb);
-        let mut x = Vec::with_capacity(n * nb);
-        for i in 0..n {
-            let row = &a[i * a_stride..];
-            for b in 0..nb {
-                if dtype == GgmlType::Q4_1 {
-                    let y = &row[b * Q8_1_BYTES..];
-                    d.push(f16_at(y, 0));
-                    x.push(f16_at(y, 2).to_bits());
-                } else {
-                    let y = &row[b * Q8_0_BYTES..];
-                    d.push(f16_at(y, 0));
-                    let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
-                    x.push((128 * s) as u32); // Two's complement bits, read back as i32.
-                }
-            }
+        let (mut d, mut x) = (vec![0.0; n * nb], vec![0; n * nb]);
+        for (i, (d, x)) in d.chunks_exact_mut(nb.max(1)).zip(x.chunks_exact_mut(nb.max(1))).enumerate() {
+            Self::decode_row(dtype, &a[i * a_stride..], d, x);
         }
         Self { dtype, nb, d, x }
+    }
+
+    /// Scalars already decoded row by row with [`ActScalars::decode_row`]
+    /// (`d` and `x` hold `nb` entries per row).
+    pub(crate) fn from_parts(dtype: GgmlType, nb: usize, d: Vec<f32>, x: Vec<u32>) -> Self {
+        Self { dtype, nb, d, x }
+    }
+
+    /// One activation row's scalars into `d` and `x` (one entry per block):
+    /// the quantizing threads decode each row as they make it, rather than
+    /// one thread decoding the batch afterwards.
+    pub(crate) fn decode_row(dtype: GgmlType, row: &[u8], d: &mut [f32], x: &mut [u32]) {
+        for (b, (d, x)) in d.iter_mut().zip(x.iter_mut()).enumerate() {
+            if dtype == GgmlType::Q4_1 {
+                let y = &row[b * Q8_1_BYTES..];
+                *d = f16_at(y, 0);
+                *x = f16_at(y, 2).to_bits();
+            } else {
+                let y = &row[b * Q8_0_BYTES..];
+                *d = f16_at(y, 0);
+                let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
+                *x = (128 * s) as u32; // Two's complement bits, read back as i32.
+            }
+        }
     }
 
     /// Whether these are scalars of at least `rows` rows of `nb` blocks for `dtype` weights.
