@@ -82,6 +82,14 @@ impl LocalPipeline {
         Err(EngineError::InvalidBatch("the pipeline has no last stage".into()))
     }
 
+    /// Hands logits from [`LocalPipeline::forward`] back once read, so the
+    /// next step reuses their buffer (see [`Stage::recycle`]).
+    pub fn recycle(&self, logits: Logits) {
+        if let Some((stage, _)) = self.stages.last() {
+            stage.recycle(logits);
+        }
+    }
+
     /// Frees a session on every stage.
     pub fn release(&mut self, session: SessionId) {
         for (_, cache) in &mut self.stages {
@@ -107,6 +115,7 @@ impl LocalPipeline {
             if !logits.rows.is_empty() {
                 last = logits.row(0).to_vec();
             }
+            self.recycle(logits);
         }
         if last.is_empty() {
             return Err(EngineError::InvalidBatch("empty prompt".into()));
@@ -141,7 +150,9 @@ impl LocalPipeline {
                 break;
             }
             let row = Row { session, position: history.len() - 1, logits: true };
-            logits = self.forward(&[row], &[s.token])?.row(0).to_vec();
+            let step = self.forward(&[row], &[s.token])?;
+            logits = step.row(0).to_vec();
+            self.recycle(step);
         }
         Ok(out)
     }

@@ -101,6 +101,10 @@ pub struct Stage {
     /// The last call's buffers, reused by the next: fresh ones cost page
     /// faults and zeroing on every step.
     scratch: std::sync::Mutex<Scratch>,
+    /// A logits buffer handed back by [`Stage::recycle`]: at batch 16 a
+    /// fresh one is 3 MB to zero (and fault in) on the calling thread while
+    /// the others wait.
+    spare_logits: std::sync::Mutex<Vec<f32>>,
 }
 
 impl Stage {
@@ -125,7 +129,15 @@ impl Stage {
         } else {
             None
         };
-        Ok(Self { config: c, range, embed, blocks, head, scratch: std::sync::Mutex::default() })
+        Ok(Self {
+            config: c,
+            range,
+            embed,
+            blocks,
+            head,
+            scratch: std::sync::Mutex::default(),
+            spare_logits: std::sync::Mutex::default(),
+        })
     }
 
     /// The model's shape.
@@ -192,7 +204,7 @@ impl Stage {
             _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
         };
         cache.reserve(&growth)?;
-        let mut scratch = self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut scratch = lock(&self.scratch);
         scratch.fit(c, n);
         for (local, block) in self.blocks.iter().enumerate() {
             block.forward(c, local, rows, &mut x, cache, &mut scratch, pool);
@@ -211,10 +223,23 @@ impl Stage {
                 }
                 let mut normed = vec![0.0; h.len()];
                 rms_norm(&h, &head.norm, c.rms_eps, &mut normed);
-                let mut data = vec![0.0; picked.len() * c.vocab];
+                // Every element is written by the matmul, so a recycled
+                // buffer's old values need no zeroing (`resize` only zeroes
+                // growth).
+                let mut data = std::mem::take(&mut *lock(&self.spare_logits));
+                data.resize(picked.len() * c.vocab, 0.0);
                 head.lm_head.matmul(&Activations::new(&normed, picked.len(), c.hidden), &mut data, pool);
                 Ok(StageOutput::Logits(Logits { rows: picked, vocab: c.vocab, data }))
             }
+        }
+    }
+
+    /// Hands a [`Logits`] from [`Stage::forward`] back once it has been
+    /// read, so the next call reuses its buffer.
+    pub fn recycle(&self, logits: Logits) {
+        let mut spare = lock(&self.spare_logits);
+        if logits.data.capacity() > spare.capacity() {
+            *spare = logits.data;
         }
     }
 
@@ -445,6 +470,12 @@ impl Block {
             }
         });
     }
+}
+
+/// The guarded value, whether or not another holder panicked: the buffers
+/// it guards are fully rewritten before any read.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The next run of attention units for a thread, or `None` when all are taken.

@@ -22,7 +22,10 @@ fn run_alone(pipe: &mut LocalPipeline, s: SessionId, prompt: &[u32], chunk: usiz
     let mut out = vec![pipe.prefill(s, prompt, chunk).expect("prefill")];
     for k in 0..steps {
         let row = Row { session: s, position: prompt.len() + k, logits: true };
-        out.push(pipe.forward(&[row], &[next_token(s, k)]).expect("decode").row(0).to_vec());
+        let logits = pipe.forward(&[row], &[next_token(s, k)]).expect("decode");
+        out.push(logits.row(0).to_vec());
+        // The next step reuses this buffer: stale values must never show.
+        pipe.recycle(logits);
     }
     out
 }
@@ -52,8 +55,12 @@ fn eight_sessions_decoded_together_equal_each_alone() {
             })
             .collect();
 
-        // All prompts in ONE batch, then every session decodes in one batch.
+        // All prompts in ONE batch, then every session decodes in one batch,
+        // on a pipeline whose buffers (scratch, logits, a released session's
+        // cache) hold another session's values.
         let mut pipe = load(&file, 1, 2);
+        run_alone(&mut pipe, SessionId(100), &prompt(100, 50), 64, 2);
+        pipe.release(SessionId(100));
         let (mut rows, mut toks) = (Vec::new(), Vec::new());
         for (i, &len) in lens.iter().enumerate() {
             for (p, t) in prompt(i as u64, len).into_iter().enumerate() {
@@ -65,6 +72,7 @@ fn eight_sessions_decoded_together_equal_each_alone() {
         for (i, a) in alone.iter().enumerate() {
             assert_eq!(bits(first.row(i)), bits(&a[0]), "{dtype:?} session {i} prefill");
         }
+        pipe.recycle(first);
         for k in 0..steps {
             let rows: Vec<Row> = lens
                 .iter()
@@ -76,6 +84,7 @@ fn eight_sessions_decoded_together_equal_each_alone() {
             for (i, a) in alone.iter().enumerate() {
                 assert_eq!(bits(step.row(i)), bits(&a[k + 1]), "{dtype:?} session {i} step {k}");
             }
+            pipe.recycle(step);
         }
     }
 }

@@ -182,7 +182,8 @@ impl EngineBench {
                         let rows: Vec<Row> =
                             sessions.iter().map(|&s| Row { session: s, position: 16 + step, logits: true }).collect();
                         let ids: Vec<u32> = (0..batch).map(|b| token(step * 31 + b, vocab)).collect();
-                        pipe.forward(&rows, &ids)?;
+                        let logits = pipe.forward(&rows, &ids)?;
+                        pipe.recycle(logits);
                     }
                     Ok(())
                 })?);

@@ -249,7 +249,11 @@ fn forward(
                 batch,
             })
         }
-        StageOutput::Logits(logits) => sample(&mut s.samplers, &batch, &logits),
+        StageOutput::Logits(logits) => {
+            let outcome = sample(&mut s.samplers, &batch, &logits);
+            l.stage.recycle(logits);
+            outcome
+        }
     }
 }
 
