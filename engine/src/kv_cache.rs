@@ -127,6 +127,24 @@ impl KvCache {
         Ok(())
     }
 
+    /// Moves `sessions` (those present) into a cache of their own, so one
+    /// thread can run them while others run the rest. Their bytes stay
+    /// counted here; [`KvCache::absorb`] moves them back.
+    pub(crate) fn split_off(&mut self, sessions: impl IntoIterator<Item = SessionId>) -> KvCache {
+        let mut own = KvCache::new(self.layers, self.kv_dim, 0);
+        for id in sessions {
+            if let Some(s) = self.sessions.remove(&id) {
+                own.sessions.insert(id, s);
+            }
+        }
+        own
+    }
+
+    /// Takes back the sessions of a cache made by [`KvCache::split_off`].
+    pub(crate) fn absorb(&mut self, own: KvCache) {
+        self.sessions.extend(own.sessions);
+    }
+
     /// Appends one token's key and value for `layer` of `session`.
     pub(crate) fn push(&mut self, layer: usize, session: SessionId, k: &[f32], v: &[f32]) {
         if let Some(s) = self.sessions.get_mut(&session) {

@@ -99,8 +99,11 @@ pub struct Stage {
     blocks: Vec<Block>,
     head: Option<Head>,
     /// The last call's buffers, reused by the next: fresh ones cost page
-    /// faults and zeroing on every step.
-    scratch: std::sync::Mutex<Scratch>,
+    /// faults and zeroing on every step. One set per row group (see
+    /// [`row_groups`]).
+    scratch: std::sync::Mutex<Vec<Scratch>>,
+    /// The single-thread pool a row group runs its layers on.
+    serial: ComputePool,
     /// A logits buffer handed back by [`Stage::recycle`]: at batch 16 a
     /// fresh one is 3 MB to zero (and fault in) on the calling thread while
     /// the others wait.
@@ -136,6 +139,7 @@ impl Stage {
             blocks,
             head,
             scratch: std::sync::Mutex::default(),
+            serial: ComputePool::new(1),
             spare_logits: std::sync::Mutex::default(),
         })
     }
@@ -204,12 +208,17 @@ impl Stage {
             _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
         };
         cache.reserve(&growth)?;
-        let mut scratch = lock(&self.scratch);
-        scratch.fit(c, n);
-        for (local, block) in self.blocks.iter().enumerate() {
-            block.forward(c, local, rows, &mut x, cache, &mut scratch, pool);
+        match row_groups(rows, pool.threads()) {
+            Some(groups) => self.layers_by_row_group(rows, &groups, &mut x, cache, pool),
+            None => {
+                let mut scratch = lock(&self.scratch);
+                scratch.resize_with(1, Scratch::default);
+                scratch[0].fit(c, n);
+                for (local, block) in self.blocks.iter().enumerate() {
+                    block.forward(c, local, rows, &mut x, cache, &mut scratch[0], pool);
+                }
+            }
         }
-        drop(scratch);
         for (&session, &tokens) in &growth {
             cache.commit(session, tokens);
         }
@@ -231,6 +240,44 @@ impl Stage {
                 head.lm_head.matmul(&Activations::new(&normed, picked.len(), c.hidden), &mut data, pool);
                 Ok(StageOutput::Logits(Logits { rows: picked, vocab: c.vocab, data }))
             }
+        }
+    }
+
+    /// Runs the layers with each thread of `pool` taking one row group
+    /// through all of them on its own (see [`row_groups`]); each group's
+    /// sessions move to a cache of their own meanwhile.
+    fn layers_by_row_group(
+        &self,
+        rows: &[Row],
+        groups: &[Range<usize>],
+        x: &mut [f32],
+        cache: &mut KvCache,
+        pool: &ComputePool,
+    ) {
+        let c = &self.config;
+        let mut scratch = lock(&self.scratch);
+        scratch.resize_with(groups.len(), Scratch::default);
+        let mut xs = x;
+        let mut parts = Vec::with_capacity(groups.len());
+        for (g, s) in groups.iter().zip(scratch.iter_mut()) {
+            let (mine, rest) = std::mem::take(&mut xs).split_at_mut(g.len() * c.hidden);
+            xs = rest;
+            let rows = &rows[g.clone()];
+            s.fit(c, rows.len());
+            let own = cache.split_off(rows.iter().map(|r| r.session));
+            parts.push(std::sync::Mutex::new((rows, mine, own, s)));
+        }
+        pool.run(&|part| {
+            let Some(group) = parts.get(part) else { return };
+            let mut group = lock(group);
+            let (rows, x, cache, s) = &mut *group;
+            for (local, block) in self.blocks.iter().enumerate() {
+                block.forward(c, local, rows, x, cache, s, &self.serial);
+            }
+        });
+        for part in parts {
+            let (_, _, own, _) = part.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache.absorb(own);
         }
     }
 
@@ -472,6 +519,54 @@ impl Block {
     }
 }
 
+/// Rows each thread must get before a batch is cut into row groups.
+const MIN_GROUP_ROWS: usize = 4;
+
+/// Contiguous row ranges, one per thread, cut between sessions, when the
+/// batch is worth cutting; `None` keeps the whole batch together.
+///
+/// Why: with a row group per thread, each thread runs every layer for its
+/// rows alone (one pass of up to eight rows over each weight matrix, and
+/// the attention of its own sessions) with no hand-off between the
+/// matmuls, norms and attention of a layer, and one thread's attention,
+/// bound by memory, overlaps another's matmuls, bound by arithmetic.
+/// Measured here at batch 16 and 2 threads: two single-thread processes
+/// of 8 rows each decoded 1.6× as fast as one process splitting every
+/// matmul. Small batches stay whole: there each thread reading all the
+/// weights costs more than the hand-offs.
+///
+/// A session's rows must stay in one group (later rows attend to the
+/// cache entries of earlier ones), so every session's rows must be
+/// consecutive; groups may differ by a quarter of their mean at most.
+/// Which thread computes a row cannot change its values.
+fn row_groups(rows: &[Row], threads: usize) -> Option<Vec<Range<usize>>> {
+    let n = rows.len();
+    if threads < 2 || n < threads * MIN_GROUP_ROWS {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut groups: Vec<Range<usize>> = Vec::with_capacity(threads);
+    let mut start = 0;
+    for i in 0..n {
+        let s = rows[i].session;
+        if i > 0 && rows[i - 1].session == s {
+            continue;
+        }
+        if !seen.insert(s) {
+            return None;
+        }
+        // A session starts at row i: close the group here if it has reached its share.
+        if i > start && i * threads >= (groups.len() + 1) * n && groups.len() + 1 < threads {
+            groups.push(start..i);
+            start = i;
+        }
+    }
+    groups.push(start..n);
+    let most = groups.iter().map(Range::len).max().unwrap_or(0);
+    let least = groups.iter().map(Range::len).min().unwrap_or(0);
+    (groups.len() == threads && least >= MIN_GROUP_ROWS && 4 * most * threads <= 5 * n).then_some(groups)
+}
+
 /// The guarded value, whether or not another holder panicked: the buffers
 /// it guards are fully rewritten before any read.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -518,5 +613,30 @@ fn add_bias(x: &mut [f32], bias: &[f32]) {
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(sessions: &[u64]) -> Vec<Row> {
+        sessions.iter().map(|&s| Row { session: SessionId(s), position: 0, logits: true }).collect()
+    }
+
+    #[test]
+    fn row_groups_cut_between_sessions_evenly_or_not_at_all() {
+        let decode: Vec<u64> = (0..16).collect();
+        assert_eq!(row_groups(&batch(&decode), 2), Some(vec![0..8, 8..16]));
+        assert_eq!(row_groups(&batch(&decode), 3), Some(vec![0..6, 6..11, 11..16]));
+        assert_eq!(row_groups(&batch(&decode), 1), None, "one thread");
+        assert_eq!(row_groups(&batch(&decode[..7]), 2), None, "fewer than four rows a thread");
+        // Sessions of several rows stay whole.
+        let runs = [1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 4];
+        assert_eq!(row_groups(&batch(&runs), 2), Some(vec![0..6, 6..12]));
+        // A session whose rows are not consecutive keeps the batch whole.
+        assert_eq!(row_groups(&batch(&[1, 2, 3, 4, 5, 6, 7, 1]), 2), None);
+        // So does one that would leave the groups too uneven.
+        assert_eq!(row_groups(&batch(&[1, 1, 1, 1, 1, 1, 1, 2, 3, 4]), 2), None);
     }
 }
