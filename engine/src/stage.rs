@@ -208,14 +208,28 @@ impl Stage {
             _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
         };
         cache.reserve(&growth)?;
+        let picked: Vec<usize> = match self.head {
+            Some(_) => (0..n).filter(|&i| rows[i].logits).collect(),
+            None => Vec::new(),
+        };
+        // Every element is written by the head's matmul, so a recycled
+        // buffer's old values need no zeroing (`resize` only zeroes growth).
+        let mut data = match self.head {
+            Some(_) => std::mem::take(&mut *lock(&self.spare_logits)),
+            None => Vec::new(),
+        };
+        data.resize(picked.len() * c.vocab, 0.0);
         match row_groups(rows, pool.threads()) {
-            Some(groups) => self.layers_by_row_group(rows, &groups, &mut x, cache, pool),
+            Some(groups) => self.by_row_group(rows, &groups, &mut x, &mut data, cache, pool),
             None => {
                 let mut scratch = lock(&self.scratch);
                 scratch.resize_with(1, Scratch::default);
                 scratch[0].fit(c, n);
                 for (local, block) in self.blocks.iter().enumerate() {
                     block.forward(c, local, rows, &mut x, cache, &mut scratch[0], pool);
+                }
+                if let Some(head) = &self.head {
+                    head.logits_into(c, &x, &picked, &mut data, pool);
                 }
             }
         }
@@ -224,60 +238,55 @@ impl Stage {
         }
         match &self.head {
             None => Ok(StageOutput::Hidden(Hidden { rows: n, dim: c.hidden, data: x })),
-            Some(head) => {
-                let picked: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
-                let mut h = Vec::with_capacity(picked.len() * c.hidden);
-                for &i in &picked {
-                    h.extend_from_slice(&x[i * c.hidden..(i + 1) * c.hidden]);
-                }
-                let mut normed = vec![0.0; h.len()];
-                rms_norm(&h, &head.norm, c.rms_eps, &mut normed);
-                // Every element is written by the matmul, so a recycled
-                // buffer's old values need no zeroing (`resize` only zeroes
-                // growth).
-                let mut data = std::mem::take(&mut *lock(&self.spare_logits));
-                data.resize(picked.len() * c.vocab, 0.0);
-                head.lm_head.matmul(&Activations::new(&normed, picked.len(), c.hidden), &mut data, pool);
-                Ok(StageOutput::Logits(Logits { rows: picked, vocab: c.vocab, data }))
-            }
+            Some(_) => Ok(StageOutput::Logits(Logits { rows: picked, vocab: c.vocab, data })),
         }
     }
 
-    /// Runs the layers with each thread of `pool` taking one row group
+    /// Runs the layers, and the head's logits into `logits` when this is
+    /// the last stage, with each thread of `pool` taking one row group
     /// through all of them on its own (see [`row_groups`]); each group's
     /// sessions move to a cache of their own meanwhile.
-    fn layers_by_row_group(
+    fn by_row_group(
         &self,
         rows: &[Row],
         groups: &[Range<usize>],
         x: &mut [f32],
+        logits: &mut [f32],
         cache: &mut KvCache,
         pool: &ComputePool,
     ) {
         let c = &self.config;
         let mut scratch = lock(&self.scratch);
         scratch.resize_with(groups.len(), Scratch::default);
-        let mut xs = x;
+        let (mut xs, mut ls) = (x, logits);
         let mut parts = Vec::with_capacity(groups.len());
         for (g, s) in groups.iter().zip(scratch.iter_mut()) {
-            let (mine, rest) = std::mem::take(&mut xs).split_at_mut(g.len() * c.hidden);
-            xs = rest;
             let rows = &rows[g.clone()];
+            // This group's rows of `x`, and its rows' logits, which follow
+            // the previous group's (logits rows keep the batch's order).
+            let picked: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].logits).collect();
+            let (x, rest) = std::mem::take(&mut xs).split_at_mut(rows.len() * c.hidden);
+            xs = rest;
+            let (l, rest) =
+                std::mem::take(&mut ls).split_at_mut(if self.head.is_some() { picked.len() * c.vocab } else { 0 });
+            ls = rest;
             s.fit(c, rows.len());
             let own = cache.split_off(rows.iter().map(|r| r.session));
-            parts.push(std::sync::Mutex::new((rows, mine, own, s)));
+            parts.push(std::sync::Mutex::new(Group { rows, picked, x, logits: l, cache: own, scratch: s }));
         }
         pool.run(&|part| {
             let Some(group) = parts.get(part) else { return };
             let mut group = lock(group);
-            let (rows, x, cache, s) = &mut *group;
+            let g = &mut *group;
             for (local, block) in self.blocks.iter().enumerate() {
-                block.forward(c, local, rows, x, cache, s, &self.serial);
+                block.forward(c, local, g.rows, g.x, &mut g.cache, g.scratch, &self.serial);
+            }
+            if let Some(head) = &self.head {
+                head.logits_into(c, g.x, &g.picked, g.logits, &self.serial);
             }
         });
         for part in parts {
-            let (_, _, own, _) = part.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.absorb(own);
+            cache.absorb(part.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).cache);
         }
     }
 
@@ -339,6 +348,33 @@ impl Stage {
             *expected += 1;
         }
         Ok(next.into_iter().map(|(s, end)| (s, end - cache.len(s))).collect())
+    }
+}
+
+/// One row group's share of a forward call (see [`row_groups`]).
+struct Group<'a> {
+    rows: &'a [Row],
+    /// Indices in `rows` of the rows that want logits.
+    picked: Vec<usize>,
+    x: &'a mut [f32],
+    logits: &'a mut [f32],
+    cache: KvCache,
+    scratch: &'a mut Scratch,
+}
+
+impl Head {
+    /// The logits of rows `picked` of `x` into `out` (`picked.len() × vocab`).
+    fn logits_into(&self, c: &ModelConfig, x: &[f32], picked: &[usize], out: &mut [f32], pool: &ComputePool) {
+        if picked.is_empty() {
+            return;
+        }
+        let mut h = Vec::with_capacity(picked.len() * c.hidden);
+        for &i in picked {
+            h.extend_from_slice(&x[i * c.hidden..(i + 1) * c.hidden]);
+        }
+        let mut normed = vec![0.0; h.len()];
+        rms_norm(&h, &self.norm, c.rms_eps, &mut normed);
+        self.lm_head.matmul(&Activations::new(&normed, picked.len(), c.hidden), out, pool);
     }
 }
 
