@@ -118,7 +118,9 @@ impl Matrix {
             .map(|(m, out)| {
                 debug_assert_eq!(x.dim, m.cols);
                 debug_assert_eq!(out.len(), x.n * m.rows);
-                let pre = m.packed.then(|| x.scalars(m.dtype));
+                // `prepare_on` above decoded them for every packed matrix.
+                let pre = if m.packed { x.scalars(m.dtype) } else { None };
+                debug_assert_eq!(pre.is_some(), m.packed);
                 (*m, x.quantized(m.dtype.vec_dot_type()), pre, SharedOut(out.as_mut_ptr()))
             })
             .collect();
@@ -288,13 +290,10 @@ impl<'a> Activations<'a> {
     }
 
     /// The packed kernels' scalars of these rows for `dtype` weights (Q4_1
-    /// or Q8_0, the types that pack), decoded once per batch.
-    fn scalars(&self, dtype: GgmlType) -> &quant::ActScalars {
-        self.pre_cell(dtype).get_or_init(|| {
-            let ty = dtype.vec_dot_type();
-            let rb = ty.row_bytes(self.dim).unwrap_or(0);
-            quant::act_scalars(dtype, self.dim / ty.block_len(), self.n, self.quantized(ty), rb)
-        })
+    /// or Q8_0, the types that pack), once [`Activations::prepare_on`] has
+    /// decoded them.
+    fn scalars(&self, dtype: GgmlType) -> Option<&quant::ActScalars> {
+        self.pre_cell(dtype).get()
     }
 
     fn pre_cell(&self, dtype: GgmlType) -> &OnceCell<quant::ActScalars> {
@@ -314,18 +313,11 @@ impl<'a> Activations<'a> {
         }
     }
 
+    /// These rows quantized to `ty`, once [`Activations::prepare_on`] has
+    /// made them; empty for types that are not quantized (float weights
+    /// read the f32 rows).
     fn quantized(&self, ty: GgmlType) -> &[u8] {
-        match self.q_cell(ty) {
-            Some(cell) => cell.get_or_init(|| {
-                let rb = ty.row_bytes(self.dim).unwrap_or(0);
-                let mut q = vec![0u8; rb * self.n];
-                for (x, o) in self.x.chunks_exact(self.dim.max(1)).zip(q.chunks_exact_mut(rb.max(1))) {
-                    quant::quantize_row_into(ty, x, o);
-                }
-                q
-            }),
-            None => &[],
-        }
+        self.q_cell(ty).and_then(OnceCell::get).map_or(&[], Vec::as_slice)
     }
 
     /// Makes what a matmul with `dtype` weights reads, in one pool job with

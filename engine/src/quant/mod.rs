@@ -236,13 +236,6 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
 
 pub use pack::{ActScalars, PackedOperands};
 
-/// Decodes the per-block scalars of `n` quantized activation rows (`a_stride`
-/// bytes apart, `nb` blocks each) that the packed kernels for `dtype` weights
-/// broadcast, once per matmul.
-pub fn act_scalars(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> ActScalars {
-    ActScalars::new(dtype, nb, n, a, a_stride)
-}
-
 /// Rows per packed weight tile (see [`pack_matrix`]).
 pub const TILE: usize = pack::TILE;
 

@@ -127,7 +127,10 @@ pub struct ActScalars {
 
 impl ActScalars {
     /// Scalars of `n` activation rows of `nb` blocks, `a_stride` bytes apart,
-    /// quantized for `dtype` weights (`dtype.vec_dot_type()`).
+    /// quantized for `dtype` weights (`dtype.vec_dot_type()`), decoded at
+    /// once: the tests' way. The engine decodes row by row as it quantizes
+    /// (`Activations::prepare_on`, with [`ActScalars::decode_row`]).
+    #[cfg(test)]
     pub(crate) fn new(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> Self {
         let (mut d, mut x) = (vec![0.0; n * nb], vec![0; n * nb]);
         for (i, (d, x)) in d.chunks_exact_mut(nb.max(1)).zip(x.chunks_exact_mut(nb.max(1))).enumerate() {
