@@ -208,29 +208,19 @@ impl Stage {
             _ => return Err(EngineError::InvalidBatch("input kind does not match the stage".into())),
         };
         cache.reserve(&growth)?;
-        let picked: Vec<usize> = match self.head {
-            Some(_) => (0..n).filter(|&i| rows[i].logits).collect(),
-            None => Vec::new(),
-        };
+        let picked = self.picked(rows);
         // Every element is written by the head's matmul, so a recycled
         // buffer's old values need no zeroing (`resize` only zeroes growth).
-        let mut data = match self.head {
-            Some(_) => std::mem::take(&mut *lock(&self.spare_logits)),
-            None => Vec::new(),
-        };
+        let mut data = if picked.is_empty() { Vec::new() } else { std::mem::take(&mut *lock(&self.spare_logits)) };
         data.resize(picked.len() * c.vocab, 0.0);
         match row_groups(rows, pool.threads()) {
             Some(groups) => self.by_row_group(rows, &groups, &mut x, &mut data, cache, pool),
             None => {
                 let mut scratch = lock(&self.scratch);
                 scratch.resize_with(1, Scratch::default);
-                scratch[0].fit(c, n);
-                for (local, block) in self.blocks.iter().enumerate() {
-                    block.forward(c, local, rows, &mut x, cache, &mut scratch[0], pool);
-                }
-                if let Some(head) = &self.head {
-                    head.logits_into(c, &x, &picked, &mut data, pool);
-                }
+                let whole =
+                    Group { rows, picked: &picked, x: &mut x, logits: &mut data, cache, scratch: &mut scratch[0] };
+                self.run(whole, pool);
             }
         }
         for (&session, &tokens) in &growth {
@@ -259,34 +249,52 @@ impl Stage {
         let mut scratch = lock(&self.scratch);
         scratch.resize_with(groups.len(), Scratch::default);
         let (mut xs, mut ls) = (x, logits);
-        let mut parts = Vec::with_capacity(groups.len());
-        for (g, s) in groups.iter().zip(scratch.iter_mut()) {
+        // Each group's sessions move to a cache of their own for the run.
+        let mut owns: Vec<KvCache> =
+            groups.iter().map(|g| cache.split_off(rows[g.clone()].iter().map(|r| r.session))).collect();
+        let picks: Vec<Vec<usize>> = groups.iter().map(|g| self.picked(&rows[g.clone()])).collect();
+        let mut parts: Vec<std::sync::Mutex<Option<Group<'_>>>> = Vec::with_capacity(groups.len());
+        for (((g, s), own), picked) in groups.iter().zip(scratch.iter_mut()).zip(owns.iter_mut()).zip(&picks) {
             let rows = &rows[g.clone()];
             // This group's rows of `x`, and its rows' logits, which follow
             // the previous group's (logits rows keep the batch's order).
-            let picked: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].logits).collect();
             let (x, rest) = std::mem::take(&mut xs).split_at_mut(rows.len() * c.hidden);
             xs = rest;
-            let (l, rest) =
-                std::mem::take(&mut ls).split_at_mut(if self.head.is_some() { picked.len() * c.vocab } else { 0 });
+            let (logits, rest) = std::mem::take(&mut ls).split_at_mut(picked.len() * c.vocab);
             ls = rest;
-            s.fit(c, rows.len());
-            let own = cache.split_off(rows.iter().map(|r| r.session));
-            parts.push(std::sync::Mutex::new(Group { rows, picked, x, logits: l, cache: own, scratch: s }));
+            parts.push(std::sync::Mutex::new(Some(Group { rows, picked, x, logits, cache: own, scratch: s })));
         }
         pool.run(&|part| {
-            let Some(group) = parts.get(part) else { return };
-            let mut group = lock(group);
-            let g = &mut *group;
-            for (local, block) in self.blocks.iter().enumerate() {
-                block.forward(c, local, g.rows, g.x, &mut g.cache, g.scratch, &self.serial);
-            }
-            if let Some(head) = &self.head {
-                head.logits_into(c, g.x, &g.picked, g.logits, &self.serial);
+            if let Some(group) = parts.get(part).and_then(|g| lock(g).take()) {
+                self.run(group, &self.serial);
             }
         });
-        for part in parts {
-            cache.absorb(part.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).cache);
+        drop(parts);
+        for own in owns {
+            cache.absorb(own);
+        }
+    }
+
+    /// Runs `g`'s rows through every layer, then the head's logits when
+    /// this is the last stage: the whole batch on the shared pool, or one
+    /// row group on its thread's own.
+    fn run(&self, g: Group<'_>, pool: &ComputePool) {
+        let c = &self.config;
+        g.scratch.fit(c, g.rows.len());
+        for (local, block) in self.blocks.iter().enumerate() {
+            block.forward(c, local, g.rows, g.x, g.cache, g.scratch, pool);
+        }
+        if let Some(head) = &self.head {
+            head.logits_into(c, g.x, g.picked, g.logits, pool);
+        }
+    }
+
+    /// Indices in `rows` of the rows whose logits this stage returns (none
+    /// before the last stage).
+    fn picked(&self, rows: &[Row]) -> Vec<usize> {
+        match self.head {
+            Some(_) => (0..rows.len()).filter(|&i| rows[i].logits).collect(),
+            None => Vec::new(),
         }
     }
 
@@ -351,14 +359,15 @@ impl Stage {
     }
 }
 
-/// One row group's share of a forward call (see [`row_groups`]).
+/// What one run of the layers works on: the whole batch, or one row
+/// group (see [`row_groups`]) with its sessions' own cache.
 struct Group<'a> {
     rows: &'a [Row],
-    /// Indices in `rows` of the rows that want logits.
-    picked: Vec<usize>,
+    /// Indices in `rows` of the rows whose logits are returned.
+    picked: &'a [usize],
     x: &'a mut [f32],
     logits: &'a mut [f32],
-    cache: KvCache,
+    cache: &'a mut KvCache,
     scratch: &'a mut Scratch,
 }
 
@@ -603,8 +612,8 @@ fn row_groups(rows: &[Row], threads: usize) -> Option<Vec<Range<usize>>> {
     (groups.len() == threads && least >= MIN_GROUP_ROWS && 4 * most * threads <= 5 * n).then_some(groups)
 }
 
-/// The guarded value, whether or not another holder panicked: the buffers
-/// it guards are fully rewritten before any read.
+/// The guarded value, whether or not another holder panicked: buffers are
+/// fully rewritten before any read, and a row group is taken whole.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
