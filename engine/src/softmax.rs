@@ -66,11 +66,6 @@ fn max(a: f32, b: f32) -> f32 {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn softmax(scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512 F (with AVX2, which every AVX-512 CPU has) was detected.
-        return unsafe { x86::softmax_wide(scores) };
-    }
-    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was detected on this CPU.
         return unsafe { x86::softmax(scores) };
@@ -143,6 +138,16 @@ mod x86 {
     #[allow(clippy::cast_possible_truncation)] // The f64 sum is narrowed on purpose.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn softmax(scores: &mut [f32]) -> f32 {
+        // SAFETY: forwarded.
+        (1.0 / unsafe { exp_sum(scores) }) as f32
+    }
+
+    /// `super::exp_sum_scalar` on AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exp_sum(scores: &mut [f32]) -> f64 {
         let full = scores.len() / 8 * 8;
         let p = scores.as_mut_ptr();
         let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -177,105 +182,7 @@ mod x86 {
             scores[t] = exp(scores[t] - top);
             sum[t % 8] += f64::from(scores[t]);
         }
-        (1.0 / crate::lanes::tree8(sum)) as f32
-    }
-
-    /// [`softmax`] on 512-bit registers (see `super::x86_wide`).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F.
-    #[allow(clippy::cast_possible_truncation)] // The f64 sum is narrowed on purpose.
-    #[target_feature(enable = "avx2,avx512f")]
-    pub(super) unsafe fn softmax_wide(scores: &mut [f32]) -> f32 {
-        // SAFETY: forwarded.
-        (1.0 / unsafe { exp_sum_wide(scores) }) as f32
-    }
-
-    /// `super::exp_sum_scalar` on 512-bit registers.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F.
-    #[target_feature(enable = "avx2,avx512f")]
-    pub(super) unsafe fn exp_sum_wide(scores: &mut [f32]) -> f64 {
-        let full = scores.len() / 16 * 16;
-        let p = scores.as_mut_ptr();
-        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in (0..full).step_by(16) {
-            // SAFETY: `c + 16 <= full <= len`.
-            mv = _mm512_max_ps(unsafe { _mm512_loadu_ps(p.add(c)) }, mv);
-        }
-        // Lane l of the reference's maxima is the max of lanes l and l + 8
-        // here (max is exact, so the order cannot matter, up to the sign of
-        // a zero maximum, which leaves `s - top` unchanged).
-        let mut m = [0.0f32; 16];
-        // SAFETY: `m` holds sixteen floats.
-        unsafe { _mm512_storeu_ps(m.as_mut_ptr(), mv) };
-        let mut m8: [f32; 8] = std::array::from_fn(|l| max(m[l + 8], m[l]));
-        for t in full..scores.len() {
-            m8[t % 8] = max(scores[t], m8[t % 8]);
-        }
-        let top = max(max(max(m8[0], m8[4]), max(m8[1], m8[5])), max(max(m8[2], m8[6]), max(m8[3], m8[7])));
-        let mut sum = _mm512_setzero_pd();
-        for c in (0..full).step_by(16) {
-            // SAFETY: as above.
-            unsafe {
-                let e = super::x86_wide::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), _mm512_set1_ps(top)));
-                _mm512_storeu_ps(p.add(c), e);
-                sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-                sum = _mm512_add_pd(
-                    sum,
-                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)))),
-                );
-            }
-        }
-        let mut lanes = [0.0f64; 8];
-        // SAFETY: `lanes` holds eight f64s.
-        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), sum) };
-        for t in full..scores.len() {
-            scores[t] = exp(scores[t] - top);
-            lanes[t % 8] += f64::from(scores[t]);
-        }
-        crate::lanes::tree8(lanes)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86_wide {
-    //! [`super::softmax`] on 512-bit registers: sixteen scores per
-    //! instruction where the AVX2 form takes eight, a quarter of the time of
-    //! attention's softmax at 80 tokens. Every lane repeats the scalar
-    //! operations, and the f64 sums keep their eight lanes: each register's
-    //! low eight scores are added before its high eight, the reference's
-    //! order for lanes `t % 8`.
-
-    use std::arch::x86_64::*;
-
-    use super::{C, HI, LN2_HI, LN2_LO, LO, LOG2E, SHIFT, SHIFT_BITS};
-
-    /// [`super::exp`] on sixteen lanes, operation for operation.
-    #[inline]
-    #[target_feature(enable = "avx2,avx512f")]
-    pub(super) fn exp16(x: __m512) -> __m512 {
-        // As in `exp8`: `max_ps(a, b)` is `a > b ? a : b`, `min_ps` likewise.
-        let x = _mm512_max_ps(_mm512_set1_ps(LO), x);
-        let x = _mm512_min_ps(_mm512_set1_ps(HI), x);
-        let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(SHIFT));
-        let n = _mm512_sub_ps(t, _mm512_set1_ps(SHIFT));
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
-            _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
-        );
-        let mut p = _mm512_set1_ps(C[0]);
-        for &c in &C[1..] {
-            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-        }
-        let one = _mm512_set1_ps(1.0);
-        p = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(p, r), one), r), one);
-        let e = _mm512_add_epi32(
-            _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(SHIFT_BITS)),
-            _mm512_set1_epi32(127),
-        );
-        _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e)))
+        crate::lanes::tree8(sum)
     }
 }
 
@@ -324,29 +231,16 @@ mod tests {
             }
             let mut b = a.clone();
             #[cfg(target_arch = "x86_64")]
-            let mut c = a.clone();
-            let inv_a = softmax(&mut a);
-            let inv_b = softmax_scalar(&mut b);
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx2") {
                 // The f64 sums before narrowing: an order change can hide in
                 // the f32 result, not here.
-                let (mut w, mut r) = (c.clone(), c.clone());
-                // SAFETY: AVX-512 F was detected.
-                let wide = unsafe { x86::exp_sum_wide(&mut w) };
-                assert_eq!(wide.to_bits(), exp_sum_scalar(&mut r).to_bits(), "n={n}, f64 sum");
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // The AVX2 form too, where `softmax` took the 512-bit one.
+                let (mut w, mut r) = (a.clone(), a.clone());
                 // SAFETY: AVX2 was detected.
-                let inv_c = unsafe { x86::softmax(&mut c) };
-                assert_eq!(inv_c.to_bits(), inv_b.to_bits(), "n={n}, AVX2");
-                assert_eq!(
-                    c.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                    b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                );
+                let simd = unsafe { x86::exp_sum(&mut w) };
+                assert_eq!(simd.to_bits(), exp_sum_scalar(&mut r).to_bits(), "n={n}, f64 sum");
             }
+            let inv_a = softmax(&mut a);
+            let inv_b = softmax_scalar(&mut b);
             assert_eq!(inv_a.to_bits(), inv_b.to_bits(), "n={n}");
             assert_eq!(
                 a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
