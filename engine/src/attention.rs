@@ -2,6 +2,16 @@
 //!
 //! Each (row, head) is computed on its own with a fixed summation order, so
 //! a row's output never depends on the batch it came in.
+//!
+//! The cache holds f16 keys and values (`kv_cache::KvElem`). Queries and
+//! the softmax's weights are rounded to f16 before they meet them, as in
+//! llama.cpp's CPU path: the product of two f16 values is exact in f32, so
+//! every multiply here is exact and only the adds round.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::kv_cache::KvElem;
 
 #[cfg(target_arch = "x86_64")]
 mod wide;
@@ -17,19 +27,39 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Rounds every element to the nearest f16 (ties to even), kept as f32:
+/// what a query is before it meets the cached keys.
+pub(crate) fn round_to_f16(x: &mut [f32]) {
+    let mut h = [f16::ZERO; 64];
+    for c in x.chunks_mut(64) {
+        let h = &mut h[..c.len()];
+        h.convert_from_f32_slice(c);
+        h.convert_to_f32_slice(c);
+    }
+}
+
+/// Softmax numerators times `inv`, then rounded to f16: the weights that
+/// meet the cached values. One rule for every build, so all agree.
+fn round_weights(scores: &mut [f32], inv: f32) {
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+    round_to_f16(scores);
+}
+
 /// Dot product with a fixed order: eight lanes, then a fixed tree.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[KvElem]) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].to_f32();
         }
     }
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[l] += x * y;
+        acc[l] += x * y.to_f32();
     }
     crate::lanes::tree8(acc)
 }
@@ -38,7 +68,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// operations in `dot`'s order (so it is bit-identical); the `K` independent
 /// chains let the CPU overlap their latencies, which one `dot` cannot.
 #[inline(always)]
-fn dots<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
+fn dots<const K: usize>(a: &[f32], b: [&[KvElem]; K]) -> [f32; K] {
     let n = b.iter().fold(a.len(), |n, v| n.min(v.len()));
     let full = n / 8 * 8;
     let mut acc = [[0.0f32; 8]; K];
@@ -47,13 +77,13 @@ fn dots<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
         for (k, bk) in b.iter().enumerate() {
             let y = &bk[c..c + 8];
             for l in 0..8 {
-                acc[k][l] += x[l] * y[l];
+                acc[k][l] += x[l] * y[l].to_f32();
             }
         }
     }
     for (k, bk) in b.iter().enumerate() {
         for l in 0..n - full {
-            acc[k][l] += a[full + l] * bk[full + l];
+            acc[k][l] += a[full + l] * bk[full + l].to_f32();
         }
     }
     acc.map(crate::lanes::tree8)
@@ -63,9 +93,9 @@ fn dots<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
 #[derive(Debug, Clone, Copy)]
 pub struct Visible<'a> {
     /// Cached keys, `tokens × kv_dim` or more.
-    pub keys: &'a [f32],
+    pub keys: &'a [KvElem],
     /// Cached values, same layout.
-    pub values: &'a [f32],
+    pub values: &'a [KvElem],
     /// How many leading cached tokens the row attends to (its position + 1).
     pub tokens: usize,
 }
@@ -80,8 +110,8 @@ pub struct Visible<'a> {
 /// bit-identical to the baseline build.
 pub fn attend_head(shape: AttnShape, head: usize, q: &[f32], seen: Visible<'_>, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected on this CPU.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C were detected on this CPU.
         unsafe { attend_head_avx2(shape, head, q, seen, scores, out) };
         return;
     }
@@ -92,36 +122,36 @@ pub fn attend_head(shape: AttnShape, head: usize, q: &[f32], seen: Visible<'_>, 
 /// and the AVX2 build share one body.
 trait HeadKernels {
     /// `dot(a, b[k])` for eight keys.
-    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8];
+    fn dots8(a: &[f32], b: [&[KvElem]; 8]) -> [f32; 8];
     /// `crate::softmax::softmax_scalar`.
     fn softmax(scores: &mut [f32]) -> f32;
     /// [`weigh_values`].
-    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]);
+    fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]);
 }
 
 /// The reference kernels.
 struct Portable;
 
 impl HeadKernels for Portable {
-    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+    fn dots8(a: &[f32], b: [&[KvElem]; 8]) -> [f32; 8] {
         dots(a, b)
     }
     fn softmax(scores: &mut [f32]) -> f32 {
         crate::softmax::softmax_scalar(scores)
     }
-    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
-        weigh_values(scores, inv, values, stride, out);
+    fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
+        weigh_values(weights, values, stride, out);
     }
 }
 
-/// The AVX2 kernels; only used where AVX2 was detected.
+/// The AVX2 kernels; only used where AVX2 and F16C were detected.
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl HeadKernels for Avx2 {
     #[inline(always)]
-    fn dots8(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
+    fn dots8(a: &[f32], b: [&[KvElem]; 8]) -> [f32; 8] {
         // SAFETY: `Avx2` is used only inside `attend_head_avx2`, after detection.
         unsafe { dots_avx2(a, b) }
     }
@@ -130,15 +160,15 @@ impl HeadKernels for Avx2 {
         crate::softmax::softmax(scores)
     }
     #[inline(always)]
-    fn weigh(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+    fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
         // SAFETY: as above.
-        unsafe { weigh_values_avx2(scores, inv, values, stride, out) }
+        unsafe { weigh_values_avx2(weights, values, stride, out) }
     }
 }
 
 /// [`attend_head`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_head_avx2(
     shape: AttnShape,
     head: usize,
@@ -150,16 +180,15 @@ unsafe fn attend_head_avx2(
     attend_head_body::<Avx2>(shape, head, q, seen, scores, out);
 }
 
-/// `out[o] = Σ_t (scores[t] * inv) * values[t * stride + o]`, summed in `t`
+/// `out[o] = Σ_t weights[t] * values[t * stride + o]`, summed in `t`
 /// order from zero, one output element at a time: the reference the SIMD
 /// form repeats.
-fn weigh_values(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+fn weigh_values(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
     out.fill(0.0);
-    for (t, &s) in scores.iter().enumerate() {
-        let w = s * inv;
+    for (t, &w) in weights.iter().enumerate() {
         let v = &values[t * stride..][..out.len()];
         for (o, &x) in out.iter_mut().zip(v) {
-            *o += w * x;
+            *o += w * x.to_f32();
         }
     }
 }
@@ -171,22 +200,24 @@ fn weigh_values(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &m
 /// previous one's stores: a third of batch-16 decode time.)
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn weigh_values_avx2(scores: &[f32], inv: f32, values: &[f32], stride: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn weigh_values_avx2(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let hd = out.len();
-    assert!(scores.is_empty() || values.len() >= (scores.len() - 1) * stride + hd, "values too short");
+    assert!(weights.is_empty() || values.len() >= (weights.len() - 1) * stride + hd, "values too short");
     /// One pass over every token for `R` registers of outputs from `c`.
     #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn pass<const R: usize>(scores: &[f32], inv: f32, values: &[f32], stride: usize, c: usize, out: &mut [f32]) {
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn pass<const R: usize>(weights: &[f32], values: &[KvElem], stride: usize, c: usize, out: &mut [f32]) {
         let mut acc = [_mm256_setzero_ps(); R];
-        for (t, &s) in scores.iter().enumerate() {
-            let w = _mm256_set1_ps(s * inv);
+        for (t, &w) in weights.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
             // SAFETY: the caller checked `values` holds `out.len()` after every `t * stride`, and `c + 8R <= out.len()`.
             let v = unsafe { values.as_ptr().add(t * stride + c) };
             for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(w, unsafe { _mm256_loadu_ps(v.add(8 * r)) }));
+                // Eight f16s widened exactly to f32.
+                let x = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.add(8 * r).cast()) });
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(w, x));
             }
         }
         for (r, a) in acc.iter().enumerate() {
@@ -195,17 +226,17 @@ unsafe fn weigh_values_avx2(scores: &[f32], inv: f32, values: &[f32], stride: us
         }
     }
     let mut c = 0;
-    // SAFETY (every pass): AVX2 is enabled, and each pass stays below `hd`.
+    // SAFETY (every pass): AVX2 and F16C are enabled, and each pass stays below `hd`.
     while c + 64 <= hd {
-        unsafe { pass::<8>(scores, inv, values, stride, c, out) };
+        unsafe { pass::<8>(weights, values, stride, c, out) };
         c += 64;
     }
     while c + 8 <= hd {
-        unsafe { pass::<1>(scores, inv, values, stride, c, out) };
+        unsafe { pass::<1>(weights, values, stride, c, out) };
         c += 8;
     }
     if c < hd {
-        weigh_values(scores, inv, &values[c..], stride, &mut out[c..]);
+        weigh_values(weights, &values[c..], stride, &mut out[c..]);
     }
 }
 
@@ -215,8 +246,8 @@ unsafe fn weigh_values_avx2(scores: &[f32], inv: f32, values: &[f32], stride: us
 /// (The autovectoriser turned the portable form into shuffles.)
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[KvElem]; K]) -> [f32; K] {
     use std::arch::x86_64::*;
     let n = b.iter().fold(a.len(), |n, v| n.min(v.len()));
     let full = n / 8 * 8;
@@ -226,7 +257,8 @@ unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
         unsafe {
             let x = _mm256_loadu_ps(a.as_ptr().add(c));
             for (k, bk) in b.iter().enumerate() {
-                acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(x, _mm256_loadu_ps(bk.as_ptr().add(c))));
+                let y = _mm256_cvtph_ps(_mm_loadu_si128(bk.as_ptr().add(c).cast()));
+                acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(x, y));
             }
         }
     }
@@ -243,7 +275,7 @@ unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[f32]; K]) -> [f32; K] {
         // SAFETY: `lanes` holds eight f32s.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k]) };
         for l in 0..n - full {
-            lanes[l] += a[full + l] * b[k][full + l];
+            lanes[l] += a[full + l] * b[k][full + l].to_f32();
         }
         crate::lanes::tree8(lanes)
     })
@@ -282,7 +314,8 @@ fn attend_head_body<K: HeadKernels>(
     let (hd, kv_dim) = (shape.head_dim, shape.kv_heads * shape.head_dim);
     let kvh = head / (shape.heads / shape.kv_heads);
     let inv = score_head::<K>(shape, head, q, seen, scores);
-    K::weigh(&scores[..seen.tokens], inv, &seen.values[kvh * hd..], kv_dim, &mut out[..hd]);
+    round_weights(&mut scores[..seen.tokens], inv);
+    K::weigh(&scores[..seen.tokens], &seen.values[kvh * hd..], kv_dim, &mut out[..hd]);
 }
 
 /// One head's scaled scores against the cache in `scores[..tokens]`,
@@ -335,9 +368,10 @@ pub fn attend_group(
     if hd == 64
         && (1..=4).contains(&g)
         && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("f16c")
         && std::arch::is_x86_feature_detected!("avx512f")
     {
-        // SAFETY: AVX2 and AVX-512 F were detected on this CPU.
+        // SAFETY: AVX2, F16C and AVX-512 F were detected on this CPU.
         unsafe { wide::attend_group(shape, kv_head, q, seen, scores, out) };
         return;
     }
@@ -357,6 +391,11 @@ pub fn attend_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `x` rounded to f16, as the cache holds it.
+    fn h(x: &[f32]) -> Vec<KvElem> {
+        x.iter().map(|&v| f16::from_f32(v)).collect()
+    }
 
     /// Values in `[-scale/2, scale/2)` from a fixed LCG, `n` at a time.
     #[allow(clippy::cast_precision_loss)]
@@ -381,7 +420,7 @@ mod tests {
             shape,
             1,
             &[1.0, 2.0],
-            Visible { keys: &[3.0, 4.0], values: &[5.0, 6.0], tokens: 1 },
+            Visible { keys: &h(&[3.0, 4.0]), values: &h(&[5.0, 6.0]), tokens: 1 },
             &mut scores,
             &mut out,
         );
@@ -393,7 +432,7 @@ mod tests {
         let mut v = noise(7, 10.0);
         for n in [1, 7, 8, 13, 64, 100] {
             let a = v(n);
-            let b: Vec<Vec<f32>> = (0..4).map(|_| v(n)).collect();
+            let b: Vec<Vec<KvElem>> = (0..4).map(|_| h(&v(n))).collect();
             let got = dots(&a, [&b[0][..], &b[1][..], &b[2][..], &b[3][..]]);
             for (g, bk) in got.iter().zip(&b) {
                 assert_eq!(g.to_bits(), dot(&a, bk).to_bits(), "n={n}");
@@ -404,7 +443,7 @@ mod tests {
                 let wide = unsafe { dots_avx2(&a, [&b[0][..], &b[1][..], &b[2][..], &b[3][..]]) };
                 assert_eq!(wide.map(f32::to_bits), got.map(f32::to_bits), "avx2 n={n}");
                 // Eight keys: the shuffled tree when `n` is a multiple of 8.
-                let b8: Vec<Vec<f32>> = (0..8).map(|_| v(n)).collect();
+                let b8: Vec<Vec<KvElem>> = (0..8).map(|_| h(&v(n))).collect();
                 let eight = unsafe { dots_avx2(&a, std::array::from_fn::<_, 8, _>(|k| &b8[k][..])) };
                 for (g, bk) in eight.iter().zip(&b8) {
                     assert_eq!(g.to_bits(), dot(&a, bk).to_bits(), "avx2 eight n={n}");
@@ -422,8 +461,8 @@ mod tests {
         for hd in [64, 84, 12] {
             let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: hd };
             for tokens in [1, 3, 4, 8, 17, 130] {
-                let keys = v(tokens * 2 * hd);
-                let values = v(tokens * 2 * hd);
+                let keys = h(&v(tokens * 2 * hd));
+                let values = h(&v(tokens * 2 * hd));
                 for head in [0, 4] {
                     let q = v(hd);
                     let seen = Visible { keys: &keys, values: &values, tokens };
@@ -447,8 +486,8 @@ mod tests {
             let shape = AttnShape { heads, kv_heads, head_dim: hd };
             let g = heads / kv_heads;
             for tokens in [1, 5, 8, 33, 100] {
-                let keys = v(tokens * kv_heads * hd);
-                let values = v(tokens * kv_heads * hd);
+                let keys = h(&v(tokens * kv_heads * hd));
+                let values = h(&v(tokens * kv_heads * hd));
                 let seen = Visible { keys: &keys, values: &values, tokens };
                 for kvh in 0..kv_heads {
                     let q = v(g * hd);
@@ -470,12 +509,44 @@ mod tests {
         }
     }
 
+    /// The softmax's weights meet the values as f16: with two tokens whose
+    /// weights are 1/3 and 2/3, the output is the f16-rounded weights'
+    /// combination, not the exact thirds'.
+    #[test]
+    fn weights_are_rounded_to_f16_before_the_values() {
+        let shape = AttnShape { heads: 1, kv_heads: 1, head_dim: 1 };
+        // Scores 0 and ln 2 (key 1, query ln 2, scale 1 at width 1): weights 1/3, 2/3.
+        let (keys, values) = (h(&[0.0, 1.0]), h(&[3.0, 3.0]));
+        let q = [f16::from_f32(std::f32::consts::LN_2).to_f32()];
+        let (mut scores, mut out) = ([0.0; 2], [0.0]);
+        attend_head(shape, 0, &q, Visible { keys: &keys, values: &values, tokens: 2 }, &mut scores, &mut out);
+        let w: Vec<f32> = scores.iter().map(|&s| f16::from_f32(s).to_f32()).collect();
+        assert_eq!(scores.to_vec(), w, "the weights left in `scores` are f16 values");
+        assert_eq!(out[0], w[0] * 3.0 + w[1] * 3.0);
+        assert!((out[0] - 3.0).abs() < 3e-3, "the weights still sum to about one: {}", out[0]);
+    }
+
+    #[test]
+    fn round_to_f16_rounds_ties_to_even_at_any_length() {
+        let tie = 1.0 + f32::powi(2.0, -11);
+        let above = 1.0 + f32::powi(2.0, -11) + f32::powi(2.0, -20);
+        for n in [1, 7, 64, 65, 130] {
+            let mut x: Vec<f32> = (0..n).map(|i| if i % 2 == 0 { tie } else { above }).collect();
+            round_to_f16(&mut x);
+            for (i, v) in x.iter().enumerate() {
+                let want = if i % 2 == 0 { 1.0 } else { 1.0 + f32::powi(2.0, -10) };
+                assert_eq!(*v, want, "n={n} i={i}");
+            }
+        }
+    }
+
     #[test]
     fn equal_keys_average_values() {
         let shape = AttnShape { heads: 1, kv_heads: 1, head_dim: 2 };
         let mut out = [0.0; 2];
         let mut scores = [0.0; 2];
-        let seen = Visible { keys: &[1.0, 0.0, 1.0, 0.0], values: &[2.0, 0.0, 4.0, 8.0], tokens: 2 };
+        let (keys, values) = (h(&[1.0, 0.0, 1.0, 0.0]), h(&[2.0, 0.0, 4.0, 8.0]));
+        let seen = Visible { keys: &keys, values: &values, tokens: 2 };
         attend_head(shape, 0, &[1.0, 1.0], seen, &mut scores, &mut out);
         assert_eq!(out, [3.0, 4.0]);
     }

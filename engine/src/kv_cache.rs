@@ -6,6 +6,9 @@
 
 use std::collections::HashMap;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::error::{EngineError, Result};
 
 /// Identifies one sequence across every stage of a pipeline.
@@ -21,12 +24,20 @@ impl std::fmt::Display for SessionId {
 /// Default budget: enough for a few long sessions of a small model.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
 
+/// One cached element. Keys and values are kept in f16, as llama.cpp's
+/// CPU path keeps them: batched decode spends much of its attention time
+/// waiting on the cache, and f16 halves what it reads. Queries and
+/// attention weights are rounded to f16 to meet them (see `attention`),
+/// which keeps the greedy text equal to llama.cpp's and the perplexity
+/// within 0.1% of it (`docs/benchmarks.md`).
+pub type KvElem = f16;
+
 #[derive(Debug, Default)]
 struct SessionKv {
     len: usize,
     /// Per local layer: `len × kv_dim` keys, then values.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<KvElem>>,
+    v: Vec<Vec<KvElem>>,
 }
 
 /// Keys and values of every session for a stage's layers.
@@ -40,7 +51,7 @@ pub struct KvCache {
     /// Emptied per-layer buffers of released sessions, kept for new ones:
     /// a fresh buffer grows by reallocation, copying and page faults on
     /// every doubling, about 2% of a batch-16 decode step here.
-    spare: Vec<Vec<f32>>,
+    spare: Vec<Vec<KvElem>>,
     /// Capacity of `spare`, in bytes.
     spare_bytes: usize,
 }
@@ -57,7 +68,7 @@ impl KvCache {
 
     /// Bytes one token costs across this cache's layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.layers * 2 * self.kv_dim * std::mem::size_of::<f32>()
+        self.layers * 2 * self.kv_dim * std::mem::size_of::<KvElem>()
     }
 
     /// Tokens cached for `session` (0 if unknown).
@@ -86,7 +97,7 @@ impl KvCache {
             Some(s) => {
                 self.used -= s.len * self.bytes_per_token();
                 for mut buf in s.k.into_iter().chain(s.v) {
-                    let bytes = buf.capacity() * std::mem::size_of::<f32>();
+                    let bytes = buf.capacity() * std::mem::size_of::<KvElem>();
                     if self.spare_bytes + bytes <= self.budget / SPARE_SHARE {
                         buf.clear();
                         self.spare_bytes += bytes;
@@ -112,7 +123,7 @@ impl KvCache {
             let s = self.sessions.entry(id).or_insert_with(|| {
                 let mut buffer = || {
                     let buf = self.spare.pop().unwrap_or_default();
-                    self.spare_bytes -= buf.capacity() * std::mem::size_of::<f32>();
+                    self.spare_bytes -= buf.capacity() * std::mem::size_of::<KvElem>();
                     buf
                 };
                 let k = (0..layers).map(|_| buffer()).collect();
@@ -145,11 +156,20 @@ impl KvCache {
         self.sessions.extend(own.sessions);
     }
 
-    /// Appends one token's key and value for `layer` of `session`.
+    /// Appends one token's key and value for `layer` of `session`,
+    /// rounded to the nearest f16 (ties to even).
     pub(crate) fn push(&mut self, layer: usize, session: SessionId, k: &[f32], v: &[f32]) {
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.k[layer].extend_from_slice(k);
-            s.v[layer].extend_from_slice(v);
+            // Converted through a small buffer: growing the cache by zeros
+            // first cost a memset as long as the conversion.
+            let mut h = [f16::ZERO; 64];
+            for (buf, x) in [(&mut s.k[layer], k), (&mut s.v[layer], v)] {
+                for c in x.chunks(64) {
+                    let h = &mut h[..c.len()];
+                    h.convert_from_f32_slice(c);
+                    buf.extend_from_slice(h);
+                }
+            }
         }
     }
 
@@ -161,7 +181,7 @@ impl KvCache {
     }
 
     /// Keys and values of `layer` for `session`, `tokens × kv_dim` each.
-    pub(crate) fn layer(&self, layer: usize, session: SessionId) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, layer: usize, session: SessionId) -> (&[KvElem], &[KvElem]) {
         self.sessions.get(&session).map_or((&[][..], &[][..]), |s| (&s.k[layer][..], &s.v[layer][..]))
     }
 }
@@ -197,16 +217,31 @@ mod tests {
         assert_eq!(cache.used_bytes(), 3 * cache.bytes_per_token());
         for layer in 0..2 {
             let (k, v) = cache.layer(layer, b);
-            assert_eq!(k, &[2.0; 12][..], "no key of the released session shows");
-            assert_eq!(v, &[2.0; 12][..]);
+            assert_eq!(k, &[f16::from_f32(2.0); 12][..], "no key of the released session shows");
+            assert_eq!(v, &[f16::from_f32(2.0); 12][..]);
         }
     }
 
     #[test]
+    fn entries_are_rounded_to_the_nearest_f16() {
+        let s = SessionId(9);
+        let mut cache = KvCache::new(1, 3, 1 << 20);
+        cache.reserve(&HashMap::from([(s, 1)])).expect("the test budget holds one token");
+        // 1 + 2^-11 is halfway between two f16s: ties go to the even one (1.0).
+        let tie = 1.0 + f32::powi(2.0, -11);
+        cache.push(0, s, &[tie, 0.1, -65_504.0], &[1e-8, 3.0, 70_000.0]);
+        let (k, v) = cache.layer(0, s);
+        assert_eq!(k.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [1.0, f16::from_f32(0.1).to_f32(), -65_504.0]);
+        assert_eq!(v[0].to_f32(), 0.0, "below f16's smallest subnormal");
+        assert_eq!(v[1].to_f32(), 3.0);
+        assert!(v[2].is_infinite(), "past f16's range");
+    }
+
+    #[test]
     fn kept_buffers_stay_within_an_eighth_of_the_budget() {
-        let mut cache = KvCache::new(1, 64, 64 * 64 * 4 * 16);
-        // Each session's two buffers hold 64 × 64 floats: 16 KiB each, and
-        // the budget's eighth (32 KiB) keeps two buffers.
+        let mut cache = KvCache::new(1, 64, 64 * 64 * 2 * 16);
+        // Each session's two buffers hold 64 × 64 f16s: 8 KiB each, and
+        // the budget's eighth (16 KiB) keeps two buffers.
         for s in 0..3 {
             grow(&mut cache, SessionId(s), 64, 0.5);
             cache.release(SessionId(s));

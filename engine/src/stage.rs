@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::activation::swiglu;
-use crate::attention::{attend_group, AttnShape, Visible};
+use crate::attention::{attend_group, round_to_f16, AttnShape, Visible};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
@@ -496,7 +496,8 @@ impl Block {
     }
 
     /// Rotary embeddings of every row's query and key, rows split across
-    /// the pool (one angle table per row serves both).
+    /// the pool (one angle table per row serves both); the queries are then
+    /// rounded to f16.
     fn rotate(c: &ModelConfig, rows: &[Row], q: &mut [f32], k: &mut [f32], pool: &ComputePool) {
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let kp = SharedSlice(k.as_mut_ptr());
@@ -508,6 +509,8 @@ impl Block {
             for (j, i) in r.enumerate() {
                 let (qr, kr) = (&mut qs[j * q_dim..(j + 1) * q_dim], &mut ks[j * kv_dim..(j + 1) * kv_dim]);
                 rope::rotate_pair(qr, kr, c.head_dim, rows[i].position, c.rope_theta, c.rope_style);
+                // Queries meet the f16 cache as f16 (see `attention`).
+                round_to_f16(qr);
             }
         });
     }
