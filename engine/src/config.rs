@@ -174,8 +174,9 @@ impl ModelConfig {
         self.heads * self.head_dim
     }
 
-    /// KV cache bytes per token per layer at f32.
+    /// KV cache bytes per token per layer (f16 keys and values): what the
+    /// coordinator plans capacity with.
     pub fn kv_bytes_per_token_layer(&self) -> usize {
-        2 * self.kv_dim() * std::mem::size_of::<f32>()
+        crate::kv_cache::bytes_per_token_layer(self.kv_dim())
     }
 }

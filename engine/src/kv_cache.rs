@@ -32,6 +32,12 @@ pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
 /// within 0.1% of it (`docs/benchmarks.md`).
 pub type KvElem = f16;
 
+/// Bytes one token's key and value take in one layer of width `kv_dim`:
+/// the one rule the cache's budget and the coordinator's capacity plan share.
+pub fn bytes_per_token_layer(kv_dim: usize) -> usize {
+    2 * kv_dim * std::mem::size_of::<KvElem>()
+}
+
 #[derive(Debug, Default)]
 struct SessionKv {
     len: usize,
@@ -68,7 +74,7 @@ impl KvCache {
 
     /// Bytes one token costs across this cache's layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.layers * 2 * self.kv_dim * std::mem::size_of::<KvElem>()
+        self.layers * bytes_per_token_layer(self.kv_dim)
     }
 
     /// Tokens cached for `session` (0 if unknown).
