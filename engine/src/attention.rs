@@ -355,15 +355,22 @@ fn score_head<K: HeadKernels>(shape: AttnShape, head: usize, q: &[f32], seen: Vi
 /// register, and the value pass reads each cached value row once for the
 /// whole group, keeping every head's 64 sums in 512-bit registers: about
 /// half the instructions of one head at a time.
+///
+/// `ahead` is the cache the caller's next call for this key/value head will
+/// read (the next row's), if it knows it: the AVX-512 path requests it from
+/// memory while this call computes. It cannot change any result.
 pub fn attend_group(
     shape: AttnShape,
     kv_head: usize,
     q: &[f32],
     seen: Visible<'_>,
+    ahead: Option<Visible<'_>>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let (g, hd, tokens) = (shape.heads / shape.kv_heads.max(1), shape.head_dim, seen.tokens);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
     #[cfg(target_arch = "x86_64")]
     if hd == 64
         && (1..=4).contains(&g)
@@ -372,7 +379,7 @@ pub fn attend_group(
         && std::arch::is_x86_feature_detected!("avx512f")
     {
         // SAFETY: AVX2, F16C and AVX-512 F were detected on this CPU.
-        unsafe { wide::attend_group(shape, kv_head, q, seen, scores, out) };
+        unsafe { wide::attend_group(shape, kv_head, q, seen, ahead, scores, out) };
         return;
     }
     for j in 0..g {
@@ -493,7 +500,7 @@ mod tests {
                     let q = v(g * hd);
                     let mut scores = vec![0.0; g * tokens];
                     let mut out = vec![f32::NAN; g * hd];
-                    attend_group(shape, kvh, &q, seen, &mut scores, &mut out);
+                    attend_group(shape, kvh, &q, seen, Some(seen), &mut scores, &mut out);
                     for j in 0..g {
                         let (mut s, mut alone) = (vec![0.0; tokens], vec![0.0f32; hd]);
                         attend_head(shape, kvh * g + j, &q[j * hd..(j + 1) * hd], seen, &mut s, &mut alone);

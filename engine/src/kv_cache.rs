@@ -72,6 +72,11 @@ impl KvCache {
         Self { layers, kv_dim, budget, used: 0, sessions: HashMap::new(), spare: Vec::new(), spare_bytes: 0 }
     }
 
+    /// Layers this cache holds (the stage's).
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
     /// Bytes one token costs across this cache's layers.
     pub fn bytes_per_token(&self) -> usize {
         self.layers * bytes_per_token_layer(self.kv_dim)

@@ -560,7 +560,19 @@ impl Block {
                     // consecutive), which outlives `pool.run`.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
                     let seen = Visible { keys, values, tokens: r.position + 1 };
-                    attend_group(shape, kvh, &q[at..at + width], seen, scores, dst);
+                    // One thread walks the units in order, so the next row's
+                    // cache for this head is what it reads next; with more,
+                    // another thread may take that row.
+                    // After the last row comes the first row's next layer.
+                    let next = match rows.get(i + 1) {
+                        Some(n) => Some((local, n)),
+                        None => Some((local + 1, &rows[0])).filter(|&(l, _)| l < cache.layers()),
+                    };
+                    let ahead = next.filter(|_| threads == 1).map(|(l, n)| {
+                        let (keys, values) = cache.layer(l, n.session);
+                        Visible { keys, values, tokens: n.position + 1 }
+                    });
+                    attend_group(shape, kvh, &q[at..at + width], seen, ahead, scores, dst);
                 }
             }
         });

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{round_weights, score_head, AttnShape, Avx2, HeadKernels, Visible};
+use super::{round_weights, AttnShape, Avx2, HeadKernels, Visible};
 use crate::kv_cache::KvElem;
 
 /// [`super::attend_group`] for 64-wide heads, 1 to 4 per group.
@@ -22,6 +22,7 @@ pub(super) unsafe fn attend_group(
     kv_head: usize,
     q: &[f32],
     seen: Visible<'_>,
+    ahead: Option<Visible<'_>>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -31,127 +32,158 @@ pub(super) unsafe fn attend_group(
     let keys = &seen.keys[kv_head * 64..];
     #[allow(clippy::cast_precision_loss)]
     let scale = 1.0 / 64f32.sqrt();
-    let mut inv = [0.0f32; 4];
-    let mut j = 0;
-    while j + 2 <= g {
-        let (sa, sb) = scores[j * tokens..(j + 2) * tokens].split_at_mut(tokens);
-        let values = &seen.values[kv_head * 64..];
-        // SAFETY: AVX-512 F is enabled here; `score_pair` checks its bounds.
-        let done = unsafe {
-            score_pair([&q[j * 64..(j + 1) * 64], &q[(j + 1) * 64..(j + 2) * 64]], keys, values, stride, scale, sa, sb)
-        };
-        for (h, s) in [(j, sa), (j + 1, sb)] {
-            let qh = &q[h * 64..(h + 1) * 64];
-            for (t, s) in s.iter_mut().enumerate().take(tokens).skip(done) {
-                *s = super::dot(qh, &keys[t * stride..][..64]) * scale;
-            }
-            inv[h] = Avx2::softmax(&mut s[..tokens]);
-        }
-        j += 2;
-    }
-    if j < g {
-        inv[j] = score_head::<Avx2>(shape, kv_head * g + j, &q[j * 64..(j + 1) * 64], seen, &mut scores[j * tokens..]);
-    }
-    for (h, &inv) in inv.iter().enumerate().take(g) {
-        round_weights(&mut scores[h * tokens..(h + 1) * tokens], inv);
-    }
     let values = &seen.values[kv_head * 64..];
-    // SAFETY (each call): AVX-512 F is enabled here; `weigh_group` checks its bounds.
-    unsafe {
-        match g {
-            1 => weigh_group::<1>(scores, tokens, values, keys, stride, out),
-            2 => weigh_group::<2>(scores, tokens, values, keys, stride, out),
-            3 => weigh_group::<3>(scores, tokens, values, keys, stride, out),
-            _ => weigh_group::<4>(scores, tokens, values, keys, stride, out),
-        }
-    }
-}
-
-/// Scaled scores of heads `qa` and `qb` against the same keys, eight keys
-/// at a time, into `sa` and `sb`; returns how many leading tokens it
-/// scored (a multiple of eight: the caller scores the rest).
-///
-/// Lane `l` of the low half is `dot`'s `acc[l]` for `qa`, of the high half
-/// for `qb`: the key's eight floats are broadcast to both halves, so each
-/// half sees the reference's multiply and add.
-///
-/// It also asks for each scored token's values (this head's 128 bytes):
-/// the value pass that follows found them in memory, a third of its time
-/// waiting, and the scoring now hides most of that wait (2% fewer cycles
-/// at batch 16).
-#[inline]
-#[target_feature(enable = "avx2,f16c,avx512f")]
-unsafe fn score_pair(
-    [qa, qb]: [&[f32]; 2],
-    keys: &[KvElem],
-    values: &[KvElem],
-    stride: usize,
-    scale: f32,
-    sa: &mut [f32],
-    sb: &mut [f32],
-) -> usize {
-    assert!(qa.len() >= 64 && qb.len() >= 64, "64-wide heads");
-    let tokens = sa.len().min(sb.len());
-    assert!(tokens == 0 || keys.len() >= (tokens - 1) * stride + 64, "keys too short");
-    // SAFETY: both queries hold 64 floats (checked above).
-    let q: [__m512; 8] = std::array::from_fn(|c| unsafe {
-        let (a, b) = (_mm256_loadu_ps(qa.as_ptr().add(8 * c)), _mm256_loadu_ps(qb.as_ptr().add(8 * c)));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b)))
-    });
-    let scale = _mm512_set1_ps(scale);
+    let scale_v = _mm512_set1_ps(scale);
     let mut t = 0;
     while t + 8 <= tokens {
-        let mut acc = [_mm512_setzero_ps(); 8];
-        // Prefetches never fault; the addresses are never dereferenced here.
+        // This head's values for the same tokens, for the value pass: it
+        // found them in memory, a third of its time waiting. Prefetches
+        // never fault; the addresses are never dereferenced here.
         for k in 0..8 {
             for l in 0..2 {
                 _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add((t + k) * stride + 32 * l).cast());
             }
         }
-        for (c, &qc) in q.iter().enumerate() {
-            for (k, a) in acc.iter_mut().enumerate() {
-                // SAFETY: key `t + k < tokens` has 64 f16s at `(t + k) * stride` (checked above).
-                let key = unsafe { broadcast8(keys.as_ptr().add((t + k) * stride + 8 * c)) };
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(qc, key));
-            }
-        }
-        let s = _mm512_mul_ps(trees8(acc), scale);
-        // SAFETY: `t + 8 <= tokens <= len` of both score slices.
+        // SAFETY (each call): AVX-512 F is enabled here; `score_block` checks its bounds.
         unsafe {
-            _mm256_storeu_ps(sa.as_mut_ptr().add(t), _mm512_castps512_ps256(s));
-            _mm256_storeu_ps(
-                sb.as_mut_ptr().add(t),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s))),
-            );
+            match g {
+                1 => score_block::<1>(q, keys, stride, t, scale_v, scores, tokens),
+                2 => score_block::<2>(q, keys, stride, t, scale_v, scores, tokens),
+                3 => score_block::<3>(q, keys, stride, t, scale_v, scores, tokens),
+                _ => score_block::<4>(q, keys, stride, t, scale_v, scores, tokens),
+            }
         }
         t += 8;
     }
-    t
+    let mut inv = [0.0f32; 4];
+    for (h, inv) in inv.iter_mut().enumerate().take(g) {
+        let qh = &q[h * 64..(h + 1) * 64];
+        let s = &mut scores[h * tokens..(h + 1) * tokens];
+        for (u, s) in s.iter_mut().enumerate().skip(t) {
+            *s = super::dot(qh, &keys[u * stride..][..64]) * scale;
+        }
+        *inv = Avx2::softmax(s);
+    }
+    for (h, &inv) in inv.iter().enumerate().take(g) {
+        round_weights(&mut scores[h * tokens..(h + 1) * tokens], inv);
+    }
+    let ahead = ahead.map_or(Ahead { keys: keys.as_ptr(), values: values.as_ptr(), tokens: 0 }, |a| Ahead {
+        keys: a.keys.as_ptr().wrapping_add(kv_head * 64),
+        values: a.values.as_ptr().wrapping_add(kv_head * 64),
+        tokens: a.tokens,
+    });
+    // SAFETY (each call): AVX-512 F is enabled here; `weigh_group` checks its bounds.
+    unsafe {
+        match g {
+            1 => weigh_group::<1>(scores, tokens, values, ahead, stride, out),
+            2 => weigh_group::<2>(scores, tokens, values, ahead, stride, out),
+            3 => weigh_group::<3>(scores, tokens, values, ahead, stride, out),
+            _ => weigh_group::<4>(scores, tokens, values, ahead, stride, out),
+        }
+    }
 }
 
-/// The eight f16s at `p`, widened exactly to f32, in both 256-bit halves.
+/// Where the next call's keys and values for this head begin, and how many
+/// tokens it has: only ever prefetched, never read.
+#[derive(Clone, Copy)]
+struct Ahead {
+    keys: *const KvElem,
+    values: *const KvElem,
+    tokens: usize,
+}
+
+impl Ahead {
+    /// Requests token `t`'s 64 keys and 64 values (two lines each).
+    /// Prefetches never fault; the addresses are never dereferenced.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c,avx512f")]
+    fn request(self, t: usize, stride: usize) {
+        for l in 0..2 {
+            _mm_prefetch::<_MM_HINT_T0>(self.keys.wrapping_add(t * stride + 32 * l).cast());
+            _mm_prefetch::<_MM_HINT_T0>(self.values.wrapping_add(t * stride + 32 * l).cast());
+        }
+    }
+}
+
+/// Scaled scores of the group's `G` heads (`q`, 64 floats each) against
+/// keys `t..t + 8`, into `scores[h * tokens + t..][..8]` for head `h`.
+///
+/// Two keys share a register: the low half holds key `2p`'s eight
+/// accumulator lanes, the high half key `2p + 1`'s, and the query's eight
+/// floats are broadcast to both halves, so lane `l` of each half is the
+/// reference `dot`'s `acc[l]`, updated by the same multiply and add in the
+/// same order. Each key is loaded and widened once for every head of the
+/// group, and no head's register is half wasted, as when heads were paired
+/// instead (the odd third head of SmolLM2's groups filled one alone).
 ///
 /// # Safety
-/// Eight f16s must be readable at `p`.
+/// The CPU must have AVX2, F16C and AVX-512 F.
 #[inline]
 #[target_feature(enable = "avx2,f16c,avx512f")]
-unsafe fn broadcast8(p: *const KvElem) -> __m512 {
-    // SAFETY: the caller guarantees 16 readable bytes at `p`.
-    _mm512_cvtph_ps(_mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) }))
+#[allow(clippy::too_many_arguments)] // One block's operands.
+unsafe fn score_block<const G: usize>(
+    q: &[f32],
+    keys: &[KvElem],
+    stride: usize,
+    t: usize,
+    scale: __m512,
+    scores: &mut [f32],
+    tokens: usize,
+) {
+    assert!(q.len() >= G * 64 && keys.len() >= (t + 7) * stride + 64, "block operands too short");
+    assert!(t + 8 <= tokens && scores.len() >= (G - 1) * tokens + t + 8, "scores too short");
+    let mut acc = [[_mm512_setzero_ps(); 4]; G];
+    for r in 0..4 {
+        // Chunks 2r and 2r + 1 (eight floats each) of every head's query, in both halves.
+        // SAFETY: `h * 64 + 16 r + 8 i + 8 <= G * 64 <= q.len()` (checked above).
+        let qc: [[__m512; 2]; G] = std::array::from_fn(|h| {
+            std::array::from_fn(|i| unsafe {
+                _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                    q.as_ptr().add(h * 64 + 16 * r + 8 * i).cast(),
+                )))
+            })
+        });
+        for p in 0..4 {
+            // Floats 16r..16r + 16 of keys 2p and 2p + 1, widened exactly.
+            // SAFETY: both keys are below `t + 8` (checked above).
+            let (a, b) = unsafe {
+                let at = |k: usize| keys.as_ptr().add((t + k) * stride + 16 * r).cast::<__m256i>();
+                (_mm512_cvtph_ps(_mm256_loadu_si256(at(2 * p))), _mm512_cvtph_ps(_mm256_loadu_si256(at(2 * p + 1))))
+            };
+            // Chunk 2r of both keys, then chunk 2r + 1 (128-bit blocks 0, 1 and 2, 3 of each).
+            let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+            for (acc, qc) in acc.iter_mut().zip(&qc) {
+                acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(qc[0], lo));
+                acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(qc[1], hi));
+            }
+        }
+    }
+    for (h, acc) in acc.iter().enumerate() {
+        let s = _mm256_mul_ps(key_trees(*acc), _mm512_castps512_ps256(scale));
+        // SAFETY: `h * tokens + t + 8 <= scores.len()` (checked above).
+        unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(h * tokens + t), s) };
+    }
 }
 
-/// `super::trees8` in each 256-bit half: lane `k` of the low half is key
-/// `k`'s tree of the low halves of `acc[k]`, likewise for the high half.
+/// The reference `dot`'s final tree, `((a0 + a4) + (a1 + a5)) +
+/// ((a2 + a6) + (a3 + a7))`, for eight keys held two per register as
+/// [`score_block`] holds them: lane `k` of the result is key `k`'s. The same adds, paired by
+/// shuffles (IEEE addition is commutative bit for bit).
 #[inline]
 #[target_feature(enable = "avx2,f16c,avx512f")]
-fn trees8(acc: [__m512; 8]) -> __m512 {
-    // Per half: `permute2f128` 0x20 and 0x31 of (acc[k], acc[k + 4]).
-    let lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-    let hi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    let b: [__m512; 4] = std::array::from_fn(|k| {
-        _mm512_add_ps(_mm512_permutex2var_ps(acc[k], lo, acc[k + 4]), _mm512_permutex2var_ps(acc[k], hi, acc[k + 4]))
-    });
-    hadd(hadd(b[0], b[1]), hadd(b[2], b[3]))
+fn key_trees(acc: [__m512; 4]) -> __m256 {
+    // Per key: [a0+a4, a1+a5, a2+a6, a3+a7] in both 128-bit blocks of its half.
+    let b: [__m512; 4] =
+        std::array::from_fn(|p| _mm512_add_ps(acc[p], _mm512_shuffle_f32x4::<0b10_11_00_01>(acc[p], acc[p])));
+    // Block i: keys i (x) and i + 4 (y).
+    let x = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[0], b[1]);
+    let y = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[2], b[3]);
+    // Block i: [key i's two pair sums, key i + 4's], then [key i, key i + 4, ...].
+    let sums = hadd(x, y);
+    let keys = hadd(sums, sums);
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps256(_mm512_permutexvar_ps(order, keys))
 }
 
 /// AVX2's `hadd` in every 128-bit lane: `[x0+x1, x2+x3, y0+y1, y2+y3]`.
@@ -166,8 +198,8 @@ fn hadd(x: __m512, y: __m512) -> __m512 {
 
 /// [`super::weigh_values`] for `G` heads of width 64 at once: head `j`'s
 /// weights are `weights[j * tokens..][..tokens]` and its output
-/// `out[64 j..64 (j + 1)]`; `keys` (laid out as `values`) is only
-/// prefetched. Each output element sees the same multiply and
+/// `out[64 j..64 (j + 1)]`. The next call's cache (`ahead`) is requested
+/// token by token alongside. Each output element sees the same multiply and
 /// add in the same `t` order as the reference; each value row is loaded
 /// once for all `G` heads.
 #[inline]
@@ -176,7 +208,7 @@ unsafe fn weigh_group<const G: usize>(
     weights: &[f32],
     tokens: usize,
     values: &[KvElem],
-    keys: &[KvElem],
+    ahead: Ahead,
     stride: usize,
     out: &mut [f32],
 ) {
@@ -188,13 +220,8 @@ unsafe fn weigh_group<const G: usize>(
         let v: [__m512; 4] = std::array::from_fn(|r| unsafe {
             _mm512_cvtph_ps(_mm256_loadu_si256(values.as_ptr().add(t * stride + 16 * r).cast()))
         });
-        // The next unit of work is usually the next key/value head of the
-        // same row: its 64 f16s of this token follow ours. Asking for them
-        // now hides part of its cache misses (1.5% fewer cycles at batch 8).
-        // Prefetches never fault; the address is never dereferenced here.
-        for l in 0..2 {
-            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(t * stride + 64 + 32 * l).cast());
-            _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(t * stride + 64 + 32 * l).cast());
+        if t < ahead.tokens {
+            ahead.request(t, stride);
         }
         for (j, acc) in acc.iter_mut().enumerate() {
             let w = _mm512_set1_ps(weights[j * tokens + t]);
@@ -202,6 +229,9 @@ unsafe fn weigh_group<const G: usize>(
                 *a = _mm512_add_ps(*a, _mm512_mul_ps(w, x));
             }
         }
+    }
+    for t in tokens..ahead.tokens {
+        ahead.request(t, stride);
     }
     for (j, acc) in acc.iter().enumerate() {
         for (r, a) in acc.iter().enumerate() {
