@@ -560,10 +560,10 @@ impl Block {
                     // consecutive), which outlives `pool.run`.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
                     let seen = Visible { keys, values, tokens: r.position + 1 };
-                    // One thread walks the units in order, so the next row's
-                    // cache for this head is what it reads next; with more,
-                    // another thread may take that row.
-                    // After the last row comes the first row's next layer.
+                    // The cache this thread reads next for this head, requested
+                    // while this call computes: the next row's, and after the
+                    // last row the first row's next layer. Only when one thread
+                    // walks the units in order; with more, another may take it.
                     let next = match rows.get(i + 1) {
                         Some(n) => Some((local, n)),
                         None => Some((local + 1, &rows[0])).filter(|&(l, _)| l < cache.layers()),
