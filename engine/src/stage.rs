@@ -466,6 +466,9 @@ impl Block {
         let norm = |w: &[f32], x: &[f32], h: &mut [f32]| {
             par_rows(pool, h, hidden, |r, out| rms_norm(&x[r.start * hidden..r.end * hidden], w, eps, out));
         };
+        for r in rows {
+            cache.prefetch_slot(local, r.session);
+        }
         norm(&self.attn_norm, x, &mut s.h);
         {
             // One pool job for all three: the threads wake once.
