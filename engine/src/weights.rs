@@ -180,6 +180,10 @@ impl Matrix {
         if let (true, Some(pre)) = (self.packed, pre) {
             let tile_bytes = quant::TILE * self.row_bytes;
             let nb = self.cols / self.dtype.block_len();
+            // Whole tiles go straight into the output rows; a matrix whose
+            // last tile is partial goes through a buffer, so nothing is
+            // written past a row.
+            let in_place = rows.is_multiple_of(quant::TILE) && nb > 0;
             let mut buf = [[0.0f32; quant::TILE]; TILE_RUN * quant::MAX_ACT];
             // Runs of TILE_RUN tiles stay in L2 while every group of up to
             // MAX_ACT activation rows passes over them.
@@ -200,6 +204,18 @@ impl Matrix {
                         pre,
                         first: i,
                     };
+                    if in_place {
+                        // SAFETY: rows `i..i + m` are below `n` and tiles `t0..t1`
+                        // within `rows / TILE`, so every place `out_ptr(i + j, t * TILE)`
+                        // lies in `out` (n × rows floats); this thread alone claimed
+                        // these tiles, and `out` outlives `pool.run`.
+                        unsafe {
+                            let at = out_ptr(i, t0 * quant::TILE).cast::<[f32; quant::TILE]>();
+                            quant::dot_packed_into(&ops, quant::TileOut::strided(at, 1, rows / quant::TILE));
+                        }
+                        i += m;
+                        continue;
+                    }
                     quant::dot_packed(&ops, out);
                     for t in t0..t1 {
                         let live = (rows - t * quant::TILE).min(quant::TILE);
@@ -398,8 +414,12 @@ mod tests {
     /// of the GGUF-layout row, bit for bit.
     #[test]
     fn matmul_equals_vec_dot_for_any_batch_and_threads() {
-        let (rows, cols) = (21, 96);
-        for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::F32] {
+        // A partial last tile (21 rows: through the buffer), whole tiles
+        // (24: written in place), and 33 tiles (264: past one run of
+        // TILE_RUN, with an odd tile for the paired kernels).
+        for ((rows, cols), dtype) in [(21, 96), (24, 64), (264, 32)].into_iter().flat_map(|shape| {
+            [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::F32].map(|d| (shape, d))
+        }) {
             let cols = if dtype == GgmlType::Q4_K { 256 } else { cols };
             let w: Vec<Vec<u8>> = (0..rows).map(|r| quant::quantize_row(dtype, &noise(cols, r as u64 + 1))).collect();
             let m = Matrix::new(dtype, rows, cols, w.concat()).unwrap();

@@ -234,7 +234,7 @@ pub fn vec_dot_rows(dtype: GgmlType, w: &[u8], row_bytes: usize, a: &[u8], a_f32
     }
 }
 
-pub use pack::{ActScalars, PackedOperands};
+pub use pack::{ActScalars, PackedOperands, TileOut};
 
 /// Rows per packed weight tile (see [`pack_matrix`]).
 pub const TILE: usize = pack::TILE;
@@ -267,6 +267,20 @@ pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, ou
 /// [`vec_dot`] of row `r` of tile `t` with activation `i`, bit for bit,
 /// whatever `m` or the number of tiles.
 pub fn dot_packed(ops: &PackedOperands<'_>, out: &mut [[f32; TILE]]) {
+    let (m, tiles) = (ops.m, ops.tiles.len() / (TILE * ops.nb * ops.dtype.block_bytes()).max(1));
+    assert!(out.len() >= tiles * m, "output holds {} tiles, the call needs {}", out.len(), tiles * m);
+    // SAFETY: the slice holds every tile's rows (checked above) and is ours alone.
+    unsafe { dot_packed_into(ops, TileOut::compact(out, m)) }
+}
+
+/// [`dot_packed`] into any layout: tile `t`'s sums for activation row `i`
+/// go to `out.at(t, i)`. With a [`TileOut::strided`] layout a matmul writes
+/// its output rows in place.
+///
+/// # Safety
+/// As [`TileOut::strided`] requires, for every tile of `ops` and each of its
+/// `m` rows.
+pub unsafe fn dot_packed_into(ops: &PackedOperands<'_>, out: TileOut) {
     if simd::dot_packed(ops, out) {
         return;
     }
@@ -279,8 +293,10 @@ pub fn dot_packed(ops: &PackedOperands<'_>, out: &mut [[f32; TILE]]) {
     for (t, tile) in tiles.chunks_exact(tile_bytes).enumerate() {
         for r in 0..TILE {
             pack::unpack_row(dtype, tile, row_bytes, r, &mut row);
-            for (i, o) in out[t * m..(t + 1) * m].iter_mut().enumerate() {
-                o[r] = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+            for i in 0..m {
+                let v = vec_dot(dtype, &row, &a[i * a_stride..][..a_bytes], &[]);
+                // SAFETY: the caller guarantees tile `t` of row `i`.
+                unsafe { (*out.at(t, i))[r] = v };
             }
         }
     }

@@ -131,16 +131,16 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
 }
 
 /// Dot products of the eight rows of each packed tile of `ops` with its
-/// activation rows, into `out[t * m + i]`. Returns `false` (nothing
-/// written) when there is no packed kernel or the operands are short.
+/// activation rows, into `out` ([`super::pack::TileOut`]). Returns `false`
+/// (nothing written) when there is no packed kernel or the operands are short.
 #[inline]
-pub(crate) fn dot_packed(ops: &super::pack::PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+pub(crate) fn dot_packed(ops: &super::pack::PackedOperands<'_>, out: super::pack::TileOut) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(k) => k.dot_packed(ops, out),
+        Kernel::Avx2(k) => k.dot_packed_to(ops, out),
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon(k) => k.dotprod().is_some_and(|d| d.dot_packed(ops, out)),
+        Kernel::Neon(k) => k.dotprod().is_some_and(|d| d.dot_packed_to(ops, out)),
     }
 }
 

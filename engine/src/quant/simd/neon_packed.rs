@@ -42,7 +42,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{Job, PackedOperands};
+use super::super::pack::{Job, PackedOperands, TileOut};
 use super::super::GgmlType;
 
 /// Activation rows one kernel pass keeps in registers: four rows' integer
@@ -67,8 +67,15 @@ impl DotProd {
 
     /// Runs the packed kernels on `ops` (the contract of `quant::dot_packed`);
     /// `false`, with nothing written, for other types or operands too short
-    /// (checked by [`Job::passes`], as on x86).
+    /// (checked by [`Job::passes`], as on x86). The tests' compact form of
+    /// [`Self::dot_packed_to`].
+    #[cfg(test)]
     pub(crate) fn dot_packed(self, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+        self.dot_packed_to(ops, TileOut::compact(out, ops.m))
+    }
+
+    /// [`Self::dot_packed`] into any [`TileOut`] layout.
+    pub(crate) fn dot_packed_to(self, ops: &PackedOperands<'_>, out: TileOut) -> bool {
         let dtype = ops.dtype;
         Job::passes(ops, out, PASS_ROWS, |job, k| {
             // SAFETY: `Job::passes` checked the operands of `job` for `k`
@@ -301,13 +308,13 @@ unsafe fn q8_0<const M: usize>(j: &Job) {
 /// Writes tile `t`'s sums for the pass's `M` activation rows.
 ///
 /// # Safety
-/// `out[t * out_stride + i]` is in bounds for `i < M` (see [`Job`]).
+/// `out[t * out_stride + i * row_stride]` is in bounds for `i < M` (see [`Job`]).
 #[inline]
 unsafe fn store<const M: usize>(j: &Job, t: usize, acc: &[[float32x4_t; 2]; M]) {
     // SAFETY: the caller guarantees the output rows.
     unsafe {
         for (i, a) in acc.iter().enumerate() {
-            let o = (*j.out.add(t * j.out_stride + i)).as_mut_ptr();
+            let o = (*j.out.add(t * j.out_stride + i * j.row_stride)).as_mut_ptr();
             vst1q_f32(o, a[0]);
             vst1q_f32(o.add(4), a[1]);
         }

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::PackedOperands;
+use super::super::pack::{PackedOperands, TileOut};
 use super::super::GgmlType;
 use super::x86_packed::{self, DotIsa};
 use super::x86_quantize;
@@ -99,8 +99,14 @@ impl Avx2 {
 
     /// `quant::dot_packed` with this CPU's best packed kernels (see
     /// `x86_packed`); `false`, with nothing written, for types without one
-    /// or operands too short.
+    /// or operands too short. The tests' compact form of [`Self::dot_packed_to`].
+    #[cfg(test)]
     pub(crate) fn dot_packed(self, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+        self.dot_packed_to(ops, TileOut::compact(out, ops.m))
+    }
+
+    /// [`Self::dot_packed`] into any [`TileOut`] layout.
+    pub(crate) fn dot_packed_to(self, ops: &PackedOperands<'_>, out: TileOut) -> bool {
         x86_packed::dot_packed(self.isa, ops, out)
     }
 

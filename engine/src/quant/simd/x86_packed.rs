@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{Job, PackedOperands};
+use super::super::pack::{Job, PackedOperands, TileOut};
 use super::super::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
@@ -95,7 +95,7 @@ impl DotIsa {
 /// Runs the packed kernels of `isa` on `ops` (the contract of
 /// `quant::dot_packed`); `false`, with nothing written, for other types or
 /// operands too short (checked by [`Job::passes`]).
-pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: &mut [[f32; 8]]) -> bool {
+pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) -> bool {
     let dtype = ops.dtype;
     let tbb = 8 * dtype.block_bytes();
     Job::passes(ops, out, isa.max_rows(dtype), |job, k| {
@@ -241,7 +241,7 @@ macro_rules! packed_kernels {
                             }
                         }
                         for i in 0..M {
-                            _mm256_storeu_ps((*j.out.add(t * j.out_stride + i)).as_mut_ptr(), acc[i]);
+                            _mm256_storeu_ps((*j.out.add(t * j.out_stride + i * j.row_stride)).as_mut_ptr(), acc[i]);
                         }
                     }
                 }
@@ -280,7 +280,7 @@ macro_rules! packed_kernels {
                             }
                         }
                         for i in 0..M {
-                            _mm256_storeu_ps((*j.out.add(t * j.out_stride + i)).as_mut_ptr(), acc[i]);
+                            _mm256_storeu_ps((*j.out.add(t * j.out_stride + i * j.row_stride)).as_mut_ptr(), acc[i]);
                         }
                     }
                 }

@@ -69,10 +69,11 @@ unsafe fn bcast(p: *const u8) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
 unsafe fn store_pair(j: &Job, t: usize, i: usize, acc: __m512) {
-    // SAFETY: the caller guarantees `out[(t + 1) * out_stride + i]` is in bounds.
+    // SAFETY: the caller guarantees tiles `t` and `t + 1` of row `i` are in bounds (see `Job`).
     unsafe {
-        _mm256_storeu_ps((*j.out.add(t * j.out_stride + i)).as_mut_ptr(), _mm512_castps512_ps256(acc));
-        _mm256_storeu_ps((*j.out.add((t + 1) * j.out_stride + i)).as_mut_ptr(), _mm512_extractf32x8_ps::<1>(acc));
+        let at = |t: usize| (*j.out.add(t * j.out_stride + i * j.row_stride)).as_mut_ptr();
+        _mm256_storeu_ps(at(t), _mm512_castps512_ps256(acc));
+        _mm256_storeu_ps(at(t + 1), _mm512_extractf32x8_ps::<1>(acc));
     }
 }
 
