@@ -568,10 +568,11 @@ impl Block {
                     // last row the first row's next layer. Only when one thread
                     // walks the units in order; with more, another may take it.
                     let next = match rows.get(i + 1) {
+                        _ if threads > 1 => None,
                         Some(n) => Some((local, n)),
                         None => Some((local + 1, &rows[0])).filter(|&(l, _)| l < cache.layers()),
                     };
-                    let ahead = next.filter(|_| threads == 1).map(|(l, n)| {
+                    let ahead = next.map(|(l, n)| {
                         let (keys, values) = cache.layer(l, n.session);
                         Visible { keys, values, tokens: n.position + 1 }
                     });

@@ -184,7 +184,9 @@ impl Matrix {
             // last tile is partial goes through a buffer, so nothing is
             // written past a row.
             let in_place = rows.is_multiple_of(quant::TILE) && nb > 0;
-            let mut buf = [[0.0f32; quant::TILE]; TILE_RUN * quant::MAX_ACT];
+            // Made only when needed: it is 8 KiB to zero, and a decode step
+            // makes about 200 of these calls per thread.
+            let mut buf = if in_place { Vec::new() } else { vec![[0.0f32; quant::TILE]; TILE_RUN * quant::MAX_ACT] };
             // Runs of TILE_RUN tiles stay in L2 while every group of up to
             // MAX_ACT activation rows passes over them.
             for t0 in tiles.clone().step_by(TILE_RUN) {
@@ -193,7 +195,6 @@ impl Matrix {
                 let mut i = 0;
                 while i < n {
                     let m = (n - i).min(quant::MAX_ACT);
-                    let out = &mut buf[..(t1 - t0) * m];
                     let ops = quant::PackedOperands {
                         dtype: self.dtype,
                         tiles: run,
@@ -216,6 +217,7 @@ impl Matrix {
                         i += m;
                         continue;
                     }
+                    let out = &mut buf[..(t1 - t0) * m];
                     quant::dot_packed(&ops, out);
                     for t in t0..t1 {
                         let live = (rows - t * quant::TILE).min(quant::TILE);

@@ -55,17 +55,15 @@ pub(super) unsafe fn attend_group(
         }
         t += 8;
     }
-    let mut inv = [0.0f32; 4];
-    for (h, inv) in inv.iter_mut().enumerate().take(g) {
+    // The last tokens one at a time, then each head's weights.
+    for h in 0..g {
         let qh = &q[h * 64..(h + 1) * 64];
         let s = &mut scores[h * tokens..(h + 1) * tokens];
         for (u, s) in s.iter_mut().enumerate().skip(t) {
             *s = super::dot(qh, &keys[u * stride..][..64]) * scale;
         }
-        *inv = Avx2::softmax(s);
-    }
-    for (h, &inv) in inv.iter().enumerate().take(g) {
-        round_weights(&mut scores[h * tokens..(h + 1) * tokens], inv);
+        let inv = Avx2::softmax(s);
+        round_weights(s, inv);
     }
     let ahead = ahead.map_or(Ahead { keys: keys.as_ptr(), values: values.as_ptr(), tokens: 0 }, |a| Ahead {
         keys: a.keys.as_ptr().wrapping_add(kv_head * 64),
@@ -168,8 +166,8 @@ unsafe fn score_block<const G: usize>(
 
 /// The reference `dot`'s final tree, `((a0 + a4) + (a1 + a5)) +
 /// ((a2 + a6) + (a3 + a7))`, for eight keys held two per register as
-/// [`score_block`] holds them: lane `k` of the result is key `k`'s. The same adds, paired by
-/// shuffles (IEEE addition is commutative bit for bit).
+/// [`score_block`] holds them: lane `k` of the result is key `k`'s. The
+/// same adds, paired by shuffles (IEEE addition is commutative bit for bit).
 #[inline]
 #[target_feature(enable = "avx2,f16c,avx512f")]
 fn key_trees(acc: [__m512; 4]) -> __m256 {
