@@ -31,6 +31,7 @@ pub mod shard;
 mod softmax;
 pub mod stage;
 pub mod tokenizer;
+mod weight_bytes;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};

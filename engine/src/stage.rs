@@ -117,9 +117,9 @@ impl Stage {
         if range.start >= range.end || range.end > c.layers {
             return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
         }
-        let embed = (range.start == 0).then(|| file.matrix("token_embd.weight", c.vocab, c.hidden)).transpose()?;
-        let blocks = range.clone().map(|l| Block::load(file, &c, l)).collect::<Result<_>>()?;
-        let head = if range.end == c.layers {
+        let mut embed = (range.start == 0).then(|| file.matrix("token_embd.weight", c.vocab, c.hidden)).transpose()?;
+        let mut blocks: Vec<Block> = range.clone().map(|l| Block::load(file, &c, l)).collect::<Result<_>>()?;
+        let mut head = if range.end == c.layers {
             let lm_head = if file.has("output.weight") {
                 file.matrix("output.weight", c.vocab, c.hidden)?
             } else {
@@ -132,6 +132,12 @@ impl Stage {
         } else {
             None
         };
+        // In the order a forward pass reads them; the embedding (looked up
+        // a row at a time) last, unless the lm_head shares it.
+        let mut mats: Vec<&mut Matrix> = blocks.iter_mut().flat_map(Block::matrices_mut).collect();
+        mats.extend(head.as_mut().map(|h| &mut h.lm_head));
+        mats.extend(embed.as_mut());
+        Matrix::gather(&mut mats);
         Ok(Self {
             config: c,
             range,
@@ -422,6 +428,10 @@ impl Scratch {
 }
 
 impl Block {
+    fn matrices_mut(&mut self) -> [&mut Matrix; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+
     fn load(file: &ModelFile, c: &ModelConfig, layer: usize) -> Result<Self> {
         let name = |t: &str| format!("blk.{layer}.{t}");
         let m = |t: &str, rows, cols| file.matrix(&name(t), rows, cols);
@@ -702,5 +712,22 @@ mod tests {
         assert_eq!(row_groups(&batch(&[1, 2, 3, 4, 5, 6, 7, 1]), 2), None);
         // So does one that would leave the groups too uneven.
         assert_eq!(row_groups(&batch(&[1, 1, 1, 1, 1, 1, 1, 2, 3, 4]), 2), None);
+    }
+
+    #[test]
+    fn a_loaded_stage_holds_its_weights_in_one_mapping_and_a_tied_head_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = crate::fixture::TinyModel::default().write_gguf(dir.path()).expect("fixture");
+        let file = crate::ModelFile::open(&path).expect("model");
+        let whole = Stage::load(&file, 0..file.config().layers).expect("stage");
+        let (embed, head) = (whole.embed.as_ref().expect("first"), &whole.head.as_ref().expect("last").lm_head);
+        assert!(whole.blocks.len() > 1);
+        let mut all: Vec<&Matrix> =
+            whole.blocks.iter().flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]).collect();
+        all.extend([head, embed]);
+        assert!(all.iter().all(|m| m.is_gathered()));
+        assert!(head.shares_storage(embed), "the fixture ties its lm_head");
+        let sum: usize = all.iter().map(|m| m.bytes()).sum();
+        assert_eq!(whole.weight_bytes(), sum - embed.bytes());
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::pool::{split, ComputePool};
 use crate::quant::{self, GgmlType};
+use crate::weight_bytes::WeightBytes;
 
 /// A `rows × cols` weight matrix (`rows` outputs, `cols` inputs), row-major,
 /// each row a run of `dtype` blocks exactly as GGUF stores it, or, when the
@@ -19,7 +20,7 @@ pub struct Matrix {
     /// Whether `data` holds packed tiles rather than GGUF rows.
     packed: bool,
     /// Shared, so a tied lm_head and the embedding hold one copy.
-    data: std::sync::Arc<Vec<u8>>,
+    data: WeightBytes,
 }
 
 /// Chunks of output tiles per compute thread in one matmul job. Each matrix
@@ -51,8 +52,7 @@ impl Matrix {
             Some(p) => (true, p),
             None => (false, data),
         };
-        // `Arc<Vec>` rather than `Arc<[u8]>`: no copy of a 30 MB embedding.
-        Some(Self { dtype, rows, cols, row_bytes, packed, data: std::sync::Arc::new(data) })
+        Some(Self { dtype, rows, cols, row_bytes, packed, data: WeightBytes::heap(data) })
     }
 
     /// Output features.
@@ -72,22 +72,35 @@ impl Matrix {
 
     /// Whether `other` shares this matrix's storage (a tied lm_head).
     pub fn shares_storage(&self, other: &Self) -> bool {
-        std::sync::Arc::ptr_eq(&self.data, &other.data)
+        self.data.same(&other.data)
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.data.as_slice().len()
+    }
+
+    /// Moves the matrices' bytes into one mapping backed by huge pages where
+    /// the OS allows (see the `weight_bytes` module), in the given order, which
+    /// should be the order a forward pass reads them. Results are unchanged.
+    pub fn gather(mats: &mut [&mut Matrix]) {
+        let mut parts: Vec<&mut WeightBytes> = mats.iter_mut().map(|m| &mut m.data).collect();
+        crate::weight_bytes::gather(&mut parts);
+    }
+
+    /// Whether [`Matrix::gather`] has moved the bytes into a shared mapping.
+    pub fn is_gathered(&self) -> bool {
+        self.data.is_mapped()
     }
 
     /// Decodes row `r` (an embedding lookup) into `out`.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         if self.packed {
             let mut row = vec![0u8; self.row_bytes];
-            quant::unpack_row(self.dtype, &self.data, self.row_bytes, r, &mut row);
+            quant::unpack_row(self.dtype, self.data.as_slice(), self.row_bytes, r, &mut row);
             quant::dequantize_row(self.dtype, &row, out);
         } else {
-            quant::dequantize_row(self.dtype, &self.data[r * self.row_bytes..(r + 1) * self.row_bytes], out);
+            quant::dequantize_row(self.dtype, &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes], out);
         }
     }
 
@@ -191,7 +204,7 @@ impl Matrix {
             // MAX_ACT activation rows passes over them.
             for t0 in tiles.clone().step_by(TILE_RUN) {
                 let t1 = (t0 + TILE_RUN).min(tiles.end);
-                let run = &self.data[t0 * tile_bytes..t1 * tile_bytes];
+                let run = &self.data.as_slice()[t0 * tile_bytes..t1 * tile_bytes];
                 let mut i = 0;
                 while i < n {
                     let m = (n - i).min(quant::MAX_ACT);
@@ -251,7 +264,7 @@ impl Matrix {
         let mut tile = [0.0f32; quant::ROW_TILE];
         for o in range.clone().step_by(quant::ROW_TILE) {
             let k = (range.end - o).min(quant::ROW_TILE);
-            let w = &self.data[o * self.row_bytes..(o + k) * self.row_bytes];
+            let w = &self.data.as_slice()[o * self.row_bytes..(o + k) * self.row_bytes];
             for i in 0..n {
                 let (ai, xi) = (&a[i * a_bytes..(i + 1) * a_bytes], &xs[i * dim..(i + 1) * dim]);
                 quant::vec_dot_rows(self.dtype, w, self.row_bytes, ai, xi, &mut tile[..k]);
