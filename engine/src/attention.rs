@@ -492,7 +492,7 @@ mod tests {
         for (heads, kv_heads, hd) in [(9, 3, 64), (4, 1, 64), (6, 3, 64), (2, 2, 64), (6, 2, 12), (10, 2, 64)] {
             let shape = AttnShape { heads, kv_heads, head_dim: hd };
             let g = heads / kv_heads;
-            for tokens in [1, 5, 8, 33, 100] {
+            for tokens in [1, 2, 5, 7, 8, 15, 33, 71, 100] {
                 let keys = h(&v(tokens * kv_heads * hd));
                 let values = h(&v(tokens * kv_heads * hd));
                 let seen = Visible { keys: &keys, values: &values, tokens };
