@@ -287,6 +287,7 @@ impl Stage {
     fn run(&self, g: Group<'_>, pool: &ComputePool) {
         let c = &self.config;
         g.scratch.fit(c, g.rows.len());
+        g.scratch.fill_angles(c, g.rows);
         for (local, block) in self.blocks.iter().enumerate() {
             block.forward(c, local, g.rows, g.x, g.cache, g.scratch, pool);
         }
@@ -407,6 +408,9 @@ struct Scratch {
     up: Vec<f32>,
     /// Attention scores, one `max_tokens` slice per pool part (grown on demand).
     scores: Vec<f32>,
+    /// Each row's rotary angles (`head_dim / 2` pairs a row), filled once
+    /// per call for every layer.
+    angles: Vec<(f32, f32)>,
 }
 
 impl Scratch {
@@ -423,6 +427,15 @@ impl Scratch {
             (&mut self.up, c.ffn),
         ] {
             buf.resize(n * width, 0.0);
+        }
+    }
+
+    /// Fills every row's rotary angles.
+    fn fill_angles(&mut self, c: &ModelConfig, rows: &[Row]) {
+        let half = c.head_dim / 2;
+        self.angles.resize(rows.len() * half, (0.0, 0.0));
+        for (table, r) in self.angles.chunks_exact_mut(half.max(1)).zip(rows) {
+            rope::angles(table, c.head_dim, r.position, c.rope_theta);
         }
     }
 }
@@ -490,7 +503,7 @@ impl Block {
             add_bias(&mut s.k, bk);
             add_bias(&mut s.v, bv);
         }
-        Self::rotate(c, rows, &mut s.q, &mut s.k, pool);
+        Self::rotate(c, &s.angles, &mut s.q, &mut s.k, pool);
         for (i, r) in rows.iter().enumerate() {
             cache.push(local, r.session, &s.k[i * kv_dim..(i + 1) * kv_dim], &s.v[i * kv_dim..(i + 1) * kv_dim]);
         }
@@ -508,11 +521,11 @@ impl Block {
         add_in_place(x, &s.proj);
     }
 
-    /// Rotary embeddings of every row's query and key, rows split across
-    /// the pool (one angle table per row serves both); the queries are then
-    /// rounded to f16.
-    fn rotate(c: &ModelConfig, rows: &[Row], q: &mut [f32], k: &mut [f32], pool: &ComputePool) {
-        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+    /// Rotary embeddings of every row's query and key by its angles (see
+    /// [`Scratch::fill_angles`]), rows split across the pool; the queries
+    /// are then rounded to f16.
+    fn rotate(c: &ModelConfig, angles: &[(f32, f32)], q: &mut [f32], k: &mut [f32], pool: &ComputePool) {
+        let (q_dim, kv_dim, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
         let kp = SharedSlice(k.as_mut_ptr());
         par_rows(pool, q, q_dim, |r, qs| {
             let kp = &kp;
@@ -521,7 +534,7 @@ impl Block {
             let ks = unsafe { std::slice::from_raw_parts_mut(kp.0.add(r.start * kv_dim), r.len() * kv_dim) };
             for (j, i) in r.enumerate() {
                 let (qr, kr) = (&mut qs[j * q_dim..(j + 1) * q_dim], &mut ks[j * kv_dim..(j + 1) * kv_dim]);
-                rope::rotate_pair(qr, kr, c.head_dim, rows[i].position, c.rope_theta, c.rope_style);
+                rope::rotate(qr, kr, c.head_dim, &angles[i * half..(i + 1) * half], c.rope_style);
                 // Queries meet the f16 cache as f16 (see `attention`).
                 round_to_f16(qr);
             }
