@@ -102,7 +102,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{exp, max, C, HI, LN2_HI, LN2_LO, LO, LOG2E, SHIFT, SHIFT_BITS};
+    use super::{max, C, HI, LN2_HI, LN2_LO, LO, LOG2E, SHIFT, SHIFT_BITS};
 
     /// [`super::exp`] on eight lanes.
     #[inline]
@@ -155,12 +155,17 @@ mod x86 {
             // SAFETY: `c + 8 <= full <= scores.len()`.
             mv = _mm256_max_ps(unsafe { _mm256_loadu_ps(p.add(c)) }, mv);
         }
+        // The last scores (fewer than eight) in their lanes, the others
+        // -inf: `max(-inf, m)` is `m` under the instruction's rule, NaN
+        // included, so those lanes keep what they had, as in the scalar form.
+        let rest = scores.len() - full;
+        let mut tail = [f32::NEG_INFINITY; 8];
+        tail[..rest].copy_from_slice(&scores[full..]);
+        // SAFETY: `tail` holds eight f32s.
+        mv = _mm256_max_ps(unsafe { _mm256_loadu_ps(tail.as_ptr()) }, mv);
         let mut m = [0.0f32; 8];
         // SAFETY: `m` holds eight f32s.
         unsafe { _mm256_storeu_ps(m.as_mut_ptr(), mv) };
-        for t in full..scores.len() {
-            m[t % 8] = max(scores[t], m[t % 8]);
-        }
         let top = max(max(max(m[0], m[4]), max(m[1], m[5])), max(max(m[2], m[6]), max(m[3], m[7])));
         let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         for c in (0..full).step_by(8) {
@@ -172,15 +177,29 @@ mod x86 {
                 hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
             }
         }
+        if rest > 0 {
+            // The last scores on eight lanes too: `exp8` is `exp` lane for
+            // lane. The empty lanes add +0.0, which leaves every sum as it
+            // was (the sums are never -0.0), so only the stored lanes count.
+            // SAFETY: `tail` holds eight f32s.
+            let e = unsafe { exp8(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), _mm256_set1_ps(top))) };
+            let live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                _mm256_set1_epi32(i32::try_from(rest).unwrap_or(8)),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            ));
+            let e = _mm256_and_ps(e, live);
+            let mut out = [0.0f32; 8];
+            // SAFETY: `out` holds eight f32s.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), e) };
+            scores[full..].copy_from_slice(&out[..rest]);
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+        }
         let mut sum = [0.0f64; 8];
         // SAFETY: `sum` holds eight f64s.
         unsafe {
             _mm256_storeu_pd(sum.as_mut_ptr(), lo);
             _mm256_storeu_pd(sum.as_mut_ptr().add(4), hi);
-        }
-        for t in full..scores.len() {
-            scores[t] = exp(scores[t] - top);
-            sum[t % 8] += f64::from(scores[t]);
         }
         crate::lanes::tree8(sum)
     }
