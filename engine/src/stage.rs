@@ -173,11 +173,7 @@ impl Stage {
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
         let m = |m: &Matrix| m.bytes();
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].into_iter().map(m).sum::<usize>())
-            .sum();
+        let blocks: usize = self.blocks.iter().map(|b| b.matrices().into_iter().map(m).sum::<usize>()).sum();
         let head = match (&self.head, &self.embed) {
             (Some(h), Some(e)) if h.lm_head.shares_storage(e) => 0,
             (Some(h), _) => m(&h.lm_head),
@@ -441,6 +437,10 @@ impl Scratch {
 }
 
 impl Block {
+    fn matrices(&self) -> [&Matrix; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+
     fn matrices_mut(&mut self) -> [&mut Matrix; 7] {
         [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
     }
@@ -735,8 +735,7 @@ mod tests {
         let whole = Stage::load(&file, 0..file.config().layers).expect("stage");
         let (embed, head) = (whole.embed.as_ref().expect("first"), &whole.head.as_ref().expect("last").lm_head);
         assert!(whole.blocks.len() > 1);
-        let mut all: Vec<&Matrix> =
-            whole.blocks.iter().flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]).collect();
+        let mut all: Vec<&Matrix> = whole.blocks.iter().flat_map(Block::matrices).collect();
         all.extend([head, embed]);
         assert!(all.iter().all(|m| m.is_gathered()));
         assert!(head.shares_storage(embed), "the fixture ties its lm_head");

@@ -1,11 +1,11 @@
 //! Where a stage's weight bytes live: one mapping the OS may back with
 //! 2 MiB pages.
 //!
-//! Decoding a token reads every weight once: about 100 MB for SmolLM2, which
-//! in 4 KiB pages is 25,000 translations, each a TLB miss and a page walk
+//! Decoding a token reads every weight once: 110 MB for SmolLM2, which in
+//! 4 KiB pages is 27,000 translations, each a TLB miss and a page walk
 //! competing with the weights for memory. Gathered into one anonymous
 //! mapping advised for transparent huge pages (Linux, where the host's
-//! policy is `madvise` or `always`), the same bytes take about 50 pages.
+//! policy is `madvise` or `always`), the same bytes take about 55 pages.
 //! Matrices sit in the order a forward pass reads them, each on its own
 //! cache line. Measured in `docs/benchmarks.md` (session 9).
 
