@@ -126,6 +126,13 @@ impl TinyModel {
 
     /// Writes `dir/tiny.gguf` and returns its path.
     pub fn write_gguf(&self, dir: &Path) -> Result<PathBuf> {
+        self.write_gguf_mixed(dir, &[])
+    }
+
+    /// [`TinyModel::write_gguf`] with a per-tensor type mix, as llama.cpp's `Q4_K_M` and
+    /// similar file types have: a matrix whose name contains an `overrides` pattern takes
+    /// that pattern's type (the first match wins), the others `weight_type`.
+    pub fn write_gguf_mixed(&self, dir: &Path, overrides: &[(&str, GgmlType)]) -> Result<PathBuf> {
         let a = self.arch_name();
         let u = |v: usize| MetaValue::U32(u32::try_from(v).unwrap_or(u32::MAX));
         let mut w = GgufWriter::default();
@@ -153,7 +160,8 @@ impl TinyModel {
         for (name, rows, cols) in self.tensors() {
             let v = self.values(&name, rows, cols, &mut rng);
             let is_vector = rows == 1;
-            let dtype = if is_vector { GgmlType::F32 } else { self.weight_type };
+            let mixed = overrides.iter().find(|(pattern, _)| name.contains(pattern)).map(|&(_, t)| t);
+            let dtype = if is_vector { GgmlType::F32 } else { mixed.unwrap_or(self.weight_type) };
             let dims: Vec<usize> = if is_vector { vec![cols] } else { vec![cols, rows] };
             let bytes: Vec<u8> = v.chunks_exact(cols).flat_map(|r| quantize_row(dtype, r)).collect();
             w.tensor(&name, &dims, dtype, bytes);

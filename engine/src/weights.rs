@@ -433,9 +433,18 @@ mod tests {
         // (24: written in place), and 33 tiles (264: past one run of
         // TILE_RUN, with an odd tile for the paired kernels).
         for ((rows, cols), dtype) in [(21, 96), (24, 64), (264, 32)].into_iter().flat_map(|shape| {
-            [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::F32].map(|d| (shape, d))
+            [
+                GgmlType::Q4_1,
+                GgmlType::Q8_0,
+                GgmlType::Q4_0,
+                GgmlType::Q5_0,
+                GgmlType::Q4_K,
+                GgmlType::Q5_K,
+                GgmlType::F32,
+            ]
+            .map(|d| (shape, d))
         }) {
-            let cols = if dtype == GgmlType::Q4_K { 256 } else { cols };
+            let cols = cols.max(dtype.block_len());
             let w: Vec<Vec<u8>> = (0..rows).map(|r| quant::quantize_row(dtype, &noise(cols, r as u64 + 1))).collect();
             let m = Matrix::new(dtype, rows, cols, w.concat()).unwrap();
             for threads in [1, 2, 3] {
