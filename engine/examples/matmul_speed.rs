@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: &[usize] = if llama { &[1, 8, 16] } else { &[1, 8] };
     for (name, dtype, rows, cols, copies) in shapes {
         let mats: Vec<Matrix> = (0..copies)
-            .map(|c| unit_scale_matrix(dtype, rows, cols, c).ok_or("bad shape"))
+            .map(|c| unit_scale_matrix(dtype, rows, cols, c as u64).ok_or("bad shape"))
             .collect::<Result<_, _>>()?;
         let bytes: usize = mats[0].bytes();
         for &m in batches {

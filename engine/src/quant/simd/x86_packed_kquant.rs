@@ -36,7 +36,7 @@ const BSUMS: usize = 4 + 256;
 #[target_feature(enable = "avx2")]
 unsafe fn lane_byte(spread: u32, k: u32) -> __m256i {
     // Indices are within each 128-bit half: lane `r` starts at byte `4 r`.
-    let c = |r: u32| (!(spread * 0xFF) & 0x8080_8080 | (4 * r + k) * spread) as i32;
+    let c = |r: u32| ((!(spread * 0xFF) & 0x8080_8080) | ((4 * r + k) * spread)) as i32;
     _mm256_setr_epi32(c(0), c(1), c(2), c(3), c(0), c(1), c(2), c(3))
 }
 
