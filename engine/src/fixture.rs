@@ -220,29 +220,30 @@ impl TinyModel {
     }
 }
 
-/// A `rows × cols` Q4_1 or Q8_0 matrix with every block scale (and Q4_1
-/// minimum) 1.0 and pseudo-random quants from `seed`: a kernel benchmark's
-/// workload, whose outputs are finite whatever the quants. `None` for other
-/// types or a width that is not a multiple of 32.
+/// A `rows × cols` quantized matrix (Q4_0, Q4_1, Q8_0, Q4_K or Q6_K) with
+/// every f16 block scale (and minimum) 1.0 and pseudo-random quants and
+/// sub-block scales from `seed`: a kernel benchmark's workload, whose
+/// outputs are finite whatever the quants. `None` for other types or a
+/// width that is not a whole number of blocks.
 pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Option<crate::weights::Matrix> {
-    let scales = match dtype {
-        GgmlType::Q8_0 => 1,
-        GgmlType::Q4_1 => 2,
+    // Byte offsets of the f16 scales within a block.
+    let scales: &[usize] = match dtype {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
         _ => return None,
     };
     let block = dtype.block_bytes();
-    if !cols.is_multiple_of(32) {
-        return None;
-    }
+    let row_bytes = dtype.row_bytes(cols)?;
     let mut s = seed;
-    let mut data = vec![0u8; rows * cols / 32 * block];
+    let mut data = vec![0u8; rows * row_bytes];
     for b in data.chunks_exact_mut(block) {
-        for q in &mut b[2 * scales..] {
+        for q in b.iter_mut() {
             s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             *q = (s >> 56) as u8;
         }
-        for k in 0..scales {
-            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+        for &at in scales {
+            b[at..at + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
         }
     }
     crate::weights::Matrix::new(dtype, rows, cols, data)
