@@ -33,8 +33,9 @@ use crate::rng::Rng;
 use fill::{Calibration, Fill};
 
 /// Bytes generated per chunk (rounded down to whole blocks): large enough to
-/// amortise a thread hand-off, small enough to keep memory flat.
-pub const CHUNK_BYTES: usize = 4 << 20;
+/// amortise a thread hand-off, small enough to keep memory flat. Tests use
+/// small chunks so that their small tensors span several.
+const CHUNK_BYTES: usize = if cfg!(test) { 4 << 10 } else { 4 << 20 };
 /// Logit spread relative to a unit-variance projection, so the output
 /// distribution has a clear head, as a trained model's does.
 const OUTPUT_GAIN: f32 = 2.0;
@@ -270,36 +271,70 @@ fn stream(
     let bytes: u64 = specs.iter().filter_map(TensorSpec::n_bytes).map(|n| n as u64).sum();
     let start = Instant::now();
     let mut done = Progress { tensors_done: 0, tensors: plan.len(), bytes_done: 0, bytes, seconds: 0.0 };
-    let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); threads];
-    for (t, p) in plan.iter().enumerate() {
-        let n = p.spec.n_bytes().unwrap_or(0);
-        let chunk = (CHUNK_BYTES / p.fill.unit_bytes()).max(1) * p.fill.unit_bytes();
-        let chunks = n.div_ceil(chunk);
-        // Rounds of one chunk per thread, written in order.
-        for round in (0..chunks).step_by(threads) {
-            let count = threads.min(chunks - round);
-            std::thread::scope(|s| {
-                for (i, buf) in buffers.iter_mut().take(count).enumerate() {
-                    let c = round + i;
-                    let len = chunk.min(n - c * chunk);
-                    buf.resize(len, 0);
-                    let mut rng = Rng::new(chunk_seed(spec.seed, t, c));
-                    let fill = p.fill;
-                    s.spawn(move || fill.generate(&mut rng, buf));
-                }
-            });
-            for buf in buffers.iter().take(count) {
-                out.write_data(buf).map_err(io)?;
+    let jobs = chunks(plan);
+    // Double-buffered rounds of one chunk per thread: the workers fill one
+    // round while this thread writes the previous one.
+    let mut ready: Vec<Vec<u8>> = Vec::new();
+    let mut filling: Vec<Vec<u8>> = vec![Vec::new(); threads];
+    let mut rounds = jobs.chunks(threads).peekable();
+    let mut written = jobs.iter();
+    loop {
+        let next = rounds.next();
+        let result = std::thread::scope(|s| {
+            for (job, buf) in next.into_iter().flatten().zip(filling.iter_mut()) {
+                buf.resize(job.len, 0);
+                let fill = plan[job.tensor].fill;
+                let mut rng = Rng::new(chunk_seed(spec.seed, job.tensor, job.chunk));
+                s.spawn(move || fill.generate(&mut rng, buf));
             }
-        }
-        done.tensors_done = t + 1;
-        done.bytes_done += n as u64;
-        done.seconds = start.elapsed().as_secs_f64();
-        progress(&done);
+            for buf in &ready {
+                out.write_data(buf).map_err(io)?;
+                if let Some(job) = written.next().filter(|j| j.last) {
+                    done.tensors_done = job.tensor + 1;
+                    done.bytes_done += specs[job.tensor].n_bytes().unwrap_or(0) as u64;
+                    done.seconds = start.elapsed().as_secs_f64();
+                    progress(&done);
+                }
+            }
+            Ok::<(), SynthError>(())
+        });
+        result?;
+        let Some(round) = next else { break };
+        std::mem::swap(&mut ready, &mut filling);
+        ready.truncate(round.len());
+        filling.resize(threads, Vec::new());
     }
     let mut file = out.finish().map_err(io)?;
     file.flush().map_err(io)?;
     Ok(done)
+}
+
+/// One chunk of one tensor.
+struct Job {
+    tensor: usize,
+    chunk: usize,
+    len: usize,
+    /// Whether the chunk ends its tensor.
+    last: bool,
+}
+
+/// Every chunk of every tensor, in file order. Chunk boundaries depend only
+/// on the tensor, so the bytes do not depend on the thread count.
+fn chunks(plan: &[Planned]) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (tensor, p) in plan.iter().enumerate() {
+        let n = p.spec.n_bytes().unwrap_or(0);
+        let unit = p.fill.unit_bytes();
+        let size = (CHUNK_BYTES / unit).max(1) * unit;
+        let count = n.div_ceil(size);
+        jobs.extend((0..count).map(|chunk| Job {
+            tensor,
+            chunk,
+            len: size.min(n - chunk * size),
+            last: chunk + 1 == count,
+        }));
+    }
+    jobs
 }
 
 /// The item of `all` called `wanted`, or else the known names, comma-separated.
