@@ -28,6 +28,11 @@ pub enum Bench {
     /// Aggregate decode, time to first token and inter-token latency under concurrent streams.
     Serve(bench_serve::ServeBench),
     /// Write a random-weight GGUF with a real model's shape (llama2-7b, …) for benchmarks at full size.
+    ///
+    /// The file has the shape's layers, widths and heads, and the per-tensor
+    /// type mix llama-quantize gives the file type. The tokenizer (and so the
+    /// vocabulary) is copied from --tokenizer-from, not the named model's. The
+    /// weights are random, with a spread that keeps logits finite and varied.
     Synth(bench_synth::SynthBench),
 }
 

@@ -10,11 +10,6 @@ use potluck_engine::synth::{self, FileType, Progress, Shape, SynthSpec};
 
 /// Options of `potluck bench synth`.
 #[derive(Debug, clap::Args)]
-#[command(long_about = "Write a random-weight GGUF with a real model's shape (layers, widths, heads) and the \
-per-tensor type mix llama-quantize gives that file type, for benchmarks at full size.\n\n\
-The tokenizer metadata (tokenizer.*, chat template included) is copied from --tokenizer-from, so the \
-vocabulary, and with it the token_embd and output rows, is that file's: SmolLM2's 49,152 tokens, not \
-the named model's. Weights are random with a spread that keeps logits finite and varied; they know nothing.")]
 pub struct SynthBench {
     /// Model shape: llama2-7b, llama3-8b, qwen2-7b or mistral-7b.
     #[arg(long)]
@@ -25,7 +20,9 @@ pub struct SynthBench {
     /// Output file (written as OUT.partial, renamed when complete).
     #[arg(long)]
     out: PathBuf,
-    /// GGUF file whose tokenizer (and so vocabulary) the model gets.
+    /// GGUF file whose tokenizer metadata (`tokenizer.*`, chat template
+    /// included) is copied. Its vocabulary sets the token_embd and output
+    /// rows: from SmolLM2, 49,152 tokens, not the named model's.
     #[arg(long)]
     tokenizer_from: PathBuf,
     /// Seed of the random weights; the same seed writes the same file.
