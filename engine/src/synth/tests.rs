@@ -179,3 +179,16 @@ fn shapes_have_their_published_dimensions() {
     let qwen = Shape::Qwen2_7b.config();
     assert_eq!((qwen.arch, qwen.rope_style, qwen.rms_eps), (Architecture::Qwen2, RopeStyle::HalfSplit, 1e-6));
 }
+
+#[test]
+fn llama2_7b_tensors_weigh_what_the_published_quantizations_do() {
+    // TheBloke's llama-2-7b.Q4_K_M.gguf and .Q4_0.gguf are 4,081,004,224 and
+    // 3,825,807,360 bytes; the tensors below plus a ~741 KB header (the
+    // 32,000-token vocabulary) make those sizes, and any other type mix would not.
+    let model = Shape::Llama2_7b.config();
+    for (ft, bytes) in [(FileType::Q4_K_M, 4_080_263_168u64), (FileType::Q4_0, 3_825_065_984)] {
+        let planned = plan(&SynthSpec { model: model.clone(), file_type: ft, seed: 0, threads: 1 }, 32_000);
+        let total: u64 = planned.expect("plan").iter().filter_map(|p| p.spec.n_bytes()).map(|n| n as u64).sum();
+        assert_eq!(total, bytes, "{}", ft.name());
+    }
+}
