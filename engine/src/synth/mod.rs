@@ -18,7 +18,7 @@ mod shape;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -276,7 +276,7 @@ fn stream(
     // round while this thread writes the previous one.
     let mut ready: Vec<Vec<u8>> = Vec::new();
     let mut filling: Vec<Vec<u8>> = vec![Vec::new(); threads];
-    let mut rounds = jobs.chunks(threads).peekable();
+    let mut rounds = jobs.chunks(threads);
     let mut written = jobs.iter();
     loop {
         let next = rounds.next();
@@ -304,8 +304,7 @@ fn stream(
         ready.truncate(round.len());
         filling.resize(threads, Vec::new());
     }
-    let mut file = out.finish().map_err(io)?;
-    file.flush().map_err(io)?;
+    out.finish().map_err(io)?;
     Ok(done)
 }
 
