@@ -6,20 +6,24 @@
 //! checked against the file size before anything is allocated: a truncated or
 //! random file is an error, not an out-of-memory abort.
 //!
-//! The writer exists for the tests' tiny random models and for cutting a
-//! stage's slice out of a full model.
+//! The writer (`gguf/writer.rs`) exists for the tests' tiny random models,
+//! for cutting a stage's slice out of a full model, and for streaming
+//! synthetic full-size models to disk.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{EngineError, Result};
 use crate::quant::GgmlType;
 
-const MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
-const DEFAULT_ALIGNMENT: u64 = 32;
+mod writer;
+pub use writer::{GgufStream, GgufWriter, TensorSpec};
+
+pub(crate) const MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 /// Longest string or array the reader accepts; real vocabularies are ~250k.
 const MAX_ITEMS: u64 = 1 << 24;
 const MAX_DIMS: u32 = 4;
@@ -92,7 +96,7 @@ impl MetaValue {
         }
     }
 
-    fn type_id(&self) -> u32 {
+    pub(crate) fn type_id(&self) -> u32 {
         match self {
             Self::U8(_) => 0,
             Self::I8(_) => 1,
@@ -373,92 +377,6 @@ impl<R: Read> Reader<R> {
             ))
         })? * dims[1..].iter().product::<usize>();
         Ok(TensorInfo { dims, dtype, offset, n_bytes })
-    }
-}
-
-/// Builds a GGUF file in memory order: metadata first, then tensors.
-#[derive(Debug, Default)]
-pub struct GgufWriter {
-    metadata: Vec<(String, MetaValue)>,
-    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
-}
-
-impl GgufWriter {
-    /// Adds one metadata entry.
-    pub fn meta(&mut self, key: &str, value: MetaValue) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
-        self
-    }
-
-    /// Adds one tensor; `bytes` must already be in `dtype`'s block layout.
-    pub fn tensor(&mut self, name: &str, dims: &[usize], dtype: GgmlType, bytes: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), dtype, bytes));
-        self
-    }
-
-    /// Writes the file.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
-        let mut w = BufWriter::new(File::create(path).map_err(io)?);
-        let mut header = Vec::new();
-        header.extend_from_slice(&MAGIC.to_le_bytes());
-        header.extend_from_slice(&3u32.to_le_bytes());
-        header.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        header.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_string(&mut header, k);
-            header.extend_from_slice(&v.type_id().to_le_bytes());
-            put_value(&mut header, v);
-        }
-        let mut offset = 0u64;
-        for (name, dims, dtype, bytes) in &self.tensors {
-            put_string(&mut header, name);
-            header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                header.extend_from_slice(&(*d as u64).to_le_bytes());
-            }
-            header.extend_from_slice(&dtype.id().to_le_bytes());
-            header.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + bytes.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
-        }
-        let pad = |n: usize| (n as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT - n as u64;
-        header.resize(header.len() + pad(header.len()) as usize, 0);
-        w.write_all(&header).map_err(io)?;
-        for (_, _, _, bytes) in &self.tensors {
-            w.write_all(bytes).map_err(io)?;
-            w.write_all(&vec![0u8; pad(bytes.len()) as usize]).map_err(io)?;
-        }
-        w.flush().map_err(io)
-    }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
-    match v {
-        MetaValue::U8(x) => out.push(*x),
-        MetaValue::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        MetaValue::Bool(x) => out.push(u8::from(*x)),
-        MetaValue::String(s) => put_string(out, s),
-        MetaValue::Array(items) => {
-            let ty = items.first().map_or(4, MetaValue::type_id);
-            out.extend_from_slice(&ty.to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(out, item);
-            }
-        }
     }
 }
 

@@ -30,6 +30,7 @@ pub mod sampling;
 pub mod shard;
 mod softmax;
 pub mod stage;
+pub mod synth;
 pub mod tokenizer;
 mod weight_bytes;
 pub mod weights;

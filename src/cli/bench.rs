@@ -12,6 +12,8 @@ mod bench_bandwidth;
 mod bench_pipeline;
 #[path = "bench_serve.rs"]
 mod bench_serve;
+#[path = "bench_synth.rs"]
+mod bench_synth;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
@@ -25,6 +27,13 @@ pub enum Bench {
     Pipeline(bench_pipeline::PipelineBench),
     /// Aggregate decode, time to first token and inter-token latency under concurrent streams.
     Serve(bench_serve::ServeBench),
+    /// Write a random-weight GGUF with a real model's shape (llama2-7b, …) for benchmarks at full size.
+    ///
+    /// The file has the shape's layers, widths and heads, and the per-tensor
+    /// type mix llama-quantize gives the file type. The tokenizer (and so the
+    /// vocabulary) is copied from --tokenizer-from, not the named model's. The
+    /// weights are random, with a spread that keeps logits finite and varied.
+    Synth(bench_synth::SynthBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +84,7 @@ impl Bench {
             Self::Memory(b) => b.run(),
             Self::Pipeline(b) => b.run(),
             Self::Serve(b) => b.run(),
+            Self::Synth(b) => b.run(),
         }
     }
 }
