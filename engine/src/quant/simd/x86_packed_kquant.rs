@@ -169,12 +169,13 @@ macro_rules! kquant_kernels {
                 }
             }
 
-            /// Adds `scale[g] (Σ q6 q8 - 32 Σ q8)` over run `g = 8 h + 2 KIND
-            /// + half` of block `b` of the tile block at `p` to `isum`, per
-            /// row and lane. Element `128 h + 32 KIND + l` (l in 0..32) takes
-            /// its low nibble from `ql[64 h + l]` (kinds 0, 2) or `ql[64 h +
-            /// 32 + l]` (1, 3), low or high (kinds 2, 3), and its top two bits
-            /// from bits `2 KIND..` of `qh[32 h + l]`.
+            /// Adds `scale[g] (Σ q6 q8 - 32 Σ q8)` over run
+            /// `g = 8 h + 2 KIND + half` of block `b` of the tile block at `p`
+            /// to `isum`, per row and lane. Element `128 h + 32 KIND + l`
+            /// (l in 0..32) takes its low nibble from `ql[64 h + l]` (kinds 0
+            /// and 2) or `ql[64 h + 32 + l]` (1 and 3), low or high (kinds 2
+            /// and 3), and its top two bits from bits `2 KIND..` of
+            /// `qh[32 h + l]`.
             #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
             #[inline]
             #[target_feature(enable = $features)]
