@@ -132,7 +132,10 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
                     run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_K) => run_k(k, job, upto8!(kq::avx512::q4_k)),
-                (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, _) => run_k(k, job, upto8!(kq::avx512::q6_k)),
+                (DotIsa::Avx512Wide, _) => {
+                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q6_k), upto8!(kq::avx512::q6_k));
+                }
+                (DotIsa::Avx512Vnni, _) => run_k(k, job, upto8!(kq::avx512::q6_k)),
                 (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, job, upto4!(avxvnni::q4_1)),
                 (DotIsa::AvxVnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avxvnni::q8_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_0) => run_k(k, job, upto4!(avxvnni::q4_0)),
