@@ -6,9 +6,10 @@
 //!
 //! `perf stat -e cycles:u target/release/examples/kernel_cycles q4_1 8`
 //!
-//! before and after (arguments: `q4_1` or `q8_0`, then 1..=8 activation
-//! rows). Shapes: an FFN projection (1,536 × 576, Q4_1) and a slice of the
-//! lm_head (2,048 × 576, Q8_0), both small enough to stay in L2, so the
+//! before and after (arguments: `q4_1`, `q8_0`, `q4_0`, `q4_k` or `q6_k`,
+//! then 1..=8 activation rows). Shapes: an FFN projection (1,536 × 576, Q4_1
+//! or Q4_0), a slice of the lm_head (2,048 × 576, Q8_0) and 1,024 × 1,024 for
+//! the K-quants, all small enough to stay in L2, so the
 //! kernel's arithmetic is what is timed. The checksum of the output bits
 //! must not change either.
 //!
@@ -24,16 +25,18 @@ const REPEATS: usize = 20_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (dtype, rows) = match args.next().as_deref() {
-        Some("q8_0") => (GgmlType::Q8_0, 2_048),
-        Some("q4_1") | None => (GgmlType::Q4_1, 1_536),
-        Some(other) => return Err(format!("unknown type `{other}`: q4_1 or q8_0").into()),
+    let (dtype, rows, cols) = match args.next().as_deref() {
+        Some("q8_0") => (GgmlType::Q8_0, 2_048, 576),
+        Some("q4_1") | None => (GgmlType::Q4_1, 1_536, 576),
+        Some("q4_0") => (GgmlType::Q4_0, 1_536, 576),
+        Some("q4_k") => (GgmlType::Q4_K, 1_024, 1_024),
+        Some("q6_k") => (GgmlType::Q6_K, 1_024, 1_024),
+        Some(other) => return Err(format!("unknown type `{other}`: q4_1, q8_0, q4_0, q4_k or q6_k").into()),
     };
     let m: usize = args.next().map_or(Ok(8), |a| a.parse())?;
     if !(1..=8).contains(&m) {
         return Err("activation rows must be 1..=8".into());
     }
-    let cols = 576;
     let w = unit_scale_matrix(dtype, rows, cols, 1).ok_or("bad shape")?;
     let pool = ComputePool::new(1);
     #[allow(clippy::cast_precision_loss)]

@@ -31,7 +31,8 @@
 //!   `0..32`, each row's `ql[4c..4c + 4]`) and `qh` (for `c` in `0..16`,
 //!   each row's `qh[4c..4c + 4]`).
 //!
-//! Every layout only moves bytes, so a block's values are unchanged.
+//! Every layout only moves bytes (Q8_0 also flips their top bit), so a
+//! block's values are unchanged and `unpack_row` rebuilds the GGUF bytes.
 //!
 //! A tile holds every block of its rows in order (`blocks × packed block`),
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with

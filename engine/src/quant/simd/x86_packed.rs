@@ -120,19 +120,22 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
             use super::x86_packed_kquant as kq;
             match (isa, dtype) {
                 (DotIsa::Avx512Wide, GgmlType::Q4_1) => {
-                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
+                    run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
                 }
                 (DotIsa::Avx512Wide, GgmlType::Q8_0) => {
-                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
+                    run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, job, upto8!(avx512::q4_1)),
                 (DotIsa::Avx512Vnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avx512::q8_0)),
                 (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, GgmlType::Q4_0) => run_k(k, job, upto8!(avx512::q4_0)),
                 (DotIsa::Avx512Wide, GgmlType::Q4_K) => {
-                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
+                    run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_K) => run_k(k, job, upto8!(kq::avx512::q4_k)),
-                (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, _) => run_k(k, job, upto8!(kq::avx512::q6_k)),
+                (DotIsa::Avx512Wide, _) => {
+                    run_pairs(k, job, tbb, true, upto8!(super::x86_tile_pair::q6_k), upto8!(kq::avx512::q6_k));
+                }
+                (DotIsa::Avx512Vnni, _) => run_k(k, job, upto8!(kq::avx512::q6_k)),
                 (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, job, upto4!(avxvnni::q4_1)),
                 (DotIsa::AvxVnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avxvnni::q8_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_0) => run_k(k, job, upto4!(avxvnni::q4_0)),
@@ -150,14 +153,23 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
 
 /// Runs the tile-pair kernels of `wide` over the even number of leading
 /// tiles of `job` and, for an odd count, the one-tile kernels of `narrow`
-/// over the last (`tbb` bytes per packed block).
+/// over the last (`tbb` bytes per packed block). With one activation row
+/// only `wide_single` types take pairs.
 ///
 /// # Safety
 /// As for [`run_k`], for both kernel sets.
-unsafe fn run_pairs<const N: usize>(k: usize, job: &Job, tbb: usize, wide: [KernelFn; N], narrow: [KernelFn; N]) {
+unsafe fn run_pairs<const N: usize>(
+    k: usize,
+    job: &Job,
+    tbb: usize,
+    wide_single: bool,
+    wide: [KernelFn; N],
+    narrow: [KernelFn; N],
+) {
     // One activation row streams the weights from memory; the one-tile
-    // kernels keep a single stream and measured faster there.
-    let even = if k == 1 { 0 } else { job.ntiles & !1 };
+    // kernels keep a single stream and measured faster there, except for
+    // Q6_K, whose unpacking of 6-bit codes the pairs do for sixteen rows.
+    let even = if k == 1 && !wide_single { 0 } else { job.ntiles & !1 };
     // SAFETY: forwarded contract; the tail job starts at tile `even`, within
     // the same tiles and outputs.
     unsafe {

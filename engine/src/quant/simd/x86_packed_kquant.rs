@@ -14,7 +14,7 @@
 //!
 //! The scales are read from the packed tile block (`quant::pack`) with one
 //! load per four of each row's scale bytes, and spread to 32-bit lanes with
-//! byte shuffles: that work is shared by every activation row of a pass.
+//! shifts: that work is shared by every activation row of a pass.
 
 // Value intrinsics are safe inside `#[target_feature]` functions on current
 // compilers; the `unsafe` blocks keep the pointer reads explicit.
@@ -29,15 +29,18 @@ use super::x86_packed::{dot4_avx2, dot4_avx512, dot4_avxvnni};
 /// Offset of `bsums` in a Q8_K block.
 const BSUMS: usize = 4 + 256;
 
-/// A `vpshufb` control that, in each 32-bit lane, puts byte `k` of that
-/// lane at the byte positions `spread` marks with 1 (`0x0001_0001` for
-/// both 16-bit halves, `0x0100_0000` for the top byte) and zero elsewhere.
+/// Byte `k` of each 32-bit lane of `v`, zero-extended to the lane.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn lane_byte(spread: u32, k: u32) -> __m256i {
-    // Indices are within each 128-bit half: lane `r` starts at byte `4 r`.
-    let c = |r: u32| ((!(spread * 0xFF) & 0x8080_8080) | ((4 * r + k) * spread)) as i32;
-    _mm256_setr_epi32(c(0), c(1), c(2), c(3), c(0), c(1), c(2), c(3))
+unsafe fn lane_byte(v: __m256i, k: usize) -> __m256i {
+    _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(8 * k as i32)), _mm256_set1_epi32(0xFF))
+}
+
+/// Byte `k` of each 32-bit lane of `v`, sign-extended to the lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn lane_byte_signed(v: __m256i, k: usize) -> __m256i {
+    _mm256_srai_epi32::<24>(_mm256_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * k as i32)))
 }
 
 /// Defines `q4_k::<M>` and `q6_k::<M>` for one instruction set, given its
@@ -55,6 +58,39 @@ macro_rules! kquant_kernels {
             unsafe fn bcast(p: *const u8) -> __m256i {
                 // SAFETY: the caller guarantees four readable bytes at `p`.
                 unsafe { _mm256_set1_epi32(p.cast::<i32>().read_unaligned()) }
+            }
+
+            /// Adds `s * Σ q4 q8` over sub-block `2 g` (`HIGH`: `2 g + 1`) of
+            /// block `b` of the tile block at `p` to `sumi`, per row and lane
+            /// (`s`: the lanes' scales of that sub-block).
+            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn q4_k_sub<const M: usize, const HIGH: bool>(
+                j: &Job,
+                p: *const u8,
+                b: usize,
+                g: usize,
+                s: __m256i,
+                sumi: &mut [__m256i; M],
+            ) {
+                // SAFETY: the caller's (`q4_k`'s) bounds.
+                unsafe {
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    let mut dot = [_mm256_setzero_si256(); M];
+                    for c in 0..8 {
+                        let w = _mm256_loadu_si256(p.add(128 + 32 * (8 * g + c)).cast());
+                        let w = if HIGH { _mm256_srli_epi16::<4>(w) } else { w };
+                        let q = _mm256_and_si256(w, m4);
+                        for i in 0..M {
+                            let y = j.a[i].add(b * Q8K_BYTES + 4 + 64 * g + 32 * usize::from(HIGH) + 4 * c);
+                            dot[i] = $dot4(dot[i], q, bcast(y));
+                        }
+                    }
+                    for i in 0..M {
+                        sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(dot[i], s));
+                    }
+                }
             }
 
             /// Q4_K×Q8_K. Per block and lane, exactly in i32: `sumi = Σ_j
@@ -82,13 +118,11 @@ macro_rules! kquant_kernels {
                             // Bytes `j` and `j + 4` of a row: the low six bits, or a
                             // nibble of bytes 8..12 with the top two bits of 0..8
                             // (16-bit shifts, masked so no bits cross bytes).
-                            let sc = [
-                                _mm256_and_si256(s0, m6),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(s2, m4),
-                                    _mm256_and_si256(_mm256_srli_epi16::<2>(s0), top),
-                                ),
-                            ];
+                            let sc_lo = _mm256_and_si256(s0, m6);
+                            let sc_hi = _mm256_or_si256(
+                                _mm256_and_si256(s2, m4),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(s0), top),
+                            );
                             let mn = [
                                 _mm256_and_si256(s1, m6),
                                 _mm256_or_si256(
@@ -97,29 +131,20 @@ macro_rules! kquant_kernels {
                                 ),
                             ];
                             let mut sumi = [_mm256_setzero_si256(); M];
-                            for sub in 0..8 {
-                                // Sub-block `sub` is the low (even) or high (odd)
-                                // nibbles of quant bytes `32 (sub / 2)..`.
-                                let (g, high) = (sub / 2, sub % 2 == 1);
-                                let mut dot = [_mm256_setzero_si256(); M];
-                                for c in 0..8 {
-                                    let w = _mm256_loadu_si256(p.add(128 + 32 * (8 * g + c)).cast());
-                                    let w = if high { _mm256_srli_epi16::<4>(w) } else { w };
-                                    let q = _mm256_and_si256(w, m4);
-                                    for i in 0..M {
-                                        let y = j.a[i].add(b * Q8K_BYTES + 4 + 32 * sub + 4 * c);
-                                        dot[i] = $dot4(dot[i], q, bcast(y));
-                                    }
-                                }
-                                let s = _mm256_shuffle_epi8(sc[sub / 4], lane_byte(1, (sub % 4) as u32));
-                                for i in 0..M {
-                                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(dot[i], s));
-                                }
+                            for g in 0..4 {
+                                // Sub-blocks `2 g` and `2 g + 1`: the low and high
+                                // nibbles of quant bytes `32 g..32 g + 32`.
+                                let sc = if g < 2 { sc_lo } else { sc_hi };
+                                let s = lane_byte(sc, (2 * g) % 4);
+                                q4_k_sub::<M, false>(j, p, b, g, s, &mut sumi);
+                                let s = lane_byte(sc, (2 * g + 1) % 4);
+                                q4_k_sub::<M, true>(j, p, b, g, s, &mut sumi);
                             }
                             let mut summs = [_mm256_setzero_si256(); M];
                             for sub in 0..8 {
                                 // (m, m) as i16 pairs against (bsums[2 sub], bsums[2 sub + 1]).
-                                let m = _mm256_shuffle_epi8(mn[sub / 4], lane_byte(0x0001_0001, (sub % 4) as u32));
+                                let m = lane_byte(mn[sub / 4], sub % 4);
+                                let m = _mm256_or_si256(m, _mm256_slli_epi32::<16>(m));
                                 for i in 0..M {
                                     summs[i] = $dot2(summs[i], m, bcast(j.a[i].add(b * Q8K_BYTES + BSUMS + 4 * sub)));
                                 }
@@ -144,6 +169,54 @@ macro_rules! kquant_kernels {
                 }
             }
 
+            /// Adds `scale[g] (Σ q6 q8 - 32 Σ q8)` over run
+            /// `g = 8 h + 2 KIND + half` of block `b` of the tile block at `p`
+            /// to `isum`, per row and lane. Element `128 h + 32 KIND + l`
+            /// (l in 0..32) takes its low nibble from `ql[64 h + l]` (kinds 0
+            /// and 2) or `ql[64 h + 32 + l]` (1 and 3), low or high (kinds 2
+            /// and 3), and its top two bits from bits `2 KIND..` of
+            /// `qh[32 h + l]`.
+            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn q6_k_sub<const M: usize, const KIND: usize>(
+                j: &Job,
+                p: *const u8,
+                b: usize,
+                h: usize,
+                half: usize,
+                isum: &mut [__m256i; M],
+            ) {
+                // SAFETY: the caller's (`q6_k`'s) bounds.
+                unsafe {
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    let top = _mm256_set1_epi8(0x30);
+                    let mut dot = [_mm256_setzero_si256(); M];
+                    for k in 4 * half..4 * half + 4 {
+                        let ql = _mm256_loadu_si256(p.add(144 + 32 * (16 * h + 8 * (KIND % 2) + k)).cast());
+                        let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * h + k)).cast());
+                        // 16-bit shifts, masked so no bits cross bytes.
+                        let (lo, hi) = match KIND {
+                            0 => (ql, _mm256_slli_epi16::<4>(qh)),
+                            1 => (ql, _mm256_slli_epi16::<2>(qh)),
+                            2 => (_mm256_srli_epi16::<4>(ql), qh),
+                            _ => (_mm256_srli_epi16::<4>(ql), _mm256_srli_epi16::<2>(qh)),
+                        };
+                        let q = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hi, top));
+                        for i in 0..M {
+                            let y = j.a[i].add(b * Q8K_BYTES + 4 + 128 * h + 32 * KIND + 4 * k);
+                            dot[i] = $dot4(dot[i], q, bcast(y));
+                        }
+                    }
+                    let g = 8 * h + 2 * KIND + half;
+                    let s = lane_byte_signed(_mm256_loadu_si256(p.add(16 + 32 * (g / 4)).cast()), g % 4);
+                    for i in 0..M {
+                        let corr = _mm256_set1_epi32(*j.x.add((i * j.nb + b) * 16 + g) as i32);
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(_mm256_sub_epi32(dot[i], corr), s));
+                    }
+                }
+            }
+
             /// Q6_K×Q8_K. Per block and lane, exactly in i32: `isum = Σ_g
             /// scale[g] (Σ q6 q8 - 32 Σ q8)` over the sixteen runs of 16,
             /// with the unsigned 6-bit codes `q6` and `32 Σ q8` from the
@@ -154,53 +227,18 @@ macro_rules! kquant_kernels {
             pub(in super::super) unsafe fn q6_k<const M: usize>(j: &Job) {
                 // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
                 unsafe {
-                    let m4 = _mm256_set1_epi8(0x0F);
-                    let top = _mm256_set1_epi8(0x30);
                     for t in 0..j.ntiles {
                         let mut acc = [_mm256_setzero_ps(); M];
                         for b in 0..j.nb {
                             let p = j.tiles.add((t * j.nb + b) * 8 * Q6K_BYTES);
                             let mut isum = [_mm256_setzero_si256(); M];
-                            // Element `128 h + 32 kind + l` (l in 0..32) takes its low
-                            // nibble from `ql[64 h + l]` (kinds 0, 2) or `ql[64 h + 32
-                            // + l]` (1, 3), low or high (kinds 2, 3), and its top two
-                            // bits from bits `2 kind..` of `qh[32 h + l]`.
+                            // The sixteen runs, in any order (the sums are exact).
                             for h in 0..2 {
-                                for kind in 0..4 {
-                                    for half in 0..2 {
-                                        let mut dot = [_mm256_setzero_si256(); M];
-                                        for k in 4 * half..4 * half + 4 {
-                                            let ql = _mm256_loadu_si256(
-                                                p.add(144 + 32 * (16 * h + 8 * (kind % 2) + k)).cast(),
-                                            );
-                                            let qh = _mm256_loadu_si256(p.add(1168 + 32 * (8 * h + k)).cast());
-                                            // 16-bit shifts, masked so no bits cross bytes.
-                                            let (lo, hi) = match kind {
-                                                0 => (ql, _mm256_slli_epi16::<4>(qh)),
-                                                1 => (ql, _mm256_slli_epi16::<2>(qh)),
-                                                2 => (_mm256_srli_epi16::<4>(ql), qh),
-                                                _ => (_mm256_srli_epi16::<4>(ql), _mm256_srli_epi16::<2>(qh)),
-                                            };
-                                            let q =
-                                                _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hi, top));
-                                            for i in 0..M {
-                                                let y = j.a[i].add(b * Q8K_BYTES + 4 + 128 * h + 32 * kind + 4 * k);
-                                                dot[i] = $dot4(dot[i], q, bcast(y));
-                                            }
-                                        }
-                                        let g = 8 * h + 2 * kind + half;
-                                        // Scale byte `g` of each row, sign-extended to 32 bits.
-                                        let sv = _mm256_loadu_si256(p.add(16 + 32 * (g / 4)).cast());
-                                        let s = _mm256_srai_epi32::<24>(_mm256_shuffle_epi8(
-                                            sv,
-                                            lane_byte(0x0100_0000, (g % 4) as u32),
-                                        ));
-                                        for i in 0..M {
-                                            let corr = _mm256_set1_epi32(*j.x.add((i * j.nb + b) * 16 + g) as i32);
-                                            let centred = _mm256_sub_epi32(dot[i], corr);
-                                            isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(centred, s));
-                                        }
-                                    }
+                                for half in 0..2 {
+                                    q6_k_sub::<M, 0>(j, p, b, h, half, &mut isum);
+                                    q6_k_sub::<M, 1>(j, p, b, h, half, &mut isum);
+                                    q6_k_sub::<M, 2>(j, p, b, h, half, &mut isum);
+                                    q6_k_sub::<M, 3>(j, p, b, h, half, &mut isum);
                                 }
                             }
                             let dx = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));

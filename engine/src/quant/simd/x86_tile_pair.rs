@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q8K_BYTES};
+use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::Job;
 
@@ -280,6 +280,95 @@ pub(super) unsafe fn q4_k<const M: usize>(j: &Job) {
                         _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(summs[i])),
                     );
                     acc[i] = _mm512_add_ps(acc[i], s);
+                }
+            }
+            for i in 0..M {
+                store_pair(j, t, i, acc[i]);
+            }
+        }
+    }
+}
+
+/// Adds `scale[g] (Σ q6 q8 - 32 Σ q8)` over run `g = 8 h + 2 KIND + half`
+/// of block `b` to `isum`, for both tiles (`p0`, `p1`): as
+/// `x86_packed_kquant`'s one-tile helper, with 32-bit shifts (AVX-512 F),
+/// masked so no bits cross bytes.
+#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+#[allow(clippy::too_many_arguments)] // One run's operands.
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+unsafe fn q6_k_sub<const M: usize, const KIND: usize>(
+    j: &Job,
+    p0: *const u8,
+    p1: *const u8,
+    b: usize,
+    h: usize,
+    half: usize,
+    isum: &mut [__m512i; M],
+) {
+    // SAFETY: the caller's (`q6_k`'s) bounds.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let top = _mm512_set1_epi8(0x30);
+        let mut dot = [_mm512_setzero_si512(); M];
+        for k in 4 * half..4 * half + 4 {
+            let ql = load_pair(p0, p1, 144 + 32 * (16 * h + 8 * (KIND % 2) + k));
+            let qh = load_pair(p0, p1, 1168 + 32 * (8 * h + k));
+            let (lo, hi) = match KIND {
+                0 => (ql, _mm512_slli_epi32::<4>(qh)),
+                1 => (ql, _mm512_slli_epi32::<2>(qh)),
+                2 => (_mm512_srli_epi32::<4>(ql), qh),
+                _ => (_mm512_srli_epi32::<4>(ql), _mm512_srli_epi32::<2>(qh)),
+            };
+            let q = _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_and_si512(hi, top));
+            for i in 0..M {
+                let y = j.a[i].add(b * Q8K_BYTES + 4 + 128 * h + 32 * KIND + 4 * k);
+                dot[i] = _mm512_dpbusd_epi32(dot[i], q, bcast(y));
+            }
+        }
+        let g = 8 * h + 2 * KIND + half;
+        // Scale byte `g` of each row, sign-extended to 32 bits.
+        let sv = load_pair(p0, p1, 16 + 32 * (g / 4));
+        let s = _mm512_srai_epi32::<24>(_mm512_sll_epi32(sv, _mm_cvtsi32_si128(24 - 8 * (g % 4) as i32)));
+        for i in 0..M {
+            let corr = _mm512_set1_epi32(*j.x.add((i * j.nb + b) * 16 + g) as i32);
+            isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(_mm512_sub_epi32(dot[i], corr), s));
+        }
+    }
+}
+
+/// Q6_K×Q8_K over `j.ntiles` (even) tiles, as `x86_packed_kquant`'s
+/// one-tile kernel on twice the rows: per block and lane, exactly in i32,
+/// `isum = Σ_g scale[g] (Σ q6 q8 - 32 Σ q8)` (under 2^28), then
+/// `sumf += (w.d * a.d) * isum as f32`.
+///
+/// # Safety
+/// As for [`q4_1`].
+#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+pub(super) unsafe fn q6_k<const M: usize>(j: &Job) {
+    // SAFETY: see `pack::Job` (the operands' bounds); unaligned loads only.
+    unsafe {
+        let tile = j.nb * 8 * Q6K_BYTES;
+        for t in (0..j.ntiles).step_by(2) {
+            let mut acc = [_mm512_setzero_ps(); M];
+            for b in 0..j.nb {
+                let p0 = j.tiles.add(t * tile + b * 8 * Q6K_BYTES);
+                let p1 = p0.add(tile);
+                prefetch_next_pair(p0, tile, 8 * Q6K_BYTES);
+                let mut isum = [_mm512_setzero_si512(); M];
+                for h in 0..2 {
+                    for half in 0..2 {
+                        q6_k_sub::<M, 0>(j, p0, p1, b, h, half, &mut isum);
+                        q6_k_sub::<M, 1>(j, p0, p1, b, h, half, &mut isum);
+                        q6_k_sub::<M, 2>(j, p0, p1, b, h, half, &mut isum);
+                        q6_k_sub::<M, 3>(j, p0, p1, b, h, half, &mut isum);
+                    }
+                }
+                let dx = scales_pair(p0, p1, 0);
+                for i in 0..M {
+                    let d = _mm512_mul_ps(dx, _mm512_set1_ps(*j.d.add(i * j.nb + b)));
+                    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[i])));
                 }
             }
             for i in 0..M {
