@@ -70,7 +70,7 @@ pub enum SynthError {
         dtype: &'static str,
     },
     /// The tokenizer source could not be read as GGUF.
-    #[error("cannot read the tokenizer from {path}: {source}")]
+    #[error("cannot read the tokenizer from {path}")]
     TokenizerFile {
         /// The `--tokenizer-from` file.
         path: PathBuf,
@@ -87,7 +87,7 @@ pub enum SynthError {
     #[error("a model needs at least one layer")]
     NoLayers,
     /// The output file could not be created or written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file being written.
         path: PathBuf,
