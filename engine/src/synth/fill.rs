@@ -22,16 +22,13 @@ pub(crate) struct ScaleFields {
     min: Option<usize>,
 }
 
-/// The f16 fields of each block format, keyed on GGUF's type id so a format
-/// the engine does not know yet (Q5_K) can already have its line.
+/// The f16 fields of each block format (ggml's block layouts).
 fn scale_fields(dtype: GgmlType) -> Option<ScaleFields> {
-    let (scale, min) = match dtype.id() {
-        2 => (0, None),     // Q4_0: d, qs[16]
-        3 => (0, Some(2)),  // Q4_1: d, m, qs[16]
-        8 => (0, None),     // Q8_0: d, qs[32]
-        12 => (0, Some(2)), // Q4_K: d, dmin, scales[12], qs[128]
-        13 => (0, Some(2)), // Q5_K: d, dmin, scales[12], qh[32], qs[128]
-        14 => (208, None),  // Q6_K: ql[128], qh[64], scales[16], d
+    let (scale, min) = match dtype {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (0, None), // d, …
+        GgmlType::Q4_1 | GgmlType::Q5_1 => (0, Some(2)),               // d, m, …
+        GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2)),               // d, dmin, scales[12], …
+        GgmlType::Q6_K => (208, None),                                 // ql[128], qh[64], scales[16], d
         _ => return None,
     };
     Some(ScaleFields { scale, min })

@@ -5,10 +5,6 @@
 use super::SynthError;
 use crate::quant::GgmlType;
 
-/// GGUF's id for Q5_K, looked up by number so that this file needs no edit
-/// once the engine computes with Q5_K.
-const Q5_K_ID: u32 = 13;
-
 /// A whole-file quantization, as `llama-quantize` names it.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +61,7 @@ impl FileType {
     pub fn base(self) -> Result<GgmlType, SynthError> {
         match self {
             Self::Q4_K_M => Ok(GgmlType::Q4_K),
-            Self::Q5_K_M => {
-                GgmlType::from_id(Q5_K_ID).ok_or(SynthError::EngineLacksType { file_type: self.name(), dtype: "Q5_K" })
-            }
+            Self::Q5_K_M => Ok(GgmlType::Q5_K),
             Self::Q4_0 => Ok(GgmlType::Q4_0),
             Self::Q8_0 => Ok(GgmlType::Q8_0),
             Self::Q6_K => Ok(GgmlType::Q6_K),
@@ -154,14 +148,13 @@ mod tests {
     }
 
     #[test]
-    fn names_parse_and_q5_k_m_needs_the_engine_to_know_q5_k() {
+    fn names_parse_and_q5_k_m_uses_q5_k() {
         for ft in FileType::ALL {
             assert_eq!(FileType::parse(ft.name()).expect("parse"), ft);
         }
         assert!(matches!(FileType::parse("q4_k_s"), Err(SynthError::UnknownFileType { .. })));
-        match GgmlType::from_id(Q5_K_ID) {
-            Some(q5) => assert_eq!(ty(FileType::Q5_K_M, "blk.4.attn_v.weight"), q5),
-            None => assert!(matches!(FileType::Q5_K_M.base(), Err(SynthError::EngineLacksType { .. }))),
-        }
+        assert_eq!(ty(FileType::Q5_K_M, "blk.0.attn_v.weight"), GgmlType::Q6_K);
+        assert_eq!(ty(FileType::Q5_K_M, "blk.4.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(ty(FileType::Q5_K_M, "blk.5.ffn_up.weight"), GgmlType::Q5_K);
     }
 }
