@@ -301,11 +301,12 @@ pub struct Activations<'a> {
     q8_k: OnceCell<Vec<u8>>,
     /// Packed-kernel scalars, per weight type: they differ even where the
     /// quantized rows are shared (`q8_0` for Q8_0 and Q4_0 weights, `q8_k`
-    /// for Q4_K and Q6_K).
+    /// for the K-quants).
     pre_q8_0: OnceCell<quant::ActScalars>,
     pre_q4_0: OnceCell<quant::ActScalars>,
     pre_q4_1: OnceCell<quant::ActScalars>,
     pre_q4_k: OnceCell<quant::ActScalars>,
+    pre_q5_k: OnceCell<quant::ActScalars>,
     pre_q6_k: OnceCell<quant::ActScalars>,
 }
 
@@ -324,6 +325,7 @@ impl<'a> Activations<'a> {
             pre_q4_0: OnceCell::new(),
             pre_q4_1: OnceCell::new(),
             pre_q4_k: OnceCell::new(),
+            pre_q5_k: OnceCell::new(),
             pre_q6_k: OnceCell::new(),
         }
     }
@@ -340,6 +342,7 @@ impl<'a> Activations<'a> {
             GgmlType::Q4_0 => Some(&self.pre_q4_0),
             GgmlType::Q4_1 => Some(&self.pre_q4_1),
             GgmlType::Q4_K => Some(&self.pre_q4_k),
+            GgmlType::Q5_K => Some(&self.pre_q5_k),
             GgmlType::Q6_K => Some(&self.pre_q6_k),
             _ => None,
         }

@@ -26,6 +26,9 @@
 //!   every row's low scales, another their low minimums, and the third the
 //!   nibbles of the high ones; then for `c` in `0..32` and each row that
 //!   row's quant bytes `4c..4c + 4`;
+//! - Q5_K (1408 bytes): Q4_K's packed block (its `qs` from GGUF bytes
+//!   `48..176`), then `qh` (for `c` in `0..8`, each row's `qh[4c..4c + 4]`),
+//!   so the low nibbles sit where Q4_K's do and its kernels serve both;
 //! - Q6_K (1680 bytes): `d[0..8]` (f16), the sixteen scales in four runs
 //!   (for `v` in `0..4`, each row's `4v..4v + 4`), then `ql` (for `c` in
 //!   `0..32`, each row's `ql[4c..4c + 4]`) and `qh` (for `c` in `0..16`,
@@ -51,7 +54,7 @@ pub(crate) const MAX_ACT: usize = 8;
 /// Bytes of one packed block of a tile for `dtype`, if `dtype` has a packed layout.
 pub(crate) fn tile_block_bytes(dtype: GgmlType) -> Option<usize> {
     match dtype {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             Some(TILE * dtype.block_bytes())
         }
         _ => None,
@@ -85,10 +88,13 @@ fn fields(dtype: GgmlType, r: usize) -> Vec<Field> {
             v.extend((0..4).map(|g| f(16 + 32 * g + 4 * r, 2 + 4 * g, 4, 0)));
             v
         }
-        GgmlType::Q4_K => {
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // Q5_K's 32 bytes of `qh` come before its low nibbles in GGUF.
+            let qh = if dtype == GgmlType::Q5_K { 32 } else { 0 };
             let mut v = vec![f(2 * r, 0, 2, 0), f(16 + 2 * r, 2, 2, 0)];
             v.extend((0..3).map(|k| f(32 + 32 * k + 4 * r, 4 + 4 * k, 4, 0)));
-            v.extend((0..32).map(|c| f(128 + 32 * c + 4 * r, 16 + 4 * c, 4, 0)));
+            v.extend((0..32).map(|c| f(128 + 32 * c + 4 * r, 16 + qh + 4 * c, 4, 0)));
+            v.extend((0..qh / 4).map(|c| f(1152 + 32 * c + 4 * r, 16 + 4 * c, 4, 0)));
             v
         }
         GgmlType::Q6_K => {
@@ -154,8 +160,9 @@ pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: us
 /// Q4_1 weights; `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
 /// quants are offset by 128; `8 * Σ q` for Q4_0 (the `- 8` of its quants);
 /// for Q6_K, `32 * Σ q` of each run of 16 (the `- 32`), computed from the
-/// quants as the reference does, not read from `bsums`; nothing for Q4_K,
-/// whose kernels read `bsums` from the activation row as the reference does.
+/// quants as the reference does, not read from `bsums`; nothing for Q4_K
+/// and Q5_K, whose kernels read `bsums` from the activation row as the
+/// reference does.
 #[derive(Debug, Clone)]
 pub struct ActScalars {
     dtype: GgmlType,
@@ -183,7 +190,7 @@ impl ActScalars {
     /// Words of `x` per block for `dtype` weights.
     pub(crate) fn x_per_block(dtype: GgmlType) -> usize {
         match dtype {
-            GgmlType::Q4_K => 0,
+            GgmlType::Q4_K | GgmlType::Q5_K => 0,
             GgmlType::Q6_K => 16,
             _ => 1,
         }
@@ -210,7 +217,7 @@ impl ActScalars {
                     *d = f16_at(y, 0);
                     x[0] = f16_at(y, 2).to_bits();
                 }
-                GgmlType::Q4_K | GgmlType::Q6_K => {
+                GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
                     let y = &row[b * Q8K_BYTES..];
                     *d = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
                     for (g, x) in x.iter_mut().enumerate() {
@@ -249,7 +256,7 @@ impl ActScalars {
 /// `quant::dot_packed` down to [`Job::passes`] hands it on whole.
 #[derive(Clone, Copy)]
 pub struct PackedOperands<'a> {
-    /// Weight type (Q4_0, Q4_1, Q8_0, Q4_K and Q6_K have packed layouts).
+    /// Weight type (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K have packed layouts).
     pub dtype: GgmlType,
     /// Whole packed tiles.
     pub tiles: &'a [u8],
@@ -361,7 +368,7 @@ impl Job {
         let abb = match dtype {
             GgmlType::Q4_1 => Q8_1_BYTES,
             GgmlType::Q8_0 | GgmlType::Q4_0 => Q8_0_BYTES,
-            GgmlType::Q4_K | GgmlType::Q6_K => Q8K_BYTES,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => Q8K_BYTES,
             _ => return false,
         };
         let xpb = ActScalars::x_per_block(dtype);
@@ -411,7 +418,7 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_pads() {
-        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             let row_bytes = 3 * dtype.block_bytes();
             let rows = 11;
             let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 31 % 251) as u8).collect();

@@ -14,7 +14,7 @@
 //!   is at most 127 (pairs within ±32512 in i16), so Q8_0's bytes are split
 //!   into nibbles.
 //!
-//! Q4_K and Q6_K, whose sub-block scales differ per row, are in
+//! Q4_K, Q5_K and Q6_K, whose sub-block scales differ per row, are in
 //! `x86_packed_kquant`.
 //!
 //! Integer sums are exact in any order. The float part repeats the scalar
@@ -88,13 +88,13 @@ impl DotIsa {
     /// Two passes of four meant each weight block loaded twice and its
     /// unpacking paid for four rows, not eight. The 16-register sets take
     /// four.
-    /// Q4_0, Q4_K and Q6_K keep one accumulator more per row than Q4_1
+    /// Q4_0 and the K-quants keep one accumulator more per row than Q4_1
     /// (the sub-block sums), which 32 registers hold for eight rows too.
     fn max_rows(self, dtype: GgmlType) -> usize {
         match (self, dtype) {
             (
                 Self::Avx512Vnni | Self::Avx512Wide,
-                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K,
+                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K,
             )
             | (Self::Avx512Wide, GgmlType::Q8_0) => 8,
             _ => 4,
@@ -108,7 +108,10 @@ impl DotIsa {
 pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) -> bool {
     let dtype = ops.dtype;
     // The last arms of each instruction set below take Q6_K.
-    if !matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K) {
+    if !matches!(
+        dtype,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+    ) {
         return false;
     }
     let tbb = 8 * dtype.block_bytes();
@@ -132,6 +135,10 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
                     run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_K) => run_k(k, job, upto8!(kq::avx512::q4_k)),
+                (DotIsa::Avx512Wide, GgmlType::Q5_K) => {
+                    run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q5_k), upto8!(kq::avx512::q5_k));
+                }
+                (DotIsa::Avx512Vnni, GgmlType::Q5_K) => run_k(k, job, upto8!(kq::avx512::q5_k)),
                 (DotIsa::Avx512Wide, _) => {
                     run_pairs(k, job, tbb, true, upto8!(super::x86_tile_pair::q6_k), upto8!(kq::avx512::q6_k));
                 }
@@ -140,11 +147,13 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
                 (DotIsa::AvxVnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avxvnni::q8_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_0) => run_k(k, job, upto4!(avxvnni::q4_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avxvnni::q4_k)),
+                (DotIsa::AvxVnni, GgmlType::Q5_K) => run_k(k, job, upto4!(kq::avxvnni::q5_k)),
                 (DotIsa::AvxVnni, _) => run_k(k, job, upto4!(kq::avxvnni::q6_k)),
                 (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, job, upto4!(avx2::q4_1)),
                 (DotIsa::Avx2, GgmlType::Q8_0) => run_k(k, job, upto4!(avx2::q8_0)),
                 (DotIsa::Avx2, GgmlType::Q4_0) => run_k(k, job, upto4!(avx2::q4_0)),
                 (DotIsa::Avx2, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avx2::q4_k)),
+                (DotIsa::Avx2, GgmlType::Q5_K) => run_k(k, job, upto4!(kq::avx2::q5_k)),
                 (DotIsa::Avx2, _) => run_k(k, job, upto4!(kq::avx2::q6_k)),
             }
         }
