@@ -126,10 +126,7 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(_) => matches!(
-            dtype,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
-        ),
+        Kernel::Avx2(_) => super::pack::PACKED.contains(&dtype),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(k) => k.packs(dtype),
     }
@@ -234,7 +231,7 @@ mod tests {
         for blk in v.chunks_exact_mut(bb) {
             fill(r, f, blk);
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q8_0 => put16(blk, 0, r.scale()),
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put16(blk, 0, r.scale()),
                 GgmlType::Q4_1 | GgmlType::Q8_1 => {
                     put16(blk, 0, r.scale());
                     put16(blk, 2, r.scale());
@@ -261,6 +258,7 @@ mod tests {
     fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
         match ty {
             GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0(w, a),
+            GgmlType::Q5_0 => legacy::vec_dot_q5_0_q8_0(w, a),
             GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1(w, a),
             GgmlType::Q8_0 => legacy::vec_dot_q8_0_q8_0(w, a),
             GgmlType::Q4_K => kquant::vec_dot_q4k_q8k(w, a),
@@ -315,7 +313,7 @@ mod tests {
     /// result must not depend on how many activation rows or tiles share the
     /// call. Short tiles and other rows' scalars must be refused.
     fn packed_tiles_match(r: &mut Rng, isa: &str, dot: impl Fn(&PackedOperands<'_>, &mut [[f32; 8]]) -> bool) {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in super::super::pack::PACKED {
             let tbb = 8 * ty.block_bytes();
             let lens: &[usize] = if ty.block_len() == 32 { &[1, 2, 3, 7, 18, 48] } else { &[1, 2, 3, 5] };
             for &nb in lens {
