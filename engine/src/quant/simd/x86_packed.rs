@@ -235,9 +235,10 @@ unsafe fn run_k<const N: usize>(k: usize, job: &Job, ks: [KernelFn; N]) {
     unsafe { ks[k - 1](job) }
 }
 
-/// Defines `q4_1::<M>`, `q8_0::<M>`, `q4_0::<M>` and `q5_0::<M>` for one instruction set, given its
-/// target features and `dot4(acc, u, s)`, which adds to each i32 lane the
-/// dot product of the lane's four unsigned bytes of `u` (each at most 15)
+/// Defines `q4_1::<M>`, `q8_0::<M>`, `q4_0::<M>` and `q5_0::<M>` for one
+/// instruction set, given its target features and `dot4(acc, u, s)`, which
+/// adds to each i32 lane the dot product of the lane's four unsigned bytes
+/// of `u` (each at most 31)
 /// with the four signed bytes of `s`, and `dot4_byte`, the same for any
 /// unsigned byte.
 macro_rules! packed_kernels {
@@ -417,8 +418,8 @@ unsafe fn high_bits(qh: __m256i, e: usize) -> __m256i {
 }
 
 /// `vpmaddubsw` + `vpmaddwd`: exact while every unsigned byte is at most
-/// 127 (pair sums within ±32512 in i16); the kernels give it nibbles (±3840)
-/// or Q6_K's 6-bit codes (±16128).
+/// 127 (pair sums within ±32512 in i16); the kernels give it nibbles (±3840),
+/// 5-bit codes (±7936) or Q6_K's 6-bit codes (±16128).
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot4_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {

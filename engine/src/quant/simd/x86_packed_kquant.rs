@@ -87,7 +87,7 @@ macro_rules! kquant_kernels {
                 s: __m256i,
                 sumi: &mut [__m256i; M],
             ) {
-                // SAFETY: the caller's (`q4_k`'s) bounds.
+                // SAFETY: the caller's (`k4`'s) bounds.
                 unsafe {
                     let m4 = _mm256_set1_epi8(0x0F);
                     let b4 = _mm256_set1_epi8(0x10);
