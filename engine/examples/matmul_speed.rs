@@ -6,10 +6,11 @@
 //! rows are what each stage computes when serving 16 streams.
 //!
 //! With the argument `llama`, Llama-2-7B's shapes instead (4,096 × 4,096
-//! and 11,008 × 4,096, in Q4_K, Q6_K and Q4_0) at 1, 8 and 16 rows, with
-//! enough copies (about 600 MB) that the weights stream from memory.
+//! and 11,008 × 4,096, in Q4_K, Q5_K, Q6_K, Q4_0 and Q5_0, or only the type
+//! named after `llama`) at 1, 8 and 16 rows, with enough copies (about
+//! 600 MB) that the weights stream from memory.
 //!
-//! `cargo run --release --example matmul_speed -p potluck-engine [-- llama]`
+//! `cargo run --release --example matmul_speed -p potluck-engine [-- llama [Q5_K]]`
 
 use potluck_engine::fixture::unit_scale_matrix;
 use potluck_engine::quant::GgmlType;
@@ -21,7 +22,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let llama = std::env::args().nth(1).as_deref() == Some("llama");
     let shapes: Vec<(&str, GgmlType, usize, usize, usize)> = if llama {
         let mut v = Vec::new();
-        for (name, dtype) in [("Q4_K", GgmlType::Q4_K), ("Q6_K", GgmlType::Q6_K), ("Q4_0", GgmlType::Q4_0)] {
+        let types = [
+            ("Q4_K", GgmlType::Q4_K),
+            ("Q5_K", GgmlType::Q5_K),
+            ("Q6_K", GgmlType::Q6_K),
+            ("Q4_0", GgmlType::Q4_0),
+            ("Q5_0", GgmlType::Q5_0),
+        ];
+        let only = std::env::args().nth(2);
+        for (name, dtype) in types.into_iter().filter(|(n, _)| only.as_deref().is_none_or(|o| o == *n)) {
             for (rows, cols) in [(4_096, 4_096), (11_008, 4_096)] {
                 let bytes = rows * dtype.row_bytes(cols).ok_or("bad shape")?;
                 v.push((name, dtype, rows, cols, (600usize << 20).div_ceil(bytes)));

@@ -220,7 +220,7 @@ impl TinyModel {
     }
 }
 
-/// A `rows × cols` quantized matrix (Q4_0, Q4_1, Q8_0, Q4_K or Q6_K) with
+/// A `rows × cols` quantized matrix (Q4_0, Q5_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K) with
 /// every f16 block scale (and minimum) 1.0 and pseudo-random quants and
 /// sub-block scales from `seed`: a kernel benchmark's workload, whose
 /// outputs are finite whatever the quants. `None` for other types or a
@@ -228,8 +228,8 @@ impl TinyModel {
 pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Option<crate::weights::Matrix> {
     // Byte offsets of the f16 scales within a block.
     let scales: &[usize] = match dtype {
-        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => return None,
     };

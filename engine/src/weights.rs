@@ -300,12 +300,14 @@ pub struct Activations<'a> {
     q8_1: OnceCell<Vec<u8>>,
     q8_k: OnceCell<Vec<u8>>,
     /// Packed-kernel scalars, per weight type: they differ even where the
-    /// quantized rows are shared (`q8_0` for Q8_0 and Q4_0 weights, `q8_k`
-    /// for Q4_K and Q6_K).
+    /// quantized rows are shared (`q8_0` for Q8_0, Q4_0 and Q5_0 weights, `q8_k`
+    /// for the K-quants).
     pre_q8_0: OnceCell<quant::ActScalars>,
     pre_q4_0: OnceCell<quant::ActScalars>,
+    pre_q5_0: OnceCell<quant::ActScalars>,
     pre_q4_1: OnceCell<quant::ActScalars>,
     pre_q4_k: OnceCell<quant::ActScalars>,
+    pre_q5_k: OnceCell<quant::ActScalars>,
     pre_q6_k: OnceCell<quant::ActScalars>,
 }
 
@@ -322,8 +324,10 @@ impl<'a> Activations<'a> {
             q8_k: OnceCell::new(),
             pre_q8_0: OnceCell::new(),
             pre_q4_0: OnceCell::new(),
+            pre_q5_0: OnceCell::new(),
             pre_q4_1: OnceCell::new(),
             pre_q4_k: OnceCell::new(),
+            pre_q5_k: OnceCell::new(),
             pre_q6_k: OnceCell::new(),
         }
     }
@@ -338,8 +342,10 @@ impl<'a> Activations<'a> {
         match dtype {
             GgmlType::Q8_0 => Some(&self.pre_q8_0),
             GgmlType::Q4_0 => Some(&self.pre_q4_0),
+            GgmlType::Q5_0 => Some(&self.pre_q5_0),
             GgmlType::Q4_1 => Some(&self.pre_q4_1),
             GgmlType::Q4_K => Some(&self.pre_q4_k),
+            GgmlType::Q5_K => Some(&self.pre_q5_k),
             GgmlType::Q6_K => Some(&self.pre_q6_k),
             _ => None,
         }

@@ -20,12 +20,17 @@
 //!   unsigned byte `q + 128`), so the unsigned operand of `vpdpbusd` can be
 //!   the weight; the kernels subtract `128 * Σ activation` exactly;
 //! - Q4_0 (144 bytes): `d[0..8]` (f16), then quant bytes as for Q4_1;
+//! - Q5_0 (176 bytes): `d[0..8]` (f16), each row's four `qh` bytes, then
+//!   quant bytes as for Q4_1;
 //! - Q4_K (1152 bytes): `d[0..8]`, `dmin[0..8]` (f16), then the twelve
 //!   scale bytes in three runs (`32..64`: GGUF bytes `0..4` of each row,
 //!   `64..96`: bytes `4..8`, `96..128`: bytes `8..12`), so one load gives
 //!   every row's low scales, another their low minimums, and the third the
 //!   nibbles of the high ones; then for `c` in `0..32` and each row that
 //!   row's quant bytes `4c..4c + 4`;
+//! - Q5_K (1408 bytes): Q4_K's packed block (its `qs` from GGUF bytes
+//!   `48..176`), then `qh` (for `c` in `0..8`, each row's `qh[4c..4c + 4]`),
+//!   so the low nibbles sit where Q4_K's do and its kernels serve both;
 //! - Q6_K (1680 bytes): `d[0..8]` (f16), the sixteen scales in four runs
 //!   (for `v` in `0..4`, each row's `4v..4v + 4`), then `ql` (for `c` in
 //!   `0..32`, each row's `ql[4c..4c + 4]`) and `qh` (for `c` in `0..16`,
@@ -48,14 +53,14 @@ pub(crate) const TILE: usize = 8;
 /// Most activation rows one packed kernel call takes (`quant::MAX_ACT`).
 pub(crate) const MAX_ACT: usize = 8;
 
+/// The types with a packed layout, in one place for the layouts, the
+/// kernels' dispatch and the tests.
+pub(crate) const PACKED: [GgmlType; 7] =
+    [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+
 /// Bytes of one packed block of a tile for `dtype`, if `dtype` has a packed layout.
 pub(crate) fn tile_block_bytes(dtype: GgmlType) -> Option<usize> {
-    match dtype {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
-            Some(TILE * dtype.block_bytes())
-        }
-        _ => None,
-    }
+    PACKED.contains(&dtype).then(|| TILE * dtype.block_bytes())
 }
 
 /// One field move: bytes `packed` of a tile block hold bytes `gguf` of row
@@ -85,10 +90,18 @@ fn fields(dtype: GgmlType, r: usize) -> Vec<Field> {
             v.extend((0..4).map(|g| f(16 + 32 * g + 4 * r, 2 + 4 * g, 4, 0)));
             v
         }
-        GgmlType::Q4_K => {
+        GgmlType::Q5_0 => {
+            let mut v = vec![f(2 * r, 0, 2, 0), f(16 + 4 * r, 2, 4, 0)];
+            v.extend((0..4).map(|g| f(48 + 32 * g + 4 * r, 6 + 4 * g, 4, 0)));
+            v
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // Q5_K's 32 bytes of `qh` come before its low nibbles in GGUF.
+            let qh = if dtype == GgmlType::Q5_K { 32 } else { 0 };
             let mut v = vec![f(2 * r, 0, 2, 0), f(16 + 2 * r, 2, 2, 0)];
             v.extend((0..3).map(|k| f(32 + 32 * k + 4 * r, 4 + 4 * k, 4, 0)));
-            v.extend((0..32).map(|c| f(128 + 32 * c + 4 * r, 16 + 4 * c, 4, 0)));
+            v.extend((0..32).map(|c| f(128 + 32 * c + 4 * r, 16 + qh + 4 * c, 4, 0)));
+            v.extend((0..qh / 4).map(|c| f(1152 + 32 * c + 4 * r, 16 + 4 * c, 4, 0)));
             v
         }
         GgmlType::Q6_K => {
@@ -152,10 +165,12 @@ pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: us
 /// (Q8_0's or Q8_1's `d`, widened from f16, or Q8_K's); `x` holds
 /// [`ActScalars::x_per_block`] words per block: Q8_1's `s` (f32 bits) for
 /// Q4_1 weights; `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
-/// quants are offset by 128; `8 * Σ q` for Q4_0 (the `- 8` of its quants);
+/// quants are offset by 128; `8 * Σ q` for Q4_0 (the `- 8` of its quants)
+/// and `16 * Σ q` for Q5_0 (its `- 16`);
 /// for Q6_K, `32 * Σ q` of each run of 16 (the `- 32`), computed from the
-/// quants as the reference does, not read from `bsums`; nothing for Q4_K,
-/// whose kernels read `bsums` from the activation row as the reference does.
+/// quants as the reference does, not read from `bsums`; nothing for Q4_K
+/// and Q5_K, whose kernels read `bsums` from the activation row as the
+/// reference does.
 #[derive(Debug, Clone)]
 pub struct ActScalars {
     dtype: GgmlType,
@@ -183,7 +198,7 @@ impl ActScalars {
     /// Words of `x` per block for `dtype` weights.
     pub(crate) fn x_per_block(dtype: GgmlType) -> usize {
         match dtype {
-            GgmlType::Q4_K => 0,
+            GgmlType::Q4_K | GgmlType::Q5_K => 0,
             GgmlType::Q6_K => 16,
             _ => 1,
         }
@@ -210,7 +225,7 @@ impl ActScalars {
                     *d = f16_at(y, 0);
                     x[0] = f16_at(y, 2).to_bits();
                 }
-                GgmlType::Q4_K | GgmlType::Q6_K => {
+                GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
                     let y = &row[b * Q8K_BYTES..];
                     *d = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
                     for (g, x) in x.iter_mut().enumerate() {
@@ -220,7 +235,11 @@ impl ActScalars {
                 _ => {
                     let y = &row[b * Q8_0_BYTES..];
                     *d = f16_at(y, 0);
-                    let offset = if dtype == GgmlType::Q4_0 { 8 } else { 128 };
+                    let offset = match dtype {
+                        GgmlType::Q4_0 => 8,
+                        GgmlType::Q5_0 => 16,
+                        _ => 128,
+                    };
                     // Two's complement bits, read back as i32.
                     x[0] = (offset * sum(&y[2..Q8_0_BYTES])) as u32;
                 }
@@ -249,7 +268,7 @@ impl ActScalars {
 /// `quant::dot_packed` down to [`Job::passes`] hands it on whole.
 #[derive(Clone, Copy)]
 pub struct PackedOperands<'a> {
-    /// Weight type (Q4_0, Q4_1, Q8_0, Q4_K and Q6_K have packed layouts).
+    /// Weight type (Q4_0, Q5_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K have packed layouts).
     pub dtype: GgmlType,
     /// Whole packed tiles.
     pub tiles: &'a [u8],
@@ -360,8 +379,8 @@ impl Job {
         let PackedOperands { dtype, tiles, nb, a, a_stride, m, pre, first } = *ops;
         let abb = match dtype {
             GgmlType::Q4_1 => Q8_1_BYTES,
-            GgmlType::Q8_0 | GgmlType::Q4_0 => Q8_0_BYTES,
-            GgmlType::Q4_K | GgmlType::Q6_K => Q8K_BYTES,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => Q8_0_BYTES,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => Q8K_BYTES,
             _ => return false,
         };
         let xpb = ActScalars::x_per_block(dtype);
@@ -411,7 +430,7 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_pads() {
-        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        for dtype in PACKED {
             let row_bytes = 3 * dtype.block_bytes();
             let rows = 11;
             let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 31 % 251) as u8).collect();

@@ -126,9 +126,7 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(_) => {
-            matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
-        }
+        Kernel::Avx2(_) => super::pack::PACKED.contains(&dtype),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(k) => k.packs(dtype),
     }
@@ -233,12 +231,12 @@ mod tests {
         for blk in v.chunks_exact_mut(bb) {
             fill(r, f, blk);
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q8_0 => put16(blk, 0, r.scale()),
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put16(blk, 0, r.scale()),
                 GgmlType::Q4_1 | GgmlType::Q8_1 => {
                     put16(blk, 0, r.scale());
                     put16(blk, 2, r.scale());
                 }
-                GgmlType::Q4_K => {
+                GgmlType::Q4_K | GgmlType::Q5_K => {
                     put16(blk, 0, r.scale());
                     put16(blk, 2, r.scale());
                 }
@@ -260,9 +258,11 @@ mod tests {
     fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
         match ty {
             GgmlType::Q4_0 => legacy::vec_dot_q4_0_q8_0(w, a),
+            GgmlType::Q5_0 => legacy::vec_dot_q5_0_q8_0(w, a),
             GgmlType::Q4_1 => legacy::vec_dot_q4_1_q8_1(w, a),
             GgmlType::Q8_0 => legacy::vec_dot_q8_0_q8_0(w, a),
             GgmlType::Q4_K => kquant::vec_dot_q4k_q8k(w, a),
+            GgmlType::Q5_K => kquant::vec_dot_q5k_q8k(w, a),
             GgmlType::Q6_K => kquant::vec_dot_q6k_q8k(w, a),
             _ => unreachable!(),
         }
@@ -313,7 +313,7 @@ mod tests {
     /// result must not depend on how many activation rows or tiles share the
     /// call. Short tiles and other rows' scalars must be refused.
     fn packed_tiles_match(r: &mut Rng, isa: &str, dot: impl Fn(&PackedOperands<'_>, &mut [[f32; 8]]) -> bool) {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        for ty in super::super::pack::PACKED {
             let tbb = 8 * ty.block_bytes();
             let lens: &[usize] = if ty.block_len() == 32 { &[1, 2, 3, 7, 18, 48] } else { &[1, 2, 3, 5] };
             for &nb in lens {
@@ -552,9 +552,10 @@ mod tests {
             // `PACKED_SPEED_ROWS=98304` gives a matrix far larger than the
             // caches, so the weights stream from memory as in the model.
             let rows: usize = std::env::var("PACKED_SPEED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1536);
-            let nb = 18;
             for t in Avx2::all() {
-                for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K] {
+                    // SmolLM2's width, 576, in whole blocks.
+                    let nb = (576 / ty.block_len()).max(1);
                     let w = row(&mut r, ty, rows * nb, Fill::Random);
                     let packed =
                         super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).expect("packable");
@@ -582,7 +583,7 @@ mod tests {
                             }
                         }
                         let s = start.elapsed().as_secs_f64();
-                        let macs = (iters * rows * nb * 32 * m) as f64;
+                        let macs = (iters * rows * nb * ty.block_len() * m) as f64;
                         eprintln!("{} {} m={m}: {:.1} GMAC/s", t.isa().name(), ty.name(), macs / s / 1e9);
                     }
                 }

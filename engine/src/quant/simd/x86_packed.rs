@@ -14,7 +14,7 @@
 //!   is at most 127 (pairs within ±32512 in i16), so Q8_0's bytes are split
 //!   into nibbles.
 //!
-//! Q4_K and Q6_K, whose sub-block scales differ per row, are in
+//! Q4_K, Q5_K and Q6_K, whose sub-block scales differ per row, are in
 //! `x86_packed_kquant`.
 //!
 //! Integer sums are exact in any order. The float part repeats the scalar
@@ -28,8 +28,8 @@
 
 use std::arch::x86_64::*;
 
-use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{Job, PackedOperands, TileOut};
+use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::{Job, PackedOperands, TileOut, PACKED};
 use super::super::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
@@ -88,13 +88,13 @@ impl DotIsa {
     /// Two passes of four meant each weight block loaded twice and its
     /// unpacking paid for four rows, not eight. The 16-register sets take
     /// four.
-    /// Q4_0, Q4_K and Q6_K keep one accumulator more per row than Q4_1
+    /// Q4_0 and the K-quants keep one accumulator more per row than Q4_1
     /// (the sub-block sums), which 32 registers hold for eight rows too.
     fn max_rows(self, dtype: GgmlType) -> usize {
         match (self, dtype) {
             (
                 Self::Avx512Vnni | Self::Avx512Wide,
-                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K,
+                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K,
             )
             | (Self::Avx512Wide, GgmlType::Q8_0) => 8,
             _ => 4,
@@ -108,7 +108,7 @@ impl DotIsa {
 pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) -> bool {
     let dtype = ops.dtype;
     // The last arms of each instruction set below take Q6_K.
-    if !matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K) {
+    if !PACKED.contains(&dtype) {
         return false;
     }
     let tbb = 8 * dtype.block_bytes();
@@ -128,10 +128,15 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, job, upto8!(avx512::q4_1)),
                 (DotIsa::Avx512Vnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avx512::q8_0)),
                 (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, GgmlType::Q4_0) => run_k(k, job, upto8!(avx512::q4_0)),
+                (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, GgmlType::Q5_0) => run_k(k, job, upto8!(avx512::q5_0)),
                 (DotIsa::Avx512Wide, GgmlType::Q4_K) => {
                     run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_K) => run_k(k, job, upto8!(kq::avx512::q4_k)),
+                (DotIsa::Avx512Wide, GgmlType::Q5_K) => {
+                    run_pairs(k, job, tbb, false, upto8!(super::x86_tile_pair::q5_k), upto8!(kq::avx512::q5_k));
+                }
+                (DotIsa::Avx512Vnni, GgmlType::Q5_K) => run_k(k, job, upto8!(kq::avx512::q5_k)),
                 (DotIsa::Avx512Wide, _) => {
                     run_pairs(k, job, tbb, true, upto8!(super::x86_tile_pair::q6_k), upto8!(kq::avx512::q6_k));
                 }
@@ -139,12 +144,16 @@ pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) ->
                 (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, job, upto4!(avxvnni::q4_1)),
                 (DotIsa::AvxVnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avxvnni::q8_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_0) => run_k(k, job, upto4!(avxvnni::q4_0)),
+                (DotIsa::AvxVnni, GgmlType::Q5_0) => run_k(k, job, upto4!(avxvnni::q5_0)),
                 (DotIsa::AvxVnni, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avxvnni::q4_k)),
+                (DotIsa::AvxVnni, GgmlType::Q5_K) => run_k(k, job, upto4!(kq::avxvnni::q5_k)),
                 (DotIsa::AvxVnni, _) => run_k(k, job, upto4!(kq::avxvnni::q6_k)),
                 (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, job, upto4!(avx2::q4_1)),
                 (DotIsa::Avx2, GgmlType::Q8_0) => run_k(k, job, upto4!(avx2::q8_0)),
                 (DotIsa::Avx2, GgmlType::Q4_0) => run_k(k, job, upto4!(avx2::q4_0)),
+                (DotIsa::Avx2, GgmlType::Q5_0) => run_k(k, job, upto4!(avx2::q5_0)),
                 (DotIsa::Avx2, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avx2::q4_k)),
+                (DotIsa::Avx2, GgmlType::Q5_K) => run_k(k, job, upto4!(kq::avx2::q5_k)),
                 (DotIsa::Avx2, _) => run_k(k, job, upto4!(kq::avx2::q6_k)),
             }
         }
@@ -226,9 +235,10 @@ unsafe fn run_k<const N: usize>(k: usize, job: &Job, ks: [KernelFn; N]) {
     unsafe { ks[k - 1](job) }
 }
 
-/// Defines `q4_1::<M>` and `q8_0::<M>` for one instruction set, given its
-/// target features and `dot4(acc, u, s)`, which adds to each i32 lane the
-/// dot product of the lane's four unsigned bytes of `u` (each at most 15)
+/// Defines `q4_1::<M>`, `q8_0::<M>`, `q4_0::<M>` and `q5_0::<M>` for one
+/// instruction set, given its target features and `dot4(acc, u, s)`, which
+/// adds to each i32 lane the dot product of the lane's four unsigned bytes
+/// of `u` (each at most 31)
 /// with the four signed bytes of `s`, and `dot4_byte`, the same for any
 /// unsigned byte.
 macro_rules! packed_kernels {
@@ -325,24 +335,48 @@ macro_rules! packed_kernels {
                 }
             }
 
-            /// Q4_0×Q8_0: the block sum is `Σ q y - 8 Σ y`, exact in i32
-            /// (`8 Σ y` is the scalar `x`); then lane `r` runs
-            /// `sumf += sumi as f32 * (dx * dy)`.
-            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            /// Q4_0×Q8_0.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn q4_0<const M: usize>(j: &Job) {
+                // SAFETY: the caller's contract, for Q4_0 tiles.
+                unsafe { offset_nibbles::<M, false>(j) }
+            }
+
+            /// Q5_0×Q8_0.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn q5_0<const M: usize>(j: &Job) {
+                // SAFETY: the caller's contract, for Q5_0 tiles.
+                unsafe { offset_nibbles::<M, true>(j) }
+            }
+
+            /// Q4_0×Q8_0, or Q5_0×Q8_0 with `FIVE`: the block sum is
+            /// `Σ q y - 8 Σ y` (Q5_0: `- 16 Σ y`), exact in i32 (the scalar
+            /// `x` holds the correction); then lane `r` runs
+            /// `sumf += sumi as f32 * (dx * dy)`.
+            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn offset_nibbles<const M: usize, const FIVE: bool>(j: &Job) {
                 // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
                 unsafe {
                     let m4 = _mm256_set1_epi8(0x0F);
+                    let (tbb, qs) = if FIVE { (8 * Q5_0_BYTES, 48) } else { (8 * Q4_0_BYTES, 16) };
                     for t in 0..j.ntiles {
                         let mut acc = [_mm256_setzero_ps(); M];
                         for b in 0..j.nb {
-                            let p = j.tiles.add((t * j.nb + b) * 8 * Q4_0_BYTES);
+                            let p = j.tiles.add((t * j.nb + b) * tbb);
                             let mut sum = [_mm256_setzero_si256(); M];
+                            // Lane `r`: row `r`'s `qh` word (Q5_0).
+                            let qh = if FIVE { _mm256_loadu_si256(p.add(16).cast()) } else { _mm256_setzero_si256() };
                             for g in 0..4 {
-                                let w = _mm256_loadu_si256(p.add(16 + 32 * g).cast());
-                                let lo = _mm256_and_si256(w, m4);
-                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
+                                let w = _mm256_loadu_si256(p.add(qs + 32 * g).cast());
+                                let mut lo = _mm256_and_si256(w, m4);
+                                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
+                                if FIVE {
+                                    // Elements `4 g..4 g + 4` and `16 + 4 g..`.
+                                    lo = _mm256_or_si256(lo, high_bits(qh, 4 * g));
+                                    hi = _mm256_or_si256(hi, high_bits(qh, 16 + 4 * g));
+                                }
                                 for i in 0..M {
                                     let y = j.a[i].add(b * Q8_0_BYTES + 2 + 4 * g);
                                     sum[i] = $dot4(sum[i], lo, bcast(y));
@@ -367,9 +401,25 @@ macro_rules! packed_kernels {
     };
 }
 
+/// 0x10 in byte `k` of each 32-bit lane where bit `e + k` of the lane's
+/// word in `qh` is set (`e` a multiple of 4 below 32): the fifth bits of
+/// Q5_0's elements `e..e + 4`, to OR onto their nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn high_bits(qh: __m256i, e: usize) -> __m256i {
+    // Byte `e / 8` of each lane's word, copied to the lane's four bytes.
+    let lanes = _mm256_setr_epi32(0, 0x0404_0404, 0x0808_0808, 0x0C0C_0C0C, 0, 0x0404_0404, 0x0808_0808, 0x0C0C_0C0C);
+    let spread = _mm256_shuffle_epi8(qh, _mm256_add_epi8(lanes, _mm256_set1_epi8((e / 8) as i8)));
+    // Bit `e % 8 + k` of byte `k`.
+    let s = e % 8;
+    let mask = _mm256_set1_epi32(((1u32 << s) | (1 << (s + 9)) | (1 << (s + 18)) | (1 << (s + 27))) as i32);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
 /// `vpmaddubsw` + `vpmaddwd`: exact while every unsigned byte is at most
-/// 127 (pair sums within ±32512 in i16); the kernels give it nibbles (±3840)
-/// or Q6_K's 6-bit codes (±16128).
+/// 127 (pair sums within ±32512 in i16); the kernels give it nibbles (±3840),
+/// 5-bit codes (±7936) or Q6_K's 6-bit codes (±16128).
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot4_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {

@@ -1,4 +1,4 @@
-//! Packed-tile kernels for the K-quants (Q4_K and Q6_K against Q8_K
+//! Packed-tile kernels for the K-quants (Q4_K, Q5_K and Q6_K against Q8_K
 //! activations) on x86-64: eight weight rows, one per 32-bit lane, against
 //! up to eight activation rows, as in `x86_packed`.
 //!
@@ -10,7 +10,9 @@
 //! the order is free; the float part per block repeats the scalar
 //! reference's f32 operations one for one, per lane, with separate
 //! multiplies and adds (never FMA), so every output equals
-//! `kquant::vec_dot_q4k_q8k` or `vec_dot_q6k_q8k` bit for bit.
+//! `kquant::vec_dot_q4k_q8k`, `vec_dot_q5k_q8k` or `vec_dot_q6k_q8k` bit
+//! for bit. Q5_K is Q4_K with a fifth bit per quant, and its packed block
+//! Q4_K's with the high bits after it, so one kernel serves both.
 //!
 //! The scales are read from the packed tile block (`quant::pack`) with one
 //! load per four of each row's scale bytes, and spread to 32-bit lanes with
@@ -22,7 +24,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
+use super::super::kquant::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES};
 use super::super::pack::Job;
 use super::x86_packed::{dot4_avx2, dot4_avx512, dot4_avxvnni};
 
@@ -43,10 +45,19 @@ unsafe fn lane_byte_signed(v: __m256i, k: usize) -> __m256i {
     _mm256_srai_epi32::<24>(_mm256_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * k as i32)))
 }
 
-/// Defines `q4_k::<M>` and `q6_k::<M>` for one instruction set, given its
-/// target features, `dot4(acc, u, s)` (see `x86_packed`; exact here, where
-/// the unsigned bytes are at most 63) and `dot2(acc, a, b)`, which adds to
-/// each i32 lane the products of its two i16 pairs.
+/// Offset of the high bits (`qh`) in a packed Q5_K tile block: after
+/// Q4_K's whole block (`quant::pack`).
+pub(super) const Q5K_QH: usize = 8 * Q4K_BYTES;
+
+/// Packed tile block bytes of Q5_K (`five`) or Q4_K.
+pub(super) const fn k4_tile_block(five: bool) -> usize {
+    8 * if five { Q5K_BYTES } else { Q4K_BYTES }
+}
+
+/// Defines `q4_k::<M>`, `q5_k::<M>` and `q6_k::<M>` for one instruction
+/// set, given its target features, `dot4(acc, u, s)` (see `x86_packed`;
+/// exact here, where the unsigned bytes are at most 63) and `dot2(acc, a,
+/// b)`, which adds to each i32 lane the products of its two i16 pairs.
 macro_rules! kquant_kernels {
     ($module:ident, $features:literal, $dot4:expr, $dot2:expr) => {
         pub(super) mod $module {
@@ -60,13 +71,15 @@ macro_rules! kquant_kernels {
                 unsafe { _mm256_set1_epi32(p.cast::<i32>().read_unaligned()) }
             }
 
-            /// Adds `s * Σ q4 q8` over sub-block `2 g` (`HIGH`: `2 g + 1`) of
+            /// Adds `s * Σ q q8` over sub-block `2 g` (`HIGH`: `2 g + 1`) of
             /// block `b` of the tile block at `p` to `sumi`, per row and lane
-            /// (`s`: the lanes' scales of that sub-block).
+            /// (`s`: the lanes' scales of that sub-block); `q` is the 4-bit
+            /// quant, or with `FIVE` the 5-bit one, whose bit 4 is bit
+            /// `2 g + HIGH` of the row's `qh` byte for that element.
             #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn q4_k_sub<const M: usize, const HIGH: bool>(
+            unsafe fn k4_sub<const M: usize, const FIVE: bool, const HIGH: bool>(
                 j: &Job,
                 p: *const u8,
                 b: usize,
@@ -74,14 +87,27 @@ macro_rules! kquant_kernels {
                 s: __m256i,
                 sumi: &mut [__m256i; M],
             ) {
-                // SAFETY: the caller's (`q4_k`'s) bounds.
+                // SAFETY: the caller's (`k4`'s) bounds.
                 unsafe {
                     let m4 = _mm256_set1_epi8(0x0F);
+                    let b4 = _mm256_set1_epi8(0x10);
                     let mut dot = [_mm256_setzero_si256(); M];
                     for c in 0..8 {
                         let w = _mm256_loadu_si256(p.add(128 + 32 * (8 * g + c)).cast());
                         let w = if HIGH { _mm256_srli_epi16::<4>(w) } else { w };
-                        let q = _mm256_and_si256(w, m4);
+                        let mut q = _mm256_and_si256(w, m4);
+                        if FIVE {
+                            // Bit `2 g + HIGH` of each `qh` byte moved to bit 4
+                            // (16-bit shifts, masked so no bits cross bytes).
+                            let qh = _mm256_loadu_si256(p.add(Q5K_QH + 32 * c).cast());
+                            let k = 2 * g + usize::from(HIGH);
+                            let h = if k <= 4 {
+                                _mm256_sll_epi16(qh, _mm_cvtsi32_si128((4 - k) as i32))
+                            } else {
+                                _mm256_srl_epi16(qh, _mm_cvtsi32_si128((k - 4) as i32))
+                            };
+                            q = _mm256_or_si256(q, _mm256_and_si256(h, b4));
+                        }
                         for i in 0..M {
                             let y = j.a[i].add(b * Q8K_BYTES + 4 + 64 * g + 32 * usize::from(HIGH) + 4 * c);
                             dot[i] = $dot4(dot[i], q, bcast(y));
@@ -93,15 +119,31 @@ macro_rules! kquant_kernels {
                 }
             }
 
-            /// Q4_K×Q8_K. Per block and lane, exactly in i32: `sumi = Σ_j
-            /// sc[j] Σ q4 q8` over the eight sub-blocks of 32 (at most
-            /// 8 · 63 · 32 · 15 · 128, under 2^25) and `summs = Σ_j m[j]
-            /// (bsums[2j] + bsums[2j + 1])` (at most 16 · 63 · 32768, under
-            /// 2^25); then `sumf += d * sumi as f32 - dmin * summs as f32`
-            /// with `d = a.d * w.d` and `dmin = a.d * w.dmin`.
-            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            /// Q4_K×Q8_K.
             #[target_feature(enable = $features)]
             pub(in super::super) unsafe fn q4_k<const M: usize>(j: &Job) {
+                // SAFETY: the caller's contract, for Q4_K tiles.
+                unsafe { k4::<M, false>(j) }
+            }
+
+            /// Q5_K×Q8_K.
+            #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn q5_k<const M: usize>(j: &Job) {
+                // SAFETY: the caller's contract, for Q5_K tiles.
+                unsafe { k4::<M, true>(j) }
+            }
+
+            /// Q4_K×Q8_K, or Q5_K×Q8_K with `FIVE`. Per block and lane,
+            /// exactly in i32: `sumi = Σ_j sc[j] Σ q q8` over the eight
+            /// sub-blocks of 32 (at most 8 · 63 · 32 · 31 · 128, under 2^26)
+            /// and `summs = Σ_j m[j] (bsums[2j] + bsums[2j + 1])` (at most
+            /// 16 · 63 · 32768, under 2^25); then `sumf += d * sumi as f32 -
+            /// dmin * summs as f32` with `d = a.d * w.d` and `dmin = a.d *
+            /// w.dmin`.
+            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn k4<const M: usize, const FIVE: bool>(j: &Job) {
                 // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
                 unsafe {
                     let m4 = _mm256_set1_epi8(0x0F);
@@ -110,7 +152,7 @@ macro_rules! kquant_kernels {
                     for t in 0..j.ntiles {
                         let mut acc = [_mm256_setzero_ps(); M];
                         for b in 0..j.nb {
-                            let p = j.tiles.add((t * j.nb + b) * 8 * Q4K_BYTES);
+                            let p = j.tiles.add((t * j.nb + b) * k4_tile_block(FIVE));
                             // Lane `r` of each: row `r`'s GGUF scale bytes 0..4, 4..8, 8..12.
                             let s0 = _mm256_loadu_si256(p.add(32).cast());
                             let s1 = _mm256_loadu_si256(p.add(64).cast());
@@ -136,9 +178,9 @@ macro_rules! kquant_kernels {
                                 // nibbles of quant bytes `32 g..32 g + 32`.
                                 let sc = if g < 2 { sc_lo } else { sc_hi };
                                 let s = lane_byte(sc, (2 * g) % 4);
-                                q4_k_sub::<M, false>(j, p, b, g, s, &mut sumi);
+                                k4_sub::<M, FIVE, false>(j, p, b, g, s, &mut sumi);
                                 let s = lane_byte(sc, (2 * g + 1) % 4);
-                                q4_k_sub::<M, true>(j, p, b, g, s, &mut sumi);
+                                k4_sub::<M, FIVE, true>(j, p, b, g, s, &mut sumi);
                             }
                             let mut summs = [_mm256_setzero_si256(); M];
                             for sub in 0..8 {

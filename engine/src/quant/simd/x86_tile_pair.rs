@@ -15,9 +15,10 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
+use super::super::kquant::{Q6K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::Job;
+use super::x86_packed_kquant::{k4_tile_block, Q5K_QH};
 
 /// The same 32 bytes at `off` of tile `t` (low half) and tile `t + 1` (high half).
 #[inline]
@@ -202,29 +203,53 @@ unsafe fn lane_byte(v: __m512i, k: usize) -> __m512i {
     _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * k as i32)), _mm512_set1_epi32(0xFF))
 }
 
-/// Q4_K×Q8_K over `j.ntiles` (even) tiles, as `x86_packed_kquant`'s
-/// one-tile kernel on twice the rows: per block and lane, exactly in i32,
-/// `sumi = Σ_j sc[j] Σ q4 q8` and `summs = Σ_j m[j] (bsums[2j] +
-/// bsums[2j + 1])` (both under 2^25), then `sumf += d * sumi as f32 - dmin *
-/// summs as f32` with `d = a.d * w.d`, `dmin = a.d * w.dmin`.
+/// Q4_K×Q8_K over `j.ntiles` (even) tiles.
 ///
 /// # Safety
 /// As for [`q4_1`].
-#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
 pub(super) unsafe fn q4_k<const M: usize>(j: &Job) {
+    // SAFETY: the caller's contract, for Q4_K tiles.
+    unsafe { k4::<M, false>(j) }
+}
+
+/// Q5_K×Q8_K over `j.ntiles` (even) tiles.
+///
+/// # Safety
+/// As for [`q4_1`].
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+pub(super) unsafe fn q5_k<const M: usize>(j: &Job) {
+    // SAFETY: the caller's contract, for Q5_K tiles.
+    unsafe { k4::<M, true>(j) }
+}
+
+/// Q4_K×Q8_K, or Q5_K×Q8_K with `FIVE`, over `j.ntiles` (even) tiles, as
+/// `x86_packed_kquant`'s one-tile kernel on twice the rows: per block and
+/// lane, exactly in i32, `sumi = Σ_j sc[j] Σ q q8` and `summs = Σ_j m[j]
+/// (bsums[2j] + bsums[2j + 1])` (both under 2^26), then `sumf += d * sumi
+/// as f32 - dmin * summs as f32` with `d = a.d * w.d`, `dmin = a.d *
+/// w.dmin`.
+///
+/// # Safety
+/// As for [`q4_1`], for tiles of the type `FIVE` names.
+#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+unsafe fn k4<const M: usize, const FIVE: bool>(j: &Job) {
     // SAFETY: see `pack::Job` (the operands' bounds); unaligned loads only.
     unsafe {
         let m4 = _mm512_set1_epi8(0x0F);
         let m6 = _mm512_set1_epi8(0x3F);
         let top = _mm512_set1_epi8(0x30);
-        let tile = j.nb * 8 * Q4K_BYTES;
+        let b4 = _mm512_set1_epi8(0x10);
+        let tbb = k4_tile_block(FIVE);
+        let tile = j.nb * tbb;
         for t in (0..j.ntiles).step_by(2) {
             let mut acc = [_mm512_setzero_ps(); M];
             for b in 0..j.nb {
-                let p0 = j.tiles.add(t * tile + b * 8 * Q4K_BYTES);
+                let p0 = j.tiles.add(t * tile + b * tbb);
                 let p1 = p0.add(tile);
-                prefetch_next_pair(p0, tile, 8 * Q4K_BYTES);
+                prefetch_next_pair(p0, tile, tbb);
                 // The scales as in the one-tile kernel; 32-bit shifts (AVX-512 F),
                 // masked so no bits cross bytes.
                 let s0 = load_pair(p0, p1, 32);
@@ -248,7 +273,17 @@ pub(super) unsafe fn q4_k<const M: usize>(j: &Job) {
                     for c in 0..8 {
                         let w = load_pair(p0, p1, 128 + 32 * (8 * g + c));
                         let w = if high { _mm512_srli_epi32::<4>(w) } else { w };
-                        let q = _mm512_and_si512(w, m4);
+                        let mut q = _mm512_and_si512(w, m4);
+                        if FIVE {
+                            // Bit `sub` of each `qh` byte moved to bit 4.
+                            let qh = load_pair(p0, p1, Q5K_QH + 32 * c);
+                            let h = if sub <= 4 {
+                                _mm512_sll_epi32(qh, _mm_cvtsi32_si128((4 - sub) as i32))
+                            } else {
+                                _mm512_srl_epi32(qh, _mm_cvtsi32_si128((sub - 4) as i32))
+                            };
+                            q = _mm512_or_si512(q, _mm512_and_si512(h, b4));
+                        }
                         for i in 0..M {
                             let y = j.a[i].add(b * Q8K_BYTES + 4 + 32 * sub + 4 * c);
                             dot[i] = _mm512_dpbusd_epi32(dot[i], q, bcast(y));
