@@ -16,6 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::quant::{self, GgmlType};
 use crate::tokenizer::Tokenizer;
+use crate::weight_bytes::{WeightArena, WeightBytes};
 use crate::weights::Matrix;
 
 /// An opened model: its config, and a way to read any tensor by name.
@@ -67,6 +68,54 @@ impl ModelFile {
         }
         Matrix::new(dtype, rows, cols, bytes)
             .ok_or_else(|| EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() })
+    }
+
+    /// Bytes `name` takes in the file, if it is there: what a loader
+    /// reserves for it before reading.
+    pub(crate) fn stored_bytes(&self, name: &str) -> Option<usize> {
+        match &self.source {
+            Source::Gguf(g) => g.tensors.get(name).map(|t| t.n_bytes),
+            Source::Safetensors(s) => s.find(name).map(|(_, _, t)| t.end.saturating_sub(t.start)),
+        }
+    }
+
+    /// [`ModelFile::matrix`], read straight into the free space of `arena`
+    /// and repacked there when its kernel packs, so no second copy of the
+    /// weights builds up while a stage loads. Where the arena has no
+    /// mapping or no room left, the matrix goes on the heap as before.
+    pub(crate) fn matrix_into(&self, name: &str, rows: usize, cols: usize, arena: &mut WeightArena) -> Result<Matrix> {
+        let (dtype, dims) = match &self.source {
+            Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
+            Source::Safetensors(s) => {
+                let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+                (t.dtype, t.shape.iter().rev().copied().collect())
+            }
+        };
+        if dims != [cols, rows] {
+            return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
+        }
+        let unsupported = || EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() };
+        let (row_bytes, len) = Matrix::stored_len(dtype, rows, cols).ok_or_else(unsupported)?;
+        if self.stored_bytes(name) != Some(len) {
+            return Err(unsupported());
+        }
+        let Some(tail) = arena.tail().filter(|t| t.len() >= len) else {
+            return self.matrix(name, rows, cols);
+        };
+        let raw = &mut tail[..len];
+        match &self.source {
+            Source::Gguf(g) => g.read_into(name, raw)?,
+            Source::Safetensors(s) => raw.copy_from_slice(s.bytes(name)?),
+        }
+        let (packed, len) = match quant::pack_matrix(dtype, raw, rows, row_bytes) {
+            Some(p) if p.len() <= tail.len() => {
+                tail[..p.len()].copy_from_slice(&p);
+                (true, p.len())
+            }
+            Some(p) => return Ok(Matrix::from_parts(dtype, rows, cols, true, WeightBytes::heap(p))),
+            None => (false, len),
+        };
+        Ok(Matrix::from_parts(dtype, rows, cols, packed, arena.claim(len)))
     }
 
     /// Reads a vector (a norm weight or a bias) as f32, checking its length.
@@ -205,19 +254,58 @@ impl SafetensorsDir {
     }
 
     fn read(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
-        let (mmap, base, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
-        let bytes = mmap
-            .get(base + t.start..base + t.end)
-            .ok_or_else(|| EngineError::Safetensors(format!("tensor `{}` lies outside its file", hf_name(name))))?;
+        let (_, _, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
         // safetensors lists the outermost dimension first; GGUF the innermost.
         let dims: Vec<usize> = t.shape.iter().rev().copied().collect();
-        Ok((t.dtype, dims, bytes.to_vec()))
+        Ok((t.dtype, dims, self.bytes(name)?.to_vec()))
+    }
+
+    /// A tensor's bytes, where its file is mapped.
+    fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let (mmap, base, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+        mmap.get(base + t.start..base + t.end)
+            .ok_or_else(|| EngineError::Safetensors(format!("tensor `{}` lies outside its file", hf_name(name))))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::hf_name;
+    use super::*;
+
+    #[test]
+    fn matrices_read_into_an_arena_equal_those_read_onto_the_heap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for weight_type in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16] {
+            let model = crate::fixture::TinyModel { layers: 1, tied: false, weight_type, ..Default::default() };
+            let file = ModelFile::open(&model.write_gguf(dir.path()).expect("fixture")).expect("model");
+            let c = file.config().clone();
+            let names = [("blk.0.attn_q.weight", c.hidden, c.hidden), ("blk.0.ffn_down.weight", c.hidden, c.ffn)];
+            let names = [names[0], names[1], ("output.weight", c.vocab, c.hidden)];
+            let mut arena = WeightArena::new(1 << 22);
+            let mut mats: Vec<Matrix> =
+                names.iter().map(|&(n, r, k)| file.matrix_into(n, r, k, &mut arena).expect("read")).collect();
+            Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
+            for (m, &(name, rows, cols)) in mats.iter().zip(&names) {
+                assert!(m.is_gathered(), "{name}");
+                let heap = file.matrix(name, rows, cols).expect("heap copy");
+                assert_eq!(m.bytes(), heap.bytes(), "{name}");
+                let (mut a, mut b) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                for r in 0..rows {
+                    m.dequantize_row_into(r, &mut a);
+                    heap.dequantize_row_into(r, &mut b);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{weight_type:?} {name} row {r}");
+                }
+            }
+        }
+        // No room left: the matrix goes on the heap, the same bytes.
+        let file = ModelFile::open(&crate::fixture::TinyModel::default().write_gguf(dir.path()).expect("fixture"))
+            .expect("model");
+        let d = file.config().hidden;
+        let m = file.matrix_into("blk.0.attn_q.weight", d, d, &mut WeightArena::new(64)).expect("read");
+        assert!(!m.is_gathered());
+        assert_eq!(m.bytes(), file.matrix("blk.0.attn_q.weight", d, d).expect("heap").bytes());
+    }
 
     #[test]
     fn maps_names() {

@@ -21,6 +21,7 @@ use crate::model_file::ModelFile;
 use crate::norm::rms_norm;
 use crate::pool::ComputePool;
 use crate::rope;
+use crate::weight_bytes::WeightArena;
 use crate::weights::{Activations, Matrix};
 
 /// One token of a batch.
@@ -117,27 +118,37 @@ impl Stage {
         if range.start >= range.end || range.end > c.layers {
             return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
         }
-        let mut embed = (range.start == 0).then(|| file.matrix("token_embd.weight", c.vocab, c.hidden)).transpose()?;
-        let mut blocks: Vec<Block> = range.clone().map(|l| Block::load(file, &c, l)).collect::<Result<_>>()?;
+        // Address space for every matrix as stored, plus a quarter for
+        // packed layouts (rows padded to whole tiles, or a kernel's extra
+        // per-block data): pages never written cost no memory, and a
+        // matrix that still finds no room stays on the heap.
+        let mut names: Vec<String> =
+            range.clone().flat_map(|l| Block::MATRICES.map(|t| format!("blk.{l}.{t}"))).collect();
+        if range.start == 0 || range.end == c.layers {
+            names.extend(["token_embd.weight", "output.weight"].map(String::from));
+        }
+        let stored: usize = names.iter().filter_map(|n| file.stored_bytes(n)).sum();
+        let mut arena = WeightArena::new(stored + stored / 4 + names.len() * 64 + (16 << 20));
+        // Read in the order a forward pass reads them: the blocks, the head,
+        // then the embedding (looked up a row at a time) unless tied to it.
+        let mut blocks: Vec<Block> =
+            range.clone().map(|l| Block::load(file, &c, l, &mut arena)).collect::<Result<_>>()?;
         let mut head = if range.end == c.layers {
-            let lm_head = if file.has("output.weight") {
-                file.matrix("output.weight", c.vocab, c.hidden)?
-            } else {
-                match &embed {
-                    Some(e) => e.clone(),
-                    None => file.matrix("token_embd.weight", c.vocab, c.hidden)?,
-                }
-            };
+            let name = if file.has("output.weight") { "output.weight" } else { "token_embd.weight" };
+            let lm_head = file.matrix_into(name, c.vocab, c.hidden, &mut arena)?;
             Some(Head { norm: file.vector("output_norm.weight", c.hidden)?, lm_head })
         } else {
             None
         };
-        // In the order a forward pass reads them; the embedding (looked up
-        // a row at a time) last, unless the lm_head shares it.
+        let mut embed = match (range.start == 0, &head) {
+            (false, _) => None,
+            (true, Some(h)) if !file.has("output.weight") => Some(h.lm_head.clone()),
+            (true, _) => Some(file.matrix_into("token_embd.weight", c.vocab, c.hidden, &mut arena)?),
+        };
         let mut mats: Vec<&mut Matrix> = blocks.iter_mut().flat_map(Block::matrices_mut).collect();
         mats.extend(head.as_mut().map(|h| &mut h.lm_head));
         mats.extend(embed.as_mut());
-        Matrix::gather(&mut mats);
+        Matrix::finish_arena(arena, &mut mats);
         Ok(Self {
             config: c,
             range,
@@ -445,9 +456,20 @@ impl Block {
         [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
     }
 
-    fn load(file: &ModelFile, c: &ModelConfig, layer: usize) -> Result<Self> {
+    /// The seven matrices' names within a block, in [`Block::matrices`] order.
+    const MATRICES: [&str; 7] = [
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ];
+
+    fn load(file: &ModelFile, c: &ModelConfig, layer: usize, arena: &mut WeightArena) -> Result<Self> {
         let name = |t: &str| format!("blk.{layer}.{t}");
-        let m = |t: &str, rows, cols| file.matrix(&name(t), rows, cols);
+        let mut m = |t: &str, rows, cols| file.matrix_into(&name(t), rows, cols, arena);
         let (d, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
         let bias = if c.arch.has_qkv_bias() {
             Some([
