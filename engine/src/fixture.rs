@@ -126,6 +126,13 @@ impl TinyModel {
 
     /// Writes `dir/tiny.gguf` and returns its path.
     pub fn write_gguf(&self, dir: &Path) -> Result<PathBuf> {
+        self.write_gguf_mixed(dir, &[])
+    }
+
+    /// [`TinyModel::write_gguf`] with a per-tensor type mix, as llama.cpp's `Q4_K_M` and
+    /// similar file types have: a matrix whose name contains an `overrides` pattern takes
+    /// that pattern's type (the first match wins), the others `weight_type`.
+    pub fn write_gguf_mixed(&self, dir: &Path, overrides: &[(&str, GgmlType)]) -> Result<PathBuf> {
         let a = self.arch_name();
         let u = |v: usize| MetaValue::U32(u32::try_from(v).unwrap_or(u32::MAX));
         let mut w = GgufWriter::default();
@@ -153,7 +160,8 @@ impl TinyModel {
         for (name, rows, cols) in self.tensors() {
             let v = self.values(&name, rows, cols, &mut rng);
             let is_vector = rows == 1;
-            let dtype = if is_vector { GgmlType::F32 } else { self.weight_type };
+            let mixed = overrides.iter().find(|(pattern, _)| name.contains(pattern)).map(|&(_, t)| t);
+            let dtype = if is_vector { GgmlType::F32 } else { mixed.unwrap_or(self.weight_type) };
             let dims: Vec<usize> = if is_vector { vec![cols] } else { vec![cols, rows] };
             let bytes: Vec<u8> = v.chunks_exact(cols).flat_map(|r| quantize_row(dtype, r)).collect();
             w.tensor(&name, &dims, dtype, bytes);
@@ -212,29 +220,30 @@ impl TinyModel {
     }
 }
 
-/// A `rows × cols` Q4_1 or Q8_0 matrix with every block scale (and Q4_1
-/// minimum) 1.0 and pseudo-random quants from `seed`: a kernel benchmark's
-/// workload, whose outputs are finite whatever the quants. `None` for other
-/// types or a width that is not a multiple of 32.
+/// A `rows × cols` quantized matrix (Q4_0, Q4_1, Q8_0, Q4_K or Q6_K) with
+/// every f16 block scale (and minimum) 1.0 and pseudo-random quants and
+/// sub-block scales from `seed`: a kernel benchmark's workload, whose
+/// outputs are finite whatever the quants. `None` for other types or a
+/// width that is not a whole number of blocks.
 pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Option<crate::weights::Matrix> {
-    let scales = match dtype {
-        GgmlType::Q8_0 => 1,
-        GgmlType::Q4_1 => 2,
+    // Byte offsets of the f16 scales within a block.
+    let scales: &[usize] = match dtype {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
         _ => return None,
     };
     let block = dtype.block_bytes();
-    if !cols.is_multiple_of(32) {
-        return None;
-    }
+    let row_bytes = dtype.row_bytes(cols)?;
     let mut s = seed;
-    let mut data = vec![0u8; rows * cols / 32 * block];
+    let mut data = vec![0u8; rows * row_bytes];
     for b in data.chunks_exact_mut(block) {
-        for q in &mut b[2 * scales..] {
+        for q in b.iter_mut() {
             s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             *q = (s >> 56) as u8;
         }
-        for k in 0..scales {
-            b[2 * k..2 * k + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+        for &at in scales {
+            b[at..at + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
         }
     }
     crate::weights::Matrix::new(dtype, rows, cols, data)

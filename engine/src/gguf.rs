@@ -246,7 +246,11 @@ impl GgufFile {
             let end = data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.n_bytes as u64));
             if end.is_none_or(|end| end > file_len) {
                 return Err(EngineError::Gguf(format!(
-                    "tensor `{name}` extends past the end of the file (truncated?)"
+                    "tensor `{name}` ({} bytes of {} at offset {}) extends past the end of the file \
+                     ({file_len} bytes; truncated?)",
+                    t.n_bytes,
+                    t.dtype.name(),
+                    data_offset.saturating_add(t.offset),
                 )));
             }
         }
@@ -365,7 +369,10 @@ impl<R: Read> Reader<R> {
         let ty = self.u32()?;
         let dtype = GgmlType::from_id(ty).ok_or_else(|| EngineError::UnsupportedDtype {
             name: name.to_string(),
-            dtype: format!("ggml type {ty}"),
+            dtype: match crate::quant::ggml_type_name(ty) {
+                Some(known) => format!("{known} (ggml type {ty})"),
+                None => format!("unknown ggml type {ty}"),
+            },
         })?;
         let offset = self.u64()?;
         let n_bytes = dtype.row_bytes(dims[0]).ok_or_else(|| {

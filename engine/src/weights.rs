@@ -312,9 +312,14 @@ pub struct Activations<'a> {
     q8_0: OnceCell<Vec<u8>>,
     q8_1: OnceCell<Vec<u8>>,
     q8_k: OnceCell<Vec<u8>>,
-    /// Packed-kernel scalars of `q8_0` (for Q8_0 weights) and `q8_1` (Q4_1).
+    /// Packed-kernel scalars, per weight type: they differ even where the
+    /// quantized rows are shared (`q8_0` for Q8_0 and Q4_0 weights, `q8_k`
+    /// for Q4_K and Q6_K).
     pre_q8_0: OnceCell<quant::ActScalars>,
-    pre_q8_1: OnceCell<quant::ActScalars>,
+    pre_q4_0: OnceCell<quant::ActScalars>,
+    pre_q4_1: OnceCell<quant::ActScalars>,
+    pre_q4_k: OnceCell<quant::ActScalars>,
+    pre_q6_k: OnceCell<quant::ActScalars>,
 }
 
 impl<'a> Activations<'a> {
@@ -329,22 +334,27 @@ impl<'a> Activations<'a> {
             q8_1: OnceCell::new(),
             q8_k: OnceCell::new(),
             pre_q8_0: OnceCell::new(),
-            pre_q8_1: OnceCell::new(),
+            pre_q4_0: OnceCell::new(),
+            pre_q4_1: OnceCell::new(),
+            pre_q4_k: OnceCell::new(),
+            pre_q6_k: OnceCell::new(),
         }
     }
 
-    /// The packed kernels' scalars of these rows for `dtype` weights (Q4_1
-    /// or Q8_0, the types that pack), once [`Activations::prepare_on`] has
-    /// decoded them.
+    /// The packed kernels' scalars of these rows for `dtype` weights (the
+    /// types that pack), once [`Activations::prepare_on`] has decoded them.
     fn scalars(&self, dtype: GgmlType) -> Option<&quant::ActScalars> {
-        self.pre_cell(dtype).get()
+        self.pre_cell(dtype)?.get()
     }
 
-    fn pre_cell(&self, dtype: GgmlType) -> &OnceCell<quant::ActScalars> {
-        if dtype.vec_dot_type() == GgmlType::Q8_1 {
-            &self.pre_q8_1
-        } else {
-            &self.pre_q8_0
+    fn pre_cell(&self, dtype: GgmlType) -> Option<&OnceCell<quant::ActScalars>> {
+        match dtype {
+            GgmlType::Q8_0 => Some(&self.pre_q8_0),
+            GgmlType::Q4_0 => Some(&self.pre_q4_0),
+            GgmlType::Q4_1 => Some(&self.pre_q4_1),
+            GgmlType::Q4_K => Some(&self.pre_q4_k),
+            GgmlType::Q6_K => Some(&self.pre_q6_k),
+            _ => None,
         }
     }
 
@@ -374,9 +384,9 @@ impl<'a> Activations<'a> {
         const MIN_PARALLEL_ROWS: usize = 4;
         let ty = dtype.vec_dot_type();
         let Some(q_cell) = self.q_cell(ty) else { return };
-        let pre_cell = self.pre_cell(dtype);
+        let pre_cell = self.pre_cell(dtype).filter(|_| packed);
         let quantize = q_cell.get().is_none();
-        let decode = packed && pre_cell.get().is_none();
+        let decode = pre_cell.is_some_and(|c| c.get().is_none());
         if !quantize && !decode {
             return;
         }
@@ -389,8 +399,9 @@ impl<'a> Activations<'a> {
         } else {
             q_cell.get().map_or(std::ptr::null_mut(), |q| q.as_ptr().cast_mut())
         });
+        let xpb = quant::ActScalars::x_per_block(dtype);
         let (mut d, mut x) =
-            if decode { (vec![0.0f32; nb * self.n], vec![0u32; nb * self.n]) } else { (Vec::new(), Vec::new()) };
+            if decode { (vec![0.0f32; nb * self.n], vec![0u32; nb * xpb * self.n]) } else { (Vec::new(), Vec::new()) };
         let (d_out, x_out) = (SharedOut(d.as_mut_ptr()), SharedBytes(x.as_mut_ptr().cast()));
         let xs = self.x;
         pool.rows(self.n, MIN_PARALLEL_ROWS, &|rows| {
@@ -408,14 +419,14 @@ impl<'a> Activations<'a> {
                     if decode {
                         let row = std::slice::from_raw_parts(q_rows.0.add(i * rb), rb);
                         let d = std::slice::from_raw_parts_mut(d_out.0.add(i * nb), nb);
-                        let x = std::slice::from_raw_parts_mut(x_out.0.cast::<u32>().add(i * nb), nb);
+                        let x = std::slice::from_raw_parts_mut(x_out.0.cast::<u32>().add(i * nb * xpb), nb * xpb);
                         quant::ActScalars::decode_row(dtype, row, d, x);
                     }
                 }
             }
         });
-        if decode {
-            let _ = pre_cell.set(quant::ActScalars::from_parts(dtype, nb, d, x));
+        if let (true, Some(cell)) = (decode, pre_cell) {
+            let _ = cell.set(quant::ActScalars::from_parts(dtype, nb, d, x));
         }
         if quantize {
             let _ = q_cell.set(fresh);
@@ -446,9 +457,24 @@ mod tests {
         // (24: written in place), and 33 tiles (264: past one run of
         // TILE_RUN, with an odd tile for the paired kernels).
         for ((rows, cols), dtype) in [(21, 96), (24, 64), (264, 32)].into_iter().flat_map(|shape| {
-            [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::F32].map(|d| (shape, d))
+            [
+                GgmlType::Q4_1,
+                GgmlType::Q8_0,
+                GgmlType::Q4_0,
+                GgmlType::Q5_0,
+                GgmlType::Q4_K,
+                GgmlType::Q5_K,
+                GgmlType::Q6_K,
+                GgmlType::F32,
+            ]
+            .map(|d| (shape, d))
         }) {
-            let cols = if dtype == GgmlType::Q4_K { 256 } else { cols };
+            // Two K-quant blocks (one for the widest shape, to keep it quick).
+            let cols = match (dtype.block_len(), cols) {
+                (256, 32) => 256,
+                (256, _) => 512,
+                _ => cols,
+            };
             let w: Vec<Vec<u8>> = (0..rows).map(|r| quant::quantize_row(dtype, &noise(cols, r as u64 + 1))).collect();
             let m = Matrix::new(dtype, rows, cols, w.concat()).unwrap();
             for threads in [1, 2, 3] {

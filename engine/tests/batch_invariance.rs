@@ -41,8 +41,17 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn eight_sessions_decoded_together_equal_each_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for dtype in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16] {
-        let path = TinyModel { weight_type: dtype, ..TinyModel::default() }.write_gguf(dir.path()).expect("fixture");
+    // The last is a K-quant mix like llama.cpp's Q4_K_M (Q6_K and Q5_K beside Q4_K).
+    let k_mix = [("attn_v", GgmlType::Q6_K), ("ffn_down", GgmlType::Q5_K), ("output", GgmlType::Q6_K)];
+    for (dtype, mix) in [
+        (GgmlType::Q4_1, &[][..]),
+        (GgmlType::Q8_0, &[]),
+        (GgmlType::Q4_K, &[]),
+        (GgmlType::F16, &[]),
+        (GgmlType::Q4_K, &k_mix),
+    ] {
+        let m = TinyModel { weight_type: dtype, tied: mix.is_empty(), ..TinyModel::default() };
+        let path = m.write_gguf_mixed(dir.path(), mix).expect("fixture");
         let file = ModelFile::open(&path).expect("open");
         let lens = [1usize, 3, 5, 8, 13, 21, 34, 40];
         let steps = 4;
@@ -70,7 +79,7 @@ fn eight_sessions_decoded_together_equal_each_alone() {
         }
         let first = pipe.forward(&rows, &toks).expect("batched prefill");
         for (i, a) in alone.iter().enumerate() {
-            assert_eq!(bits(first.row(i)), bits(&a[0]), "{dtype:?} session {i} prefill");
+            assert_eq!(bits(first.row(i)), bits(&a[0]), "{dtype:?} {mix:?} session {i} prefill");
         }
         pipe.recycle(first);
         for k in 0..steps {
@@ -82,7 +91,7 @@ fn eight_sessions_decoded_together_equal_each_alone() {
             let toks: Vec<u32> = (0..lens.len()).map(|i| next_token(SessionId(i as u64), k)).collect();
             let step = pipe.forward(&rows, &toks).expect("batched decode");
             for (i, a) in alone.iter().enumerate() {
-                assert_eq!(bits(step.row(i)), bits(&a[k + 1]), "{dtype:?} session {i} step {k}");
+                assert_eq!(bits(step.row(i)), bits(&a[k + 1]), "{dtype:?} {mix:?} session {i} step {k}");
             }
             pipe.recycle(step);
         }
@@ -92,15 +101,19 @@ fn eight_sessions_decoded_together_equal_each_alone() {
 #[test]
 fn prefill_chunking_does_not_change_logits() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = TinyModel::default().write_gguf(dir.path()).expect("fixture");
-    let file = ModelFile::open(&path).expect("open");
-    let p = prompt(5, 100);
-    let reference = run_alone(&mut load(&file, 1, 1), SessionId(1), &p, p.len(), 3);
-    for chunk in [1, 7, 64] {
-        for threads in [1, 2, 3] {
-            let got = run_alone(&mut load(&file, 1, threads), SessionId(1), &p, chunk, 3);
-            for (a, b) in got.iter().zip(&reference) {
-                assert_eq!(bits(a), bits(b), "chunk {chunk}, {threads} threads");
+    // The default Q4_1 model, and a K-quant mix (Q4_K with Q6_K and Q5_K).
+    let k_mix = [("attn_v", GgmlType::Q6_K), ("ffn_down", GgmlType::Q5_K)];
+    for (dtype, mix) in [(GgmlType::Q4_1, &[][..]), (GgmlType::Q4_K, &k_mix)] {
+        let m = TinyModel { weight_type: dtype, ..TinyModel::default() };
+        let file = ModelFile::open(&m.write_gguf_mixed(dir.path(), mix).expect("fixture")).expect("open");
+        let p = prompt(5, 100);
+        let reference = run_alone(&mut load(&file, 1, 1), SessionId(1), &p, p.len(), 3);
+        for chunk in [1, 7, 64] {
+            for threads in [1, 2, 3] {
+                let got = run_alone(&mut load(&file, 1, threads), SessionId(1), &p, chunk, 3);
+                for (a, b) in got.iter().zip(&reference) {
+                    assert_eq!(bits(a), bits(b), "{dtype:?} {mix:?} chunk {chunk}, {threads} threads");
+                }
             }
         }
     }

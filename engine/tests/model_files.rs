@@ -34,6 +34,9 @@ fn every_weight_type_and_architecture_runs_from_gguf() {
     }
 }
 
+/// Quantized models stay near the f32 model, closer the more bits a format spends: each
+/// format's largest logit error is under its bound, and a format with more bits in the same
+/// family errs less (so a decoder that dropped bits would show).
 #[test]
 fn quantized_weights_track_f32_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -42,12 +45,51 @@ fn quantized_weights_track_f32_weights() {
         run_prompt(&ModelFile::open(&m.write_gguf(dir.path()).expect("fixture")).expect("open"))
     };
     let exact = logits(GgmlType::F32);
-    for dtype in [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::F16] {
+    let scale = exact.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    let error = |dtype| {
         let got = logits(dtype);
-        let err = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        let scale = exact.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        assert!(err < 0.1 * scale, "{dtype:?}: max error {err} vs scale {scale}");
+        got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / scale
+    };
+    use GgmlType::*;
+    for (dtype, bound) in [(F16, 0.01), (Q8_0, 0.1), (Q6_K, 0.1), (Q5_K, 0.25), (Q5_0, 0.25), (Q5_1, 0.25)] {
+        let err = error(dtype);
+        assert!(err < bound, "{dtype:?}: max error {err} of the logits' scale");
     }
+    for ladder in [[Q2_K, Q3_K, Q4_K, Q5_K, Q6_K].as_slice(), &[Q4_0, Q5_0, Q8_0], &[Q4_1, Q5_1]] {
+        let errs: Vec<f32> = ladder.iter().map(|&t| error(t)).collect();
+        assert!(errs.windows(2).all(|w| w[1] < w[0]), "{ladder:?}: errors {errs:?} do not fall with bits");
+    }
+}
+
+/// A llama.cpp-style K-quant mix (Q4_K with Q6_K, Q5_K, Q3_K and Q2_K matrices, as the
+/// `Q4_K_M`, `Q5_K_M` and `Q3_K_M` file types mix them) loads with each matrix in its own
+/// type and runs (each format's accuracy is checked in `quantized_weights_track_f32_weights`).
+#[test]
+fn k_quant_mix_loads_and_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = TinyModel { weight_type: GgmlType::Q4_K, tied: false, ..TinyModel::default() };
+    let mix = [
+        ("attn_output", GgmlType::Q3_K),
+        ("output.weight", GgmlType::Q6_K),
+        ("attn_v", GgmlType::Q6_K),
+        ("ffn_down", GgmlType::Q5_K),
+        ("ffn_gate", GgmlType::Q2_K),
+    ];
+    let path = m.write_gguf_mixed(dir.path(), &mix).expect("fixture");
+    let file = ModelFile::open(&path).expect("open");
+    let g = GgufFile::open(&path).expect("gguf");
+    for (name, dtype) in [
+        ("output.weight", GgmlType::Q6_K),
+        ("blk.0.attn_v.weight", GgmlType::Q6_K),
+        ("blk.1.ffn_down.weight", GgmlType::Q5_K),
+        ("blk.2.attn_output.weight", GgmlType::Q3_K),
+        ("blk.3.ffn_gate.weight", GgmlType::Q2_K),
+        ("blk.3.ffn_up.weight", GgmlType::Q4_K),
+        ("token_embd.weight", GgmlType::Q4_K),
+    ] {
+        assert_eq!(g.info(name).expect("tensor").dtype, dtype, "{name}");
+    }
+    assert_sane(&run_prompt(&file), m.vocab());
 }
 
 #[test]
@@ -94,6 +136,21 @@ fn write_with(dir: &std::path::Path, edit: impl FnOnce(&mut GgufWriter)) -> std:
     p
 }
 
+/// A copy of GGUF `bytes` with tensor `name`'s type id replaced by `id` (the writer only
+/// writes types the engine knows), in `dir/retyped.gguf`.
+fn with_type_id(bytes: &[u8], name: &str, id: u32, dir: &std::path::Path) -> std::path::PathBuf {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("tensor in the directory") + key.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    let mut out = bytes.to_vec();
+    out[ty..ty + 4].copy_from_slice(&id.to_le_bytes());
+    let p = dir.join("retyped.gguf");
+    std::fs::write(&p, out).expect("write");
+    p
+}
+
 #[test]
 fn bad_model_files_are_typed_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -103,6 +160,28 @@ fn bad_model_files_are_typed_errors() {
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).expect("write");
     assert!(matches!(ModelFile::open(&truncated), Err(EngineError::Gguf(m)) if m.contains("truncated")));
+
+    // A K-quant tensor cut short: the error names it.
+    let p = write_with(dir.path(), |w| {
+        let q = potluck_engine::quant::quantize_row(GgmlType::Q5_K, &vec![0.5; 2 * 256]);
+        w.tensor("blk.0.ffn_down.weight", &[256, 2], GgmlType::Q5_K, q);
+    });
+    let whole = std::fs::read(&p).expect("read");
+    std::fs::write(&p, &whole[..whole.len() - 1]).expect("write");
+    let err = ModelFile::open(&p).expect_err("truncated");
+    assert!(matches!(&err, EngineError::Gguf(m) if m.contains("`blk.0.ffn_down.weight`") && m.contains("truncated")));
+    assert!(err.to_string().contains("Q5_K"), "{err}");
+
+    // A type the engine cannot compute with: the error names the tensor and the type.
+    for (id, type_name) in [(16u32, "IQ2_XXS"), (23, "IQ4_XS"), (35, "TQ2_0"), (1000, "unknown ggml type 1000")] {
+        let p = with_type_id(&whole, "blk.0.ffn_down.weight", id, dir.path());
+        let err = ModelFile::open(&p).expect_err("unsupported type");
+        assert!(
+            matches!(&err, EngineError::UnsupportedDtype { name, dtype } if name == "blk.0.ffn_down.weight" && dtype.contains(type_name)),
+            "{err}"
+        );
+        assert!(err.to_string().contains(type_name), "{err}");
+    }
 
     let random = dir.path().join("random.gguf");
     std::fs::write(&random, (0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<_>>())

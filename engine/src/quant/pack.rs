@@ -18,12 +18,26 @@
 //! - Q8_0 (272 bytes): `d[0..8]` (f16), then for `g` in `0..8` and each row
 //!   that row's quants `4g..4g + 4`, stored offset by 128 (`q ^ 0x80`, the
 //!   unsigned byte `q + 128`), so the unsigned operand of `vpdpbusd` can be
-//!   the weight; the kernels subtract `128 * Σ activation` exactly.
+//!   the weight; the kernels subtract `128 * Σ activation` exactly;
+//! - Q4_0 (144 bytes): `d[0..8]` (f16), then quant bytes as for Q4_1;
+//! - Q4_K (1152 bytes): `d[0..8]`, `dmin[0..8]` (f16), then the twelve
+//!   scale bytes in three runs (`32..64`: GGUF bytes `0..4` of each row,
+//!   `64..96`: bytes `4..8`, `96..128`: bytes `8..12`), so one load gives
+//!   every row's low scales, another their low minimums, and the third the
+//!   nibbles of the high ones; then for `c` in `0..32` and each row that
+//!   row's quant bytes `4c..4c + 4`;
+//! - Q6_K (1680 bytes): `d[0..8]` (f16), the sixteen scales in four runs
+//!   (for `v` in `0..4`, each row's `4v..4v + 4`), then `ql` (for `c` in
+//!   `0..32`, each row's `ql[4c..4c + 4]`) and `qh` (for `c` in `0..16`,
+//!   each row's `qh[4c..4c + 4]`).
+//!
+//! Every layout only moves bytes, so a block's values are unchanged.
 //!
 //! A tile holds every block of its rows in order (`blocks × packed block`),
 //! so it is exactly `8 × row_bytes` long; a last partial tile is padded with
 //! zero rows, whose results are discarded.
 
+use super::kquant::Q8K_BYTES;
 use super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 use super::{f16_at, GgmlType};
 
@@ -36,7 +50,9 @@ pub(crate) const MAX_ACT: usize = 8;
 /// Bytes of one packed block of a tile for `dtype`, if `dtype` has a packed layout.
 pub(crate) fn tile_block_bytes(dtype: GgmlType) -> Option<usize> {
     match dtype {
-        GgmlType::Q4_1 | GgmlType::Q8_0 => Some(TILE * dtype.block_bytes()),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
+            Some(TILE * dtype.block_bytes())
+        }
         _ => None,
     }
 }
@@ -61,6 +77,24 @@ fn fields(dtype: GgmlType, r: usize) -> Vec<Field> {
         GgmlType::Q8_0 => {
             let mut v = vec![f(2 * r, 0, 2, 0)];
             v.extend((0..8).map(|g| f(16 + 32 * g + 4 * r, 2 + 4 * g, 4, 0x80)));
+            v
+        }
+        GgmlType::Q4_0 => {
+            let mut v = vec![f(2 * r, 0, 2, 0)];
+            v.extend((0..4).map(|g| f(16 + 32 * g + 4 * r, 2 + 4 * g, 4, 0)));
+            v
+        }
+        GgmlType::Q4_K => {
+            let mut v = vec![f(2 * r, 0, 2, 0), f(16 + 2 * r, 2, 2, 0)];
+            v.extend((0..3).map(|k| f(32 + 32 * k + 4 * r, 4 + 4 * k, 4, 0)));
+            v.extend((0..32).map(|c| f(128 + 32 * c + 4 * r, 16 + 4 * c, 4, 0)));
+            v
+        }
+        GgmlType::Q6_K => {
+            let mut v = vec![f(2 * r, 208, 2, 0)];
+            v.extend((0..4).map(|k| f(16 + 32 * k + 4 * r, 192 + 4 * k, 4, 0)));
+            v.extend((0..32).map(|c| f(144 + 32 * c + 4 * r, 4 * c, 4, 0)));
+            v.extend((0..16).map(|c| f(1168 + 32 * c + 4 * r, 128 + 4 * c, 4, 0)));
             v
         }
         _ => Vec::new(),
@@ -114,9 +148,13 @@ pub(crate) fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: us
 
 /// Per-(activation row, block) scalars the packed kernels broadcast, decoded
 /// once per matmul rather than once per tile: `d` is the activation scale
-/// (Q8_0's or Q8_1's `d`, widened from f16); `x` is Q8_1's `s` (f32 bits) for
-/// Q4_1 weights, or `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
-/// quants are offset by 128.
+/// (Q8_0's or Q8_1's `d`, widened from f16, or Q8_K's); `x` holds
+/// [`ActScalars::x_per_block`] words per block: Q8_1's `s` (f32 bits) for
+/// Q4_1 weights; `128 * Σ q` (i32 bits) for Q8_0 weights, whose packed
+/// quants are offset by 128; `8 * Σ q` for Q4_0 (the `- 8` of its quants);
+/// for Q6_K, `32 * Σ q` of each run of 16 (the `- 32`), computed from the
+/// quants as the reference does, not read from `bsums`; nothing for Q4_K,
+/// whose kernels read `bsums` from the activation row as the reference does.
 #[derive(Debug, Clone)]
 pub struct ActScalars {
     dtype: GgmlType,
@@ -132,45 +170,73 @@ impl ActScalars {
     /// (`Activations::prepare_on`, with [`ActScalars::decode_row`]).
     #[cfg(test)]
     pub(crate) fn new(dtype: GgmlType, nb: usize, n: usize, a: &[u8], a_stride: usize) -> Self {
-        let (mut d, mut x) = (vec![0.0; n * nb], vec![0; n * nb]);
-        for (i, (d, x)) in d.chunks_exact_mut(nb.max(1)).zip(x.chunks_exact_mut(nb.max(1))).enumerate() {
-            Self::decode_row(dtype, &a[i * a_stride..], d, x);
+        let xpb = Self::x_per_block(dtype);
+        let (mut d, mut x) = (vec![0.0; n * nb], vec![0; n * nb * xpb]);
+        for i in 0..n {
+            let xs = &mut x[i * nb * xpb..(i + 1) * nb * xpb];
+            Self::decode_row(dtype, &a[i * a_stride..], &mut d[i * nb..(i + 1) * nb], xs);
         }
         Self { dtype, nb, d, x }
     }
 
+    /// Words of `x` per block for `dtype` weights.
+    pub(crate) fn x_per_block(dtype: GgmlType) -> usize {
+        match dtype {
+            GgmlType::Q4_K => 0,
+            GgmlType::Q6_K => 16,
+            _ => 1,
+        }
+    }
+
     /// Scalars already decoded row by row with [`ActScalars::decode_row`]
-    /// (`d` and `x` hold `nb` entries per row).
+    /// (`d` holds `nb` entries per row, `x` `nb * x_per_block(dtype)`).
     pub(crate) fn from_parts(dtype: GgmlType, nb: usize, d: Vec<f32>, x: Vec<u32>) -> Self {
         Self { dtype, nb, d, x }
     }
 
-    /// One activation row's scalars into `d` and `x` (one entry per block):
-    /// the quantizing threads decode each row as they make it, rather than
-    /// one thread decoding the batch afterwards.
+    /// One activation row's scalars into `d` (one entry per block) and `x`
+    /// ([`ActScalars::x_per_block`] per block): the quantizing threads
+    /// decode each row as they make it, rather than one thread decoding the
+    /// batch afterwards.
     pub(crate) fn decode_row(dtype: GgmlType, row: &[u8], d: &mut [f32], x: &mut [u32]) {
-        for (b, (d, x)) in d.iter_mut().zip(x.iter_mut()).enumerate() {
-            if dtype == GgmlType::Q4_1 {
-                let y = &row[b * Q8_1_BYTES..];
-                *d = f16_at(y, 0);
-                *x = f16_at(y, 2).to_bits();
-            } else {
-                let y = &row[b * Q8_0_BYTES..];
-                *d = f16_at(y, 0);
-                let s: i32 = y[2..Q8_0_BYTES].iter().map(|&q| i32::from(q as i8)).sum();
-                *x = (128 * s) as u32; // Two's complement bits, read back as i32.
+        let sum = |q: &[u8]| -> i32 { q.iter().map(|&q| i32::from(q as i8)).sum() };
+        let xpb = Self::x_per_block(dtype);
+        for (b, d) in d.iter_mut().enumerate() {
+            let x = &mut x[b * xpb..(b + 1) * xpb];
+            match dtype {
+                GgmlType::Q4_1 => {
+                    let y = &row[b * Q8_1_BYTES..];
+                    *d = f16_at(y, 0);
+                    x[0] = f16_at(y, 2).to_bits();
+                }
+                GgmlType::Q4_K | GgmlType::Q6_K => {
+                    let y = &row[b * Q8K_BYTES..];
+                    *d = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                    for (g, x) in x.iter_mut().enumerate() {
+                        *x = (32 * sum(&y[4 + 16 * g..20 + 16 * g])) as u32;
+                    }
+                }
+                _ => {
+                    let y = &row[b * Q8_0_BYTES..];
+                    *d = f16_at(y, 0);
+                    let offset = if dtype == GgmlType::Q4_0 { 8 } else { 128 };
+                    // Two's complement bits, read back as i32.
+                    x[0] = (offset * sum(&y[2..Q8_0_BYTES])) as u32;
+                }
             }
         }
     }
 
     /// Whether these are scalars of at least `rows` rows of `nb` blocks for `dtype` weights.
     pub(crate) fn covers(&self, dtype: GgmlType, nb: usize, rows: usize) -> bool {
-        self.dtype == dtype && self.nb == nb && self.d.len() >= rows * nb && self.x.len() >= rows * nb
+        let xpb = Self::x_per_block(dtype);
+        self.dtype == dtype && self.nb == nb && self.d.len() >= rows * nb && self.x.len() >= rows * nb * xpb
     }
 
     /// `d` and `x` from activation row `i` on.
     pub(crate) fn rows_from(&self, i: usize) -> (&[f32], &[u32]) {
-        (&self.d[i * self.nb..], &self.x[i * self.nb..])
+        let xpb = Self::x_per_block(self.dtype);
+        (&self.d[i * self.nb..], &self.x[i * self.nb * xpb..])
     }
 }
 
@@ -182,7 +248,7 @@ impl ActScalars {
 /// `quant::dot_packed` down to [`Job::passes`] hands it on whole.
 #[derive(Clone, Copy)]
 pub struct PackedOperands<'a> {
-    /// Weight type (Q4_1 and Q8_0 have packed kernels).
+    /// Weight type (Q4_0, Q4_1, Q8_0, Q4_K and Q6_K have packed layouts).
     pub dtype: GgmlType,
     /// Whole packed tiles.
     pub tiles: &'a [u8],
@@ -264,7 +330,8 @@ pub(crate) struct Job {
     pub(crate) nb: usize,
     /// Activation rows (unused trailing entries repeat the last one).
     pub(crate) a: [*const u8; MAX_ACT],
-    /// `d[i * nb + b]`, `x[i * nb + b]`: see [`ActScalars`].
+    /// `d[i * nb + b]`, `x[(i * nb + b) * xpb + k]` (`xpb` words per
+    /// block, `ActScalars::x_per_block`): see [`ActScalars`].
     pub(crate) d: *const f32,
     pub(crate) x: *const u32,
     /// `out[t * out_stride + i * row_stride]`.
@@ -292,9 +359,11 @@ impl Job {
         let PackedOperands { dtype, tiles, nb, a, a_stride, m, pre, first } = *ops;
         let abb = match dtype {
             GgmlType::Q4_1 => Q8_1_BYTES,
-            GgmlType::Q8_0 => Q8_0_BYTES,
+            GgmlType::Q8_0 | GgmlType::Q4_0 => Q8_0_BYTES,
+            GgmlType::Q4_K | GgmlType::Q6_K => Q8K_BYTES,
             _ => return false,
         };
+        let xpb = ActScalars::x_per_block(dtype);
         let tbb = TILE * dtype.block_bytes();
         if m == 0 || m > MAX_ACT || a.len() < (m - 1) * a_stride + nb * abb || !pre.covers(dtype, nb, first + m) {
             return false;
@@ -323,7 +392,7 @@ impl Job {
                 nb,
                 a: std::array::from_fn(|i| a[(i0 + i.min(k - 1)) * a_stride..].as_ptr()),
                 d: d[i0 * nb..].as_ptr(),
-                x: x[i0 * nb..].as_ptr(),
+                x: x[i0 * nb * xpb..].as_ptr(),
                 out: out.at(0, i0),
                 out_stride: out.tile_stride,
                 row_stride: out.row_stride,
@@ -341,7 +410,7 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_pads() {
-        for dtype in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
             let row_bytes = 3 * dtype.block_bytes();
             let rows = 11;
             let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 31 % 251) as u8).collect();
@@ -356,6 +425,6 @@ mod tests {
             unpack_row(dtype, &packed, row_bytes, 15, &mut pad);
             assert!(pad.iter().all(|&b| b == 0));
         }
-        assert!(pack(GgmlType::Q4_K, &[], 0, 0).is_none());
+        assert!(pack(GgmlType::F16, &[], 0, 0).is_none());
     }
 }

@@ -23,6 +23,8 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
 #[cfg(target_arch = "x86_64")]
+mod x86_packed_kquant;
+#[cfg(target_arch = "x86_64")]
 mod x86_quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86_tile_pair;
@@ -124,7 +126,9 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(_) => matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0),
+        Kernel::Avx2(_) => {
+            matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+        }
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(k) => k.packs(dtype),
     }
@@ -309,9 +313,10 @@ mod tests {
     /// result must not depend on how many activation rows or tiles share the
     /// call. Short tiles and other rows' scalars must be refused.
     fn packed_tiles_match(r: &mut Rng, isa: &str, dot: impl Fn(&PackedOperands<'_>, &mut [[f32; 8]]) -> bool) {
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
             let tbb = 8 * ty.block_bytes();
-            for nb in [1, 2, 3, 7, 18, 48] {
+            let lens: &[usize] = if ty.block_len() == 32 { &[1, 2, 3, 7, 18, 48] } else { &[1, 2, 3, 5] };
+            for &nb in lens {
                 for (fi, &wf) in FILLS.iter().enumerate() {
                     for &af in &FILLS[fi % 2..] {
                         let ntiles = 1 + (r.next() as usize) % 4;

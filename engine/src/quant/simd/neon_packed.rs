@@ -77,6 +77,10 @@ impl DotProd {
     /// [`Self::dot_packed`] into any [`TileOut`] layout.
     pub(crate) fn dot_packed_to(self, ops: &PackedOperands<'_>, out: TileOut) -> bool {
         let dtype = ops.dtype;
+        // `Job::passes` knows other packed layouts, which have no NEON kernel.
+        if !matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0) {
+            return false;
+        }
         Job::passes(ops, out, PASS_ROWS, |job, k| {
             // SAFETY: `Job::passes` checked the operands of `job` for `k`
             // rows; `self` proves the CPU has `dotprod`.

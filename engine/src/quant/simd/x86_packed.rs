@@ -11,7 +11,11 @@
 //!   eight Q4_1 activation rows per pass, four for Q8_0);
 //! - AVX-VNNI: the same instruction, VEX-encoded (16 registers, four rows);
 //! - AVX2: `vpmaddubsw` + `vpmaddwd`, exact only while the unsigned operand
-//!   is at most 15 (pairs within ±3840), so Q8_0's bytes are split into nibbles.
+//!   is at most 127 (pairs within ±32512 in i16), so Q8_0's bytes are split
+//!   into nibbles.
+//!
+//! Q4_K and Q6_K, whose sub-block scales differ per row, are in
+//! `x86_packed_kquant`.
 //!
 //! Integer sums are exact in any order. The float part repeats the scalar
 //! reference's f32 operations one for one, in block order, per lane, with
@@ -24,7 +28,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::{Job, PackedOperands, TileOut};
 use super::super::GgmlType;
 
@@ -84,9 +88,15 @@ impl DotIsa {
     /// Two passes of four meant each weight block loaded twice and its
     /// unpacking paid for four rows, not eight. The 16-register sets take
     /// four.
+    /// Q4_0, Q4_K and Q6_K keep one accumulator more per row than Q4_1
+    /// (the sub-block sums), which 32 registers hold for eight rows too.
     fn max_rows(self, dtype: GgmlType) -> usize {
         match (self, dtype) {
-            (Self::Avx512Vnni | Self::Avx512Wide, GgmlType::Q4_1) | (Self::Avx512Wide, GgmlType::Q8_0) => 8,
+            (
+                Self::Avx512Vnni | Self::Avx512Wide,
+                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K,
+            )
+            | (Self::Avx512Wide, GgmlType::Q8_0) => 8,
             _ => 4,
         }
     }
@@ -97,25 +107,42 @@ impl DotIsa {
 /// operands too short (checked by [`Job::passes`]).
 pub(crate) fn dot_packed(isa: DotIsa, ops: &PackedOperands<'_>, out: TileOut) -> bool {
     let dtype = ops.dtype;
+    // The last arms of each instruction set below take Q6_K.
+    if !matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K) {
+        return false;
+    }
     let tbb = 8 * dtype.block_bytes();
     Job::passes(ops, out, isa.max_rows(dtype), |job, k| {
         // SAFETY: `Job::passes` checked the operands of `job` for `k` rows.
         // The target features are enabled because the caller's `isa` came
         // from `DotIsa::available` on this CPU.
         unsafe {
+            use super::x86_packed_kquant as kq;
             match (isa, dtype) {
                 (DotIsa::Avx512Wide, GgmlType::Q4_1) => {
                     run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_1), upto8!(avx512::q4_1));
                 }
-                (DotIsa::Avx512Wide, _) => {
+                (DotIsa::Avx512Wide, GgmlType::Q8_0) => {
                     run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q8_0), upto8!(avx512::q8_0));
                 }
                 (DotIsa::Avx512Vnni, GgmlType::Q4_1) => run_k(k, job, upto8!(avx512::q4_1)),
-                (DotIsa::Avx512Vnni, _) => run_k(k, job, upto4!(avx512::q8_0)),
+                (DotIsa::Avx512Vnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avx512::q8_0)),
+                (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, GgmlType::Q4_0) => run_k(k, job, upto8!(avx512::q4_0)),
+                (DotIsa::Avx512Wide, GgmlType::Q4_K) => {
+                    run_pairs(k, job, tbb, upto8!(super::x86_tile_pair::q4_k), upto8!(kq::avx512::q4_k));
+                }
+                (DotIsa::Avx512Vnni, GgmlType::Q4_K) => run_k(k, job, upto8!(kq::avx512::q4_k)),
+                (DotIsa::Avx512Vnni | DotIsa::Avx512Wide, _) => run_k(k, job, upto8!(kq::avx512::q6_k)),
                 (DotIsa::AvxVnni, GgmlType::Q4_1) => run_k(k, job, upto4!(avxvnni::q4_1)),
-                (DotIsa::AvxVnni, _) => run_k(k, job, upto4!(avxvnni::q8_0)),
+                (DotIsa::AvxVnni, GgmlType::Q8_0) => run_k(k, job, upto4!(avxvnni::q8_0)),
+                (DotIsa::AvxVnni, GgmlType::Q4_0) => run_k(k, job, upto4!(avxvnni::q4_0)),
+                (DotIsa::AvxVnni, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avxvnni::q4_k)),
+                (DotIsa::AvxVnni, _) => run_k(k, job, upto4!(kq::avxvnni::q6_k)),
                 (DotIsa::Avx2, GgmlType::Q4_1) => run_k(k, job, upto4!(avx2::q4_1)),
-                (DotIsa::Avx2, _) => run_k(k, job, upto4!(avx2::q8_0)),
+                (DotIsa::Avx2, GgmlType::Q8_0) => run_k(k, job, upto4!(avx2::q8_0)),
+                (DotIsa::Avx2, GgmlType::Q4_0) => run_k(k, job, upto4!(avx2::q4_0)),
+                (DotIsa::Avx2, GgmlType::Q4_K) => run_k(k, job, upto4!(kq::avx2::q4_k)),
+                (DotIsa::Avx2, _) => run_k(k, job, upto4!(kq::avx2::q6_k)),
             }
         }
     })
@@ -173,7 +200,7 @@ macro_rules! upto8 {
         ]
     };
 }
-use {upto4, upto8};
+pub(super) use {upto4, upto8};
 
 /// Calls the kernel instance for `k` (1..=N) activation rows from `ks`,
 /// which holds the instances for 1 to N rows.
@@ -285,15 +312,55 @@ macro_rules! packed_kernels {
                     }
                 }
             }
+
+            /// Q4_0×Q8_0: the block sum is `Σ q y - 8 Σ y`, exact in i32
+            /// (`8 Σ y` is the scalar `x`); then lane `r` runs
+            /// `sumf += sumi as f32 * (dx * dy)`.
+            #[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn q4_0<const M: usize>(j: &Job) {
+                // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
+                unsafe {
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    for t in 0..j.ntiles {
+                        let mut acc = [_mm256_setzero_ps(); M];
+                        for b in 0..j.nb {
+                            let p = j.tiles.add((t * j.nb + b) * 8 * Q4_0_BYTES);
+                            let mut sum = [_mm256_setzero_si256(); M];
+                            for g in 0..4 {
+                                let w = _mm256_loadu_si256(p.add(16 + 32 * g).cast());
+                                let lo = _mm256_and_si256(w, m4);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
+                                for i in 0..M {
+                                    let y = j.a[i].add(b * Q8_0_BYTES + 2 + 4 * g);
+                                    sum[i] = $dot4(sum[i], lo, bcast(y));
+                                    sum[i] = $dot4(sum[i], hi, bcast(y.add(16)));
+                                }
+                            }
+                            let dx = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                            for i in 0..M {
+                                let k = i * j.nb + b;
+                                let sumi = _mm256_sub_epi32(sum[i], _mm256_set1_epi32(*j.x.add(k) as i32));
+                                let d = _mm256_mul_ps(dx, _mm256_set1_ps(*j.d.add(k)));
+                                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d));
+                            }
+                        }
+                        for i in 0..M {
+                            _mm256_storeu_ps((*j.out.add(t * j.out_stride + i * j.row_stride)).as_mut_ptr(), acc[i]);
+                        }
+                    }
+                }
+            }
         }
     };
 }
 
-/// `vpmaddubsw` + `vpmaddwd`: exact while every unsigned byte is at most 15
-/// (pair sums within ±3840 in i16).
+/// `vpmaddubsw` + `vpmaddwd`: exact while every unsigned byte is at most
+/// 127 (pair sums within ±32512 in i16); the kernels give it nibbles (±3840)
+/// or Q6_K's 6-bit codes (±16128).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn dot4_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+pub(super) unsafe fn dot4_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 }
 
@@ -315,14 +382,14 @@ unsafe fn dot4_byte_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 /// VEX `vpdpbusd`: exact for any bytes (at most 4 · 255 · 128 per lane and step).
 #[inline]
 #[target_feature(enable = "avxvnni")]
-unsafe fn dot4_avxvnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+pub(super) unsafe fn dot4_avxvnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_avx_epi32(acc, u, s)
 }
 
 /// EVEX `vpdpbusd` on 256-bit registers (exact, as above).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni")]
-unsafe fn dot4_avx512(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+pub(super) unsafe fn dot4_avx512(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, u, s)
 }
 

@@ -15,6 +15,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::kquant::{Q4K_BYTES, Q8K_BYTES};
 use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::Job;
 
@@ -186,6 +187,100 @@ pub(super) unsafe fn q8_0<const M: usize>(j: &Job) {
                     acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), d));
                 }
                 cur = next;
+            }
+            for i in 0..M {
+                store_pair(j, t, i, acc[i]);
+            }
+        }
+    }
+}
+
+/// Byte `k` of each 32-bit lane of `v`, zero-extended to the lane.
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+unsafe fn lane_byte(v: __m512i, k: usize) -> __m512i {
+    _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * k as i32)), _mm512_set1_epi32(0xFF))
+}
+
+/// Q4_K×Q8_K over `j.ntiles` (even) tiles, as `x86_packed_kquant`'s
+/// one-tile kernel on twice the rows: per block and lane, exactly in i32,
+/// `sumi = Σ_j sc[j] Σ q4 q8` and `summs = Σ_j m[j] (bsums[2j] +
+/// bsums[2j + 1])` (both under 2^25), then `sumf += d * sumi as f32 - dmin *
+/// summs as f32` with `d = a.d * w.d`, `dmin = a.d * w.dmin`.
+///
+/// # Safety
+/// As for [`q4_1`].
+#[allow(clippy::needless_range_loop)] // Index loops read clearer across the M rows.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512dq,avx512vnni")]
+pub(super) unsafe fn q4_k<const M: usize>(j: &Job) {
+    // SAFETY: see `pack::Job` (the operands' bounds); unaligned loads only.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m6 = _mm512_set1_epi8(0x3F);
+        let top = _mm512_set1_epi8(0x30);
+        let tile = j.nb * 8 * Q4K_BYTES;
+        for t in (0..j.ntiles).step_by(2) {
+            let mut acc = [_mm512_setzero_ps(); M];
+            for b in 0..j.nb {
+                let p0 = j.tiles.add(t * tile + b * 8 * Q4K_BYTES);
+                let p1 = p0.add(tile);
+                prefetch_next_pair(p0, tile, 8 * Q4K_BYTES);
+                // The scales as in the one-tile kernel; 32-bit shifts (AVX-512 F),
+                // masked so no bits cross bytes.
+                let s0 = load_pair(p0, p1, 32);
+                let s1 = load_pair(p0, p1, 64);
+                let s2 = load_pair(p0, p1, 96);
+                let sc = [
+                    _mm512_and_si512(s0, m6),
+                    _mm512_or_si512(_mm512_and_si512(s2, m4), _mm512_and_si512(_mm512_srli_epi32::<2>(s0), top)),
+                ];
+                let mn = [
+                    _mm512_and_si512(s1, m6),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(s2), m4),
+                        _mm512_and_si512(_mm512_srli_epi32::<2>(s1), top),
+                    ),
+                ];
+                let mut sumi = [_mm512_setzero_si512(); M];
+                for sub in 0..8 {
+                    let (g, high) = (sub / 2, sub % 2 == 1);
+                    let mut dot = [_mm512_setzero_si512(); M];
+                    for c in 0..8 {
+                        let w = load_pair(p0, p1, 128 + 32 * (8 * g + c));
+                        let w = if high { _mm512_srli_epi32::<4>(w) } else { w };
+                        let q = _mm512_and_si512(w, m4);
+                        for i in 0..M {
+                            let y = j.a[i].add(b * Q8K_BYTES + 4 + 32 * sub + 4 * c);
+                            dot[i] = _mm512_dpbusd_epi32(dot[i], q, bcast(y));
+                        }
+                    }
+                    let s = lane_byte(sc[sub / 4], sub % 4);
+                    for i in 0..M {
+                        sumi[i] = _mm512_add_epi32(sumi[i], _mm512_mullo_epi32(dot[i], s));
+                    }
+                }
+                let mut summs = [_mm512_setzero_si512(); M];
+                for sub in 0..8 {
+                    // (m, m) as i16 pairs against (bsums[2 sub], bsums[2 sub + 1]).
+                    let m = lane_byte(mn[sub / 4], sub % 4);
+                    let m = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+                    for i in 0..M {
+                        let bs = bcast(j.a[i].add(b * Q8K_BYTES + 260 + 4 * sub));
+                        summs[i] = _mm512_dpwssd_epi32(summs[i], m, bs);
+                    }
+                }
+                let dx = scales_pair(p0, p1, 0);
+                let mx = scales_pair(p0, p1, 16);
+                for i in 0..M {
+                    let ad = _mm512_set1_ps(*j.d.add(i * j.nb + b));
+                    let d = _mm512_mul_ps(ad, dx);
+                    let dmin = _mm512_mul_ps(ad, mx);
+                    let s = _mm512_sub_ps(
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(sumi[i])),
+                        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(summs[i])),
+                    );
+                    acc[i] = _mm512_add_ps(acc[i], s);
+                }
             }
             for i in 0..M {
                 store_pair(j, t, i, acc[i]);
