@@ -167,6 +167,6 @@ mod tests {
         // The tail after the last part is what is left, from a cache line.
         let mut arena = WeightArena::new(4096);
         put(&mut arena, &a);
-        assert_eq!(arena.tail().map(<[u8]>::len), Some(4096 - 1024));
+        assert_eq!(arena.tail().map(|t| t.len()), Some(4096 - 1024));
     }
 }
