@@ -79,43 +79,100 @@ impl ModelFile {
         }
     }
 
-    /// [`ModelFile::matrix`], read straight into the free space of `arena`
-    /// and repacked there when its kernel packs, so no second copy of the
-    /// weights builds up while a stage loads. Where the arena has no
-    /// mapping or no room left, the matrix goes on the heap as before.
-    pub(crate) fn matrix_into(&self, name: &str, rows: usize, cols: usize, arena: &mut WeightArena) -> Result<Matrix> {
-        let (dtype, dims) = match &self.source {
-            Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
-            Source::Safetensors(s) => {
-                let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
-                (t.dtype, t.shape.iter().rev().copied().collect())
+    /// [`ModelFile::matrix`] for each `(name, rows, cols)` of `plan`, read
+    /// straight into a slot of one new [`WeightArena`] in `plan`'s order and
+    /// repacked there when its kernel packs, on up to `threads` threads: no
+    /// second copy of the weights builds up, and reading, repacking and the
+    /// first touch of the mapping's pages share the cores. Each slot holds
+    /// its matrix stored or packed (rows padded to whole tiles); a matrix
+    /// that finds no mapping or no room goes on the heap as before. Call
+    /// [`Matrix::finish_arena`] with every returned matrix before use.
+    pub(crate) fn matrices_into(
+        &self,
+        plan: &[(String, usize, usize)],
+        threads: usize,
+    ) -> Result<(Vec<Matrix>, WeightArena)> {
+        let mut shapes = Vec::with_capacity(plan.len());
+        for (name, rows, cols) in plan {
+            let (dtype, dims) = match &self.source {
+                Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
+                Source::Safetensors(s) => {
+                    let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+                    (t.dtype, t.shape.iter().rev().copied().collect())
+                }
+            };
+            if dims != [*cols, *rows] {
+                return Err(EngineError::TensorShape {
+                    name: name.clone(),
+                    expected: vec![*cols, *rows],
+                    actual: dims,
+                });
             }
-        };
-        if dims != [cols, rows] {
-            return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
-        }
-        let unsupported = || EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() };
-        let (row_bytes, len) = Matrix::stored_len(dtype, rows, cols).ok_or_else(unsupported)?;
-        if self.stored_bytes(name) != Some(len) {
-            return Err(unsupported());
-        }
-        let Some(tail) = arena.tail().filter(|t| t.len() >= len) else {
-            return self.matrix(name, rows, cols);
-        };
-        let raw = &mut tail[..len];
-        match &self.source {
-            Source::Gguf(g) => g.read_into(name, raw)?,
-            Source::Safetensors(s) => raw.copy_from_slice(s.bytes(name)?),
-        }
-        let (packed, len) = match quant::pack_matrix(dtype, raw, rows, row_bytes) {
-            Some(p) if p.len() <= tail.len() => {
-                tail[..p.len()].copy_from_slice(&p);
-                (true, p.len())
+            let unsupported = || EngineError::UnsupportedDtype { name: name.clone(), dtype: dtype.name().into() };
+            let (row_bytes, len) = Matrix::stored_len(dtype, *rows, *cols).ok_or_else(unsupported)?;
+            if self.stored_bytes(name) != Some(len) {
+                return Err(unsupported());
             }
-            Some(p) => return Ok(Matrix::from_parts(dtype, rows, cols, true, WeightBytes::heap(p))),
-            None => (false, len),
+            shapes.push((dtype, row_bytes, len));
+        }
+        let sizes: Vec<usize> = plan
+            .iter()
+            .zip(&shapes)
+            .map(|((_, rows, _), &(_, rb, len))| len.max(rows.div_ceil(quant::TILE) * quant::TILE * rb))
+            .collect();
+        let mut arena = WeightArena::new(&sizes);
+        let Some(slots) = arena.slots() else {
+            let mats = plan.iter().map(|(n, r, c)| self.matrix(n, *r, *c)).collect::<Result<_>>()?;
+            return Ok((mats, arena));
         };
-        Ok(Matrix::from_parts(dtype, rows, cols, packed, arena.claim(len)))
+        // Where each matrix ended up: the first `len` bytes of its slot
+        // (packed or not), or the heap.
+        enum Filled {
+            Slot { packed: bool, len: usize },
+            Heap(Matrix),
+        }
+        let fill = |i: usize, slot: &mut [u8]| -> Result<Filled> {
+            let ((name, rows, cols), &(dtype, row_bytes, len)) = (&plan[i], &shapes[i]);
+            let raw = &mut slot[..len];
+            match &self.source {
+                Source::Gguf(g) => g.read_into(name, raw)?,
+                Source::Safetensors(s) => raw.copy_from_slice(s.bytes(name)?),
+            }
+            Ok(match quant::pack_matrix(dtype, raw, *rows, row_bytes) {
+                Some(p) if p.len() <= slot.len() => {
+                    slot[..p.len()].copy_from_slice(&p);
+                    Filled::Slot { packed: true, len: p.len() }
+                }
+                Some(p) => Filled::Heap(Matrix::from_parts(dtype, *rows, *cols, true, WeightBytes::heap(p))),
+                None => Filled::Slot { packed: false, len },
+            })
+        };
+        // Matrices dealt round-robin, so each thread gets some of every size.
+        let threads = threads.clamp(1, plan.len().max(1));
+        let mut work: Vec<Vec<(usize, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, slot) in slots.into_iter().enumerate() {
+            work[i % threads].push((i, slot));
+        }
+        let mut filled: Vec<(usize, Result<Filled>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .into_iter()
+                .map(|jobs| scope.spawn(|| jobs.into_iter().map(|(i, slot)| (i, fill(i, slot))).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        filled.sort_by_key(|(i, _)| *i);
+        if filled.len() != plan.len() {
+            return Err(EngineError::Gguf("a weight loader thread panicked".into()));
+        }
+        let mut mats = Vec::with_capacity(plan.len());
+        for (i, f) in filled {
+            let ((_, rows, cols), &(dtype, ..)) = (&plan[i], &shapes[i]);
+            mats.push(match f? {
+                Filled::Slot { packed, len } => Matrix::from_parts(dtype, *rows, *cols, packed, arena.claim(i, len)),
+                Filled::Heap(m) => m,
+            });
+        }
+        Ok((mats, arena))
     }
 
     /// Reads a vector (a norm weight or a bias) as f32, checking its length.
@@ -279,32 +336,35 @@ mod tests {
             let model = crate::fixture::TinyModel { layers: 1, tied: false, weight_type, ..Default::default() };
             let file = ModelFile::open(&model.write_gguf(dir.path()).expect("fixture")).expect("model");
             let c = file.config().clone();
-            let names = [("blk.0.attn_q.weight", c.hidden, c.hidden), ("blk.0.ffn_down.weight", c.hidden, c.ffn)];
-            let names = [names[0], names[1], ("output.weight", c.vocab, c.hidden)];
-            let mut arena = WeightArena::new(1 << 22);
-            let mut mats: Vec<Matrix> =
-                names.iter().map(|&(n, r, k)| file.matrix_into(n, r, k, &mut arena).expect("read")).collect();
-            Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
-            for (m, &(name, rows, cols)) in mats.iter().zip(&names) {
-                assert!(m.is_gathered(), "{name}");
-                let heap = file.matrix(name, rows, cols).expect("heap copy");
-                assert_eq!(m.bytes(), heap.bytes(), "{name}");
-                let (mut a, mut b) = (vec![0.0f32; cols], vec![0.0f32; cols]);
-                for r in 0..rows {
-                    m.dequantize_row_into(r, &mut a);
-                    heap.dequantize_row_into(r, &mut b);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a), bits(&b), "{weight_type:?} {name} row {r}");
+            let plan: Vec<(String, usize, usize)> =
+                [("blk.0.attn_q.weight", c.hidden, c.hidden), ("blk.0.ffn_down.weight", c.hidden, c.ffn)]
+                    .into_iter()
+                    .chain([("output.weight", c.vocab, c.hidden)])
+                    .map(|(n, r, k)| (n.to_string(), r, k))
+                    .collect();
+            // More threads than matrices, and one.
+            for threads in [1, 5] {
+                let (mut mats, arena) = file.matrices_into(&plan, threads).expect("read");
+                Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
+                for (m, (name, rows, cols)) in mats.iter().zip(&plan) {
+                    assert!(m.is_gathered(), "{name}");
+                    let heap = file.matrix(name, *rows, *cols).expect("heap copy");
+                    assert_eq!(m.bytes(), heap.bytes(), "{name}");
+                    let (mut a, mut b) = (vec![0.0f32; *cols], vec![0.0f32; *cols]);
+                    for r in 0..*rows {
+                        m.dequantize_row_into(r, &mut a);
+                        heap.dequantize_row_into(r, &mut b);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&a), bits(&b), "{weight_type:?} {name} row {r}");
+                    }
                 }
             }
         }
-        // No room left: the matrix goes on the heap, the same bytes.
         let file = ModelFile::open(&crate::fixture::TinyModel::default().write_gguf(dir.path()).expect("fixture"))
             .expect("model");
         let d = file.config().hidden;
-        let m = file.matrix_into("blk.0.attn_q.weight", d, d, &mut WeightArena::new(64)).expect("read");
-        assert!(!m.is_gathered());
-        assert_eq!(m.bytes(), file.matrix("blk.0.attn_q.weight", d, d).expect("heap").bytes());
+        let bad = [("blk.0.attn_q.weight".to_string(), d + 1, d)];
+        assert!(matches!(file.matrices_into(&bad, 2), Err(EngineError::TensorShape { .. })));
     }
 
     #[test]

@@ -21,7 +21,6 @@ use crate::model_file::ModelFile;
 use crate::norm::rms_norm;
 use crate::pool::ComputePool;
 use crate::rope;
-use crate::weight_bytes::WeightArena;
 use crate::weights::{Activations, Matrix};
 
 /// One token of a batch.
@@ -118,32 +117,39 @@ impl Stage {
         if range.start >= range.end || range.end > c.layers {
             return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
         }
-        // Address space for every matrix as stored, plus a quarter for
-        // packed layouts (rows padded to whole tiles, or a kernel's extra
-        // per-block data): pages never written cost no memory, and a
-        // matrix that still finds no room stays on the heap.
-        let mut names: Vec<String> =
-            range.clone().flat_map(|l| Block::MATRICES.map(|t| format!("blk.{l}.{t}"))).collect();
-        if range.start == 0 || range.end == c.layers {
-            names.extend(["token_embd.weight", "output.weight"].map(String::from));
+        // Every matrix, in the order a forward pass reads them: the blocks,
+        // the head, then the embedding (looked up a row at a time) unless
+        // the head is tied to it. Read on every core: loading is reading,
+        // repacking and first touches of fresh pages, all of which scale.
+        let tied = !file.has("output.weight");
+        let (first, last) = (range.start == 0, range.end == c.layers);
+        let mut plan: Vec<(String, usize, usize)> = Vec::new();
+        for l in range.clone() {
+            let (d, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+            let shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)];
+            plan.extend(Block::MATRICES.iter().zip(shapes).map(|(t, (r, k))| (format!("blk.{l}.{t}"), r, k)));
         }
-        let stored: usize = names.iter().filter_map(|n| file.stored_bytes(n)).sum();
-        let mut arena = WeightArena::new(stored + stored / 4 + names.len() * 64 + (16 << 20));
-        // Read in the order a forward pass reads them: the blocks, the head,
-        // then the embedding (looked up a row at a time) unless tied to it.
+        if last {
+            plan.push((if tied { "token_embd.weight" } else { "output.weight" }.into(), c.vocab, c.hidden));
+        }
+        if first && !(last && tied) {
+            plan.push(("token_embd.weight".into(), c.vocab, c.hidden));
+        }
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let (mats, arena) = file.matrices_into(&plan, threads)?;
+        let mut mats = mats.into_iter();
         let mut blocks: Vec<Block> =
-            range.clone().map(|l| Block::load(file, &c, l, &mut arena)).collect::<Result<_>>()?;
-        let mut head = if range.end == c.layers {
-            let name = if file.has("output.weight") { "output.weight" } else { "token_embd.weight" };
-            let lm_head = file.matrix_into(name, c.vocab, c.hidden, &mut arena)?;
+            range.clone().map(|l| Block::load(file, &c, l, &mut mats)).collect::<Result<_>>()?;
+        let mut head = if last {
+            let lm_head = mats.next().ok_or_else(|| EngineError::MissingTensor("output.weight".into()))?;
             Some(Head { norm: file.vector("output_norm.weight", c.hidden)?, lm_head })
         } else {
             None
         };
-        let mut embed = match (range.start == 0, &head) {
+        let mut embed = match (first, &head) {
             (false, _) => None,
-            (true, Some(h)) if !file.has("output.weight") => Some(h.lm_head.clone()),
-            (true, _) => Some(file.matrix_into("token_embd.weight", c.vocab, c.hidden, &mut arena)?),
+            (true, Some(h)) if tied => Some(h.lm_head.clone()),
+            (true, _) => Some(mats.next().ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?),
         };
         let mut mats: Vec<&mut Matrix> = blocks.iter_mut().flat_map(Block::matrices_mut).collect();
         mats.extend(head.as_mut().map(|h| &mut h.lm_head));
@@ -456,7 +462,8 @@ impl Block {
         [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
     }
 
-    /// The seven matrices' names within a block, in [`Block::matrices`] order.
+    /// The seven matrices' names within a block, in [`Block::matrices`] order
+    /// (the order a forward pass reads them).
     const MATRICES: [&str; 7] = [
         "attn_q.weight",
         "attn_k.weight",
@@ -467,9 +474,12 @@ impl Block {
         "ffn_down.weight",
     ];
 
-    fn load(file: &ModelFile, c: &ModelConfig, layer: usize, arena: &mut WeightArena) -> Result<Self> {
+    /// Block `layer`, its seven matrices taken in [`Block::MATRICES`] order
+    /// from `mats` (read by [`ModelFile::matrices_into`]), its vectors from
+    /// `file`.
+    fn load(file: &ModelFile, c: &ModelConfig, layer: usize, mats: &mut impl Iterator<Item = Matrix>) -> Result<Self> {
         let name = |t: &str| format!("blk.{layer}.{t}");
-        let mut m = |t: &str, rows, cols| file.matrix_into(&name(t), rows, cols, arena);
+        let mut m = || mats.next().ok_or_else(|| EngineError::MissingTensor(name("weights")));
         let (d, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
         let bias = if c.arch.has_qkv_bias() {
             Some([
@@ -482,15 +492,15 @@ impl Block {
         };
         Ok(Self {
             attn_norm: file.vector(&name("attn_norm.weight"), d)?,
-            q: m("attn_q.weight", q, d)?,
-            k: m("attn_k.weight", kv, d)?,
-            v: m("attn_v.weight", kv, d)?,
-            o: m("attn_output.weight", d, q)?,
+            q: m()?,
+            k: m()?,
+            v: m()?,
+            o: m()?,
             bias,
             ffn_norm: file.vector(&name("ffn_norm.weight"), d)?,
-            gate: m("ffn_gate.weight", c.ffn, d)?,
-            up: m("ffn_up.weight", c.ffn, d)?,
-            down: m("ffn_down.weight", d, c.ffn)?,
+            gate: m()?,
+            up: m()?,
+            down: m()?,
         })
     }
 

@@ -70,31 +70,39 @@ impl WeightBytes {
     }
 }
 
-/// A stage's weight mapping while it is being filled. Each matrix is read
-/// from the file straight into the free space after the last one
-/// ([`WeightArena::tail`]), repacked there if its kernel packs, and claimed
-/// ([`WeightArena::claim`]); [`WeightArena::finish`] then points every
-/// claimed part at the mapping. So loading never holds the weights twice:
-/// at most one matrix's packed copy sits beside them.
-///
-/// The mapping reserves address space for more than the weights need
-/// ([`WeightArena::new`]); pages never written are never backed by memory.
+/// A stage's weight mapping while it is being filled. It holds one slot
+/// per matrix, back to back in the order a forward pass reads them, each
+/// from a cache line; loader threads read matrices from the file straight
+/// into their slots ([`WeightArena::slots`]) and repack them there, then
+/// each slot's filled bytes are claimed ([`WeightArena::claim`]) and
+/// [`WeightArena::finish`] points every claimed part at the mapping. So
+/// loading never holds the weights twice: at most one matrix's packed copy
+/// per loader thread sits beside them. A slot's bytes past what its matrix
+/// fills are never written, so never backed by memory.
 pub(crate) struct WeightArena {
     map: Option<memmap2::MmapMut>,
-    used: usize,
+    starts: Vec<usize>,
+    sizes: Vec<usize>,
     pending: Arc<Buffer>,
 }
 
 impl WeightArena {
-    /// Reserves `capacity` bytes of address space, advised for huge pages
-    /// on Linux. If the mapping cannot be made, [`WeightArena::tail`] is
-    /// `None` and the caller keeps matrices on the heap instead: the same
-    /// bytes, only slower to reach.
-    pub(crate) fn new(capacity: usize) -> Self {
-        let map = match memmap2::MmapMut::map_anon(capacity.max(1)) {
+    /// Reserves slots of `sizes` bytes, advised for huge pages on Linux.
+    /// If the mapping cannot be made, [`WeightArena::slots`] is `None` and
+    /// the caller keeps matrices on the heap instead: the same bytes, only
+    /// slower to reach.
+    pub(crate) fn new(sizes: &[usize]) -> Self {
+        let mut starts = Vec::with_capacity(sizes.len());
+        let mut end = 0usize;
+        for &len in sizes {
+            let start = end.next_multiple_of(ALIGN);
+            starts.push(start);
+            end = start + len;
+        }
+        let map = match memmap2::MmapMut::map_anon(end.max(1)) {
             Ok(m) => Some(m),
             Err(e) => {
-                tracing::debug!(error = %e, bytes = capacity, "weights stay on the heap: no anonymous mapping");
+                tracing::debug!(error = %e, bytes = end, "weights stay on the heap: no anonymous mapping");
                 None
             }
         };
@@ -102,24 +110,30 @@ impl WeightArena {
         if let Some(Err(e)) = map.as_ref().map(|m| m.advise(memmap2::Advice::HugePage)) {
             tracing::debug!(error = %e, "weights in 4 KiB pages: the kernel refused huge pages");
         }
-        Self { map, used: 0, pending: Arc::new(Buffer::Pending) }
+        Self { map, starts, sizes: sizes.to_vec(), pending: Arc::new(Buffer::Pending) }
     }
 
-    /// The unclaimed space, starting on a cache line, for the next part to
-    /// be written into; `None` without a mapping.
-    pub(crate) fn tail(&mut self) -> Option<&mut [u8]> {
-        let start = self.used.next_multiple_of(ALIGN);
-        self.map.as_mut().and_then(|m| m.get_mut(start..))
+    /// Every slot, to be filled (by several threads at once if need be);
+    /// `None` without a mapping.
+    pub(crate) fn slots(&mut self) -> Option<Vec<&mut [u8]>> {
+        let mut rest: &mut [u8] = self.map.as_mut()?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.sizes.len());
+        for (&start, &len) in self.starts.iter().zip(&self.sizes) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+            let (slot, tail) = tail.split_at_mut(len);
+            out.push(slot);
+            rest = tail;
+            at = start + len;
+        }
+        Some(out)
     }
 
-    /// Claims the first `len` bytes of [`WeightArena::tail`] (already
-    /// written) as one part. Its bytes read as empty until
-    /// [`WeightArena::finish`]; `len` must fit the tail.
-    pub(crate) fn claim(&mut self, len: usize) -> WeightBytes {
-        let start = self.used.next_multiple_of(ALIGN);
-        debug_assert!(self.map.as_ref().is_some_and(|m| start + len <= m.len()));
-        self.used = start + len;
-        WeightBytes { buf: self.pending.clone(), range: start..start + len }
+    /// Claims the first `len` bytes of slot `i` (already written) as one
+    /// part. Its bytes read as empty until [`WeightArena::finish`].
+    pub(crate) fn claim(&self, i: usize, len: usize) -> WeightBytes {
+        debug_assert!(self.map.is_some() && len <= self.sizes[i]);
+        WeightBytes { buf: self.pending.clone(), range: self.starts[i]..self.starts[i] + len }
     }
 
     /// Points every claimed part among `parts` at the filled mapping; parts
@@ -137,20 +151,17 @@ impl WeightArena {
 mod tests {
     use super::*;
 
-    /// Writes `bytes` into the arena's tail and claims them, as a loader does.
-    fn put(arena: &mut WeightArena, bytes: &[u8]) -> WeightBytes {
-        arena.tail().expect("mapping")[..bytes.len()].copy_from_slice(bytes);
-        arena.claim(bytes.len())
-    }
-
     #[test]
     fn claimed_parts_keep_their_bytes_order_and_sharing_once_finished() {
         let (a, b): (Vec<u8>, Vec<u8>) = ((0..1000u32).map(|i| (i * 7) as u8).collect(), vec![9; 77]);
-        let mut arena = WeightArena::new(4096);
-        let mut a2 = put(&mut arena, &a);
-        let mut b2 = put(&mut arena, &b);
+        // Slots larger than what fills them, as a packed layout's bound is.
+        let mut arena = WeightArena::new(&[1010, 80, 0]);
+        let mut slots = arena.slots().expect("mapping");
+        slots[0][..a.len()].copy_from_slice(&a);
+        slots[1][..b.len()].copy_from_slice(&b);
+        assert_eq!(slots.iter().map(|s| s.len()).collect::<Vec<_>>(), [1010, 80, 0]);
+        let (mut a2, mut b2, mut empty) = (arena.claim(0, a.len()), arena.claim(1, b.len()), arena.claim(2, 0));
         let mut a_again = a2.clone();
-        let mut empty = put(&mut arena, &[]);
         let mut heap = WeightBytes::heap(vec![5; 10]);
         assert!(a2.as_slice().is_empty() && !a2.is_mapped(), "pending until finished");
         arena.finish(&mut [&mut a2, &mut b2, &mut a_again, &mut empty, &mut heap]);
@@ -160,13 +171,9 @@ mod tests {
         // The clone still shares its original's place, and only it does.
         assert!(a_again.same(&a2) && !b2.same(&a2));
         assert_eq!(a_again.as_slice().as_ptr(), a2.as_slice().as_ptr());
-        // Laid out in order, each part on its own cache line.
+        // Laid out in order, each slot on its own cache line.
         let (pa, pb) = (a2.as_slice().as_ptr() as usize, b2.as_slice().as_ptr() as usize);
-        assert_eq!(pb - pa, 1000usize.next_multiple_of(ALIGN));
+        assert_eq!(pb - pa, 1010usize.next_multiple_of(ALIGN));
         assert_eq!(pa % ALIGN, 0);
-        // The tail after the last part is what is left, from a cache line.
-        let mut arena = WeightArena::new(4096);
-        put(&mut arena, &a);
-        assert_eq!(arena.tail().map(|t| t.len()), Some(4096 - 1024));
     }
 }
