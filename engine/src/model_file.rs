@@ -79,6 +79,27 @@ impl ModelFile {
         }
     }
 
+    /// `(type, row bytes, bytes)` of the `rows × cols` matrix `name`, or
+    /// the error [`ModelFile::matrix`] would give, without reading it.
+    pub(crate) fn stored_shape(&self, name: &str, rows: usize, cols: usize) -> Result<(GgmlType, usize, usize)> {
+        let (dtype, dims) = match &self.source {
+            Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
+            Source::Safetensors(s) => {
+                let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+                (t.dtype, t.shape.iter().rev().copied().collect())
+            }
+        };
+        if dims != [cols, rows] {
+            return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
+        }
+        let unsupported = || EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() };
+        let (row_bytes, len) = Matrix::stored_len(dtype, rows, cols).ok_or_else(unsupported)?;
+        if self.stored_bytes(name) != Some(len) {
+            return Err(unsupported());
+        }
+        Ok((dtype, row_bytes, len))
+    }
+
     /// [`ModelFile::matrix`] for each `(name, rows, cols)` of `plan`, read
     /// straight into a slot of one new [`WeightArena`] in `plan`'s order and
     /// repacked there when its kernel packs, on up to `threads` threads: no
@@ -92,29 +113,8 @@ impl ModelFile {
         plan: &[(String, usize, usize)],
         threads: usize,
     ) -> Result<(Vec<Matrix>, WeightArena)> {
-        let mut shapes = Vec::with_capacity(plan.len());
-        for (name, rows, cols) in plan {
-            let (dtype, dims) = match &self.source {
-                Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
-                Source::Safetensors(s) => {
-                    let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
-                    (t.dtype, t.shape.iter().rev().copied().collect())
-                }
-            };
-            if dims != [*cols, *rows] {
-                return Err(EngineError::TensorShape {
-                    name: name.clone(),
-                    expected: vec![*cols, *rows],
-                    actual: dims,
-                });
-            }
-            let unsupported = || EngineError::UnsupportedDtype { name: name.clone(), dtype: dtype.name().into() };
-            let (row_bytes, len) = Matrix::stored_len(dtype, *rows, *cols).ok_or_else(unsupported)?;
-            if self.stored_bytes(name) != Some(len) {
-                return Err(unsupported());
-            }
-            shapes.push((dtype, row_bytes, len));
-        }
+        let shapes: Vec<(GgmlType, usize, usize)> =
+            plan.iter().map(|(name, rows, cols)| self.stored_shape(name, *rows, *cols)).collect::<Result<_>>()?;
         let sizes: Vec<usize> = plan
             .iter()
             .zip(&shapes)

@@ -135,6 +135,14 @@ impl Stage {
         if first && !(last && tied) {
             plan.push(("token_embd.weight".into(), c.vocab, c.hidden));
         }
+        // A bad file names the tensor a reader would look at first: the
+        // embedding, then each block's norm, before any weights are read.
+        if first {
+            file.stored_shape("token_embd.weight", c.vocab, c.hidden)?;
+        }
+        for l in range.clone() {
+            file.vector(&format!("blk.{l}.attn_norm.weight"), c.hidden)?;
+        }
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let (mats, arena) = file.matrices_into(&plan, threads)?;
         let mut mats = mats.into_iter();
