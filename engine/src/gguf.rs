@@ -268,12 +268,22 @@ impl GgufFile {
 
     /// Reads one tensor's raw bytes.
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
-        let info = self.info(name)?;
-        let mut buf = vec![0u8; info.n_bytes];
-        self.file
-            .read_exact_at(&mut buf, self.data_offset + info.offset)
-            .map_err(|source| EngineError::Io { path: self.path.clone(), source })?;
+        let mut buf = vec![0u8; self.info(name)?.n_bytes];
+        self.read_into(name, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Reads the first `out.len()` bytes of a tensor into `out`, which
+    /// must not be longer than the tensor: straight into where a loader
+    /// keeps them, with no buffer between.
+    pub fn read_into(&self, name: &str, out: &mut [u8]) -> Result<()> {
+        let info = self.info(name)?;
+        if out.len() > info.n_bytes {
+            return Err(EngineError::Gguf(format!("tensor `{name}` holds {} bytes, not {}", info.n_bytes, out.len())));
+        }
+        self.file
+            .read_exact_at(out, self.data_offset + info.offset)
+            .map_err(|source| EngineError::Io { path: self.path.clone(), source })
     }
 
     /// The file's path.

@@ -16,6 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::quant::{self, GgmlType};
 use crate::tokenizer::Tokenizer;
+use crate::weight_bytes::{WeightArena, WeightBytes};
 use crate::weights::Matrix;
 
 /// An opened model: its config, and a way to read any tensor by name.
@@ -67,6 +68,111 @@ impl ModelFile {
         }
         Matrix::new(dtype, rows, cols, bytes)
             .ok_or_else(|| EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() })
+    }
+
+    /// Bytes `name` takes in the file, if it is there: what a loader
+    /// reserves for it before reading.
+    pub(crate) fn stored_bytes(&self, name: &str) -> Option<usize> {
+        match &self.source {
+            Source::Gguf(g) => g.tensors.get(name).map(|t| t.n_bytes),
+            Source::Safetensors(s) => s.find(name).map(|(_, _, t)| t.end.saturating_sub(t.start)),
+        }
+    }
+
+    /// `(type, row bytes, bytes)` of the `rows × cols` matrix `name`, or
+    /// the error [`ModelFile::matrix`] would give, without reading it.
+    pub(crate) fn stored_shape(&self, name: &str, rows: usize, cols: usize) -> Result<(GgmlType, usize, usize)> {
+        let (dtype, dims) = match &self.source {
+            Source::Gguf(g) => g.info(name).map(|i| (i.dtype, i.dims.clone()))?,
+            Source::Safetensors(s) => {
+                let (_, _, t) = s.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+                (t.dtype, t.shape.iter().rev().copied().collect())
+            }
+        };
+        if dims != [cols, rows] {
+            return Err(EngineError::TensorShape { name: name.into(), expected: vec![cols, rows], actual: dims });
+        }
+        let unsupported = || EngineError::UnsupportedDtype { name: name.into(), dtype: dtype.name().into() };
+        let (row_bytes, len) = Matrix::stored_len(dtype, rows, cols).ok_or_else(unsupported)?;
+        if self.stored_bytes(name) != Some(len) {
+            return Err(unsupported());
+        }
+        Ok((dtype, row_bytes, len))
+    }
+
+    /// [`ModelFile::matrix`] for each `(name, rows, cols)` of `plan`, read
+    /// straight into a slot of one new [`WeightArena`] in `plan`'s order and
+    /// repacked there when its kernel packs, on up to `threads` threads: no
+    /// second copy of the weights builds up, and reading, repacking and the
+    /// first touch of the mapping's pages share the cores. Each slot holds
+    /// its matrix stored or packed (rows padded to whole tiles); a matrix
+    /// that finds no mapping or no room goes on the heap as before. Call
+    /// [`Matrix::finish_arena`] with every returned matrix before use.
+    pub(crate) fn matrices_into(
+        &self,
+        plan: &[(String, usize, usize)],
+        threads: usize,
+    ) -> Result<(Vec<Matrix>, WeightArena)> {
+        let shapes: Vec<(GgmlType, usize, usize)> =
+            plan.iter().map(|(name, rows, cols)| self.stored_shape(name, *rows, *cols)).collect::<Result<_>>()?;
+        let sizes: Vec<usize> = plan
+            .iter()
+            .zip(&shapes)
+            .map(|((_, rows, _), &(_, rb, len))| len.max(rows.div_ceil(quant::TILE) * quant::TILE * rb))
+            .collect();
+        let mut arena = WeightArena::new(&sizes);
+        let Some(slots) = arena.slots() else {
+            let mats = plan.iter().map(|(n, r, c)| self.matrix(n, *r, *c)).collect::<Result<_>>()?;
+            return Ok((mats, arena));
+        };
+        // Where each matrix ended up: the first `len` bytes of its slot
+        // (packed or not), or the heap.
+        enum Filled {
+            Slot { packed: bool, len: usize },
+            Heap(Matrix),
+        }
+        let fill = |i: usize, slot: &mut [u8]| -> Result<Filled> {
+            let ((name, rows, cols), &(dtype, row_bytes, len)) = (&plan[i], &shapes[i]);
+            let raw = &mut slot[..len];
+            match &self.source {
+                Source::Gguf(g) => g.read_into(name, raw)?,
+                Source::Safetensors(s) => raw.copy_from_slice(s.bytes(name)?),
+            }
+            Ok(match quant::pack_matrix(dtype, raw, *rows, row_bytes) {
+                Some(p) if p.len() <= slot.len() => {
+                    slot[..p.len()].copy_from_slice(&p);
+                    Filled::Slot { packed: true, len: p.len() }
+                }
+                Some(p) => Filled::Heap(Matrix::from_parts(dtype, *rows, *cols, true, WeightBytes::heap(p))),
+                None => Filled::Slot { packed: false, len },
+            })
+        };
+        // Matrices dealt round-robin, so each thread gets some of every size.
+        let threads = threads.clamp(1, plan.len().max(1));
+        let mut work: Vec<Vec<(usize, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, slot) in slots.into_iter().enumerate() {
+            work[i % threads].push((i, slot));
+        }
+        let mut filled: Vec<(usize, Result<Filled>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .into_iter()
+                .map(|jobs| scope.spawn(|| jobs.into_iter().map(|(i, slot)| (i, fill(i, slot))).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        filled.sort_by_key(|(i, _)| *i);
+        if filled.len() != plan.len() {
+            return Err(EngineError::Gguf("a weight loader thread panicked".into()));
+        }
+        let mut mats = Vec::with_capacity(plan.len());
+        for (i, f) in filled {
+            let ((_, rows, cols), &(dtype, ..)) = (&plan[i], &shapes[i]);
+            mats.push(match f? {
+                Filled::Slot { packed, len } => Matrix::from_parts(dtype, *rows, *cols, packed, arena.claim(i, len)),
+                Filled::Heap(m) => m,
+            });
+        }
+        Ok((mats, arena))
     }
 
     /// Reads a vector (a norm weight or a bias) as f32, checking its length.
@@ -205,19 +311,61 @@ impl SafetensorsDir {
     }
 
     fn read(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
-        let (mmap, base, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
-        let bytes = mmap
-            .get(base + t.start..base + t.end)
-            .ok_or_else(|| EngineError::Safetensors(format!("tensor `{}` lies outside its file", hf_name(name))))?;
+        let (_, _, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
         // safetensors lists the outermost dimension first; GGUF the innermost.
         let dims: Vec<usize> = t.shape.iter().rev().copied().collect();
-        Ok((t.dtype, dims, bytes.to_vec()))
+        Ok((t.dtype, dims, self.bytes(name)?.to_vec()))
+    }
+
+    /// A tensor's bytes, where its file is mapped.
+    fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let (mmap, base, t) = self.find(name).ok_or_else(|| EngineError::MissingTensor(hf_name(name)))?;
+        mmap.get(base + t.start..base + t.end)
+            .ok_or_else(|| EngineError::Safetensors(format!("tensor `{}` lies outside its file", hf_name(name))))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::hf_name;
+    use super::*;
+
+    #[test]
+    fn matrices_read_into_an_arena_equal_those_read_onto_the_heap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for weight_type in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16] {
+            let model = crate::fixture::TinyModel { layers: 1, tied: false, weight_type, ..Default::default() };
+            let file = ModelFile::open(&model.write_gguf(dir.path()).expect("fixture")).expect("model");
+            let c = file.config().clone();
+            let plan: Vec<(String, usize, usize)> =
+                [("blk.0.attn_q.weight", c.hidden, c.hidden), ("blk.0.ffn_down.weight", c.hidden, c.ffn)]
+                    .into_iter()
+                    .chain([("output.weight", c.vocab, c.hidden)])
+                    .map(|(n, r, k)| (n.to_string(), r, k))
+                    .collect();
+            // More threads than matrices, and one.
+            for threads in [1, 5] {
+                let (mut mats, arena) = file.matrices_into(&plan, threads).expect("read");
+                Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
+                for (m, (name, rows, cols)) in mats.iter().zip(&plan) {
+                    assert!(m.is_gathered(), "{name}");
+                    let heap = file.matrix(name, *rows, *cols).expect("heap copy");
+                    assert_eq!(m.bytes(), heap.bytes(), "{name}");
+                    let (mut a, mut b) = (vec![0.0f32; *cols], vec![0.0f32; *cols]);
+                    for r in 0..*rows {
+                        m.dequantize_row_into(r, &mut a);
+                        heap.dequantize_row_into(r, &mut b);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&a), bits(&b), "{weight_type:?} {name} row {r}");
+                    }
+                }
+            }
+        }
+        let file = ModelFile::open(&crate::fixture::TinyModel::default().write_gguf(dir.path()).expect("fixture"))
+            .expect("model");
+        let d = file.config().hidden;
+        let bad = [("blk.0.attn_q.weight".to_string(), d + 1, d)];
+        assert!(matches!(file.matrices_into(&bad, 2), Err(EngineError::TensorShape { .. })));
+    }
 
     #[test]
     fn maps_names() {

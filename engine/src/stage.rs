@@ -117,27 +117,52 @@ impl Stage {
         if range.start >= range.end || range.end > c.layers {
             return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
         }
-        let mut embed = (range.start == 0).then(|| file.matrix("token_embd.weight", c.vocab, c.hidden)).transpose()?;
-        let mut blocks: Vec<Block> = range.clone().map(|l| Block::load(file, &c, l)).collect::<Result<_>>()?;
-        let mut head = if range.end == c.layers {
-            let lm_head = if file.has("output.weight") {
-                file.matrix("output.weight", c.vocab, c.hidden)?
-            } else {
-                match &embed {
-                    Some(e) => e.clone(),
-                    None => file.matrix("token_embd.weight", c.vocab, c.hidden)?,
-                }
-            };
+        // Every matrix, in the order a forward pass reads them: the blocks,
+        // the head, then the embedding (looked up a row at a time) unless
+        // the head is tied to it. Read on every core: loading is reading,
+        // repacking and first touches of fresh pages, all of which scale.
+        let tied = !file.has("output.weight");
+        let (first, last) = (range.start == 0, range.end == c.layers);
+        let mut plan: Vec<(String, usize, usize)> = Vec::new();
+        for l in range.clone() {
+            let (d, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+            let shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)];
+            plan.extend(Block::MATRICES.iter().zip(shapes).map(|(t, (r, k))| (format!("blk.{l}.{t}"), r, k)));
+        }
+        if last {
+            plan.push((if tied { "token_embd.weight" } else { "output.weight" }.into(), c.vocab, c.hidden));
+        }
+        if first && !(last && tied) {
+            plan.push(("token_embd.weight".into(), c.vocab, c.hidden));
+        }
+        // A bad file names the tensor a reader would look at first: the
+        // embedding, then each block's norm, before any weights are read.
+        if first {
+            file.stored_shape("token_embd.weight", c.vocab, c.hidden)?;
+        }
+        for l in range.clone() {
+            file.vector(&format!("blk.{l}.attn_norm.weight"), c.hidden)?;
+        }
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let (mats, arena) = file.matrices_into(&plan, threads)?;
+        let mut mats = mats.into_iter();
+        let mut blocks: Vec<Block> =
+            range.clone().map(|l| Block::load(file, &c, l, &mut mats)).collect::<Result<_>>()?;
+        let mut head = if last {
+            let lm_head = mats.next().ok_or_else(|| EngineError::MissingTensor("output.weight".into()))?;
             Some(Head { norm: file.vector("output_norm.weight", c.hidden)?, lm_head })
         } else {
             None
         };
-        // In the order a forward pass reads them; the embedding (looked up
-        // a row at a time) last, unless the lm_head shares it.
+        let mut embed = match (first, &head) {
+            (false, _) => None,
+            (true, Some(h)) if tied => Some(h.lm_head.clone()),
+            (true, _) => Some(mats.next().ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?),
+        };
         let mut mats: Vec<&mut Matrix> = blocks.iter_mut().flat_map(Block::matrices_mut).collect();
         mats.extend(head.as_mut().map(|h| &mut h.lm_head));
         mats.extend(embed.as_mut());
-        Matrix::gather(&mut mats);
+        Matrix::finish_arena(arena, &mut mats);
         Ok(Self {
             config: c,
             range,
@@ -445,9 +470,24 @@ impl Block {
         [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
     }
 
-    fn load(file: &ModelFile, c: &ModelConfig, layer: usize) -> Result<Self> {
+    /// The seven matrices' names within a block, in [`Block::matrices`] order
+    /// (the order a forward pass reads them).
+    const MATRICES: [&str; 7] = [
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ];
+
+    /// Block `layer`, its seven matrices taken in [`Block::MATRICES`] order
+    /// from `mats` (read by [`ModelFile::matrices_into`]), its vectors from
+    /// `file`.
+    fn load(file: &ModelFile, c: &ModelConfig, layer: usize, mats: &mut impl Iterator<Item = Matrix>) -> Result<Self> {
         let name = |t: &str| format!("blk.{layer}.{t}");
-        let m = |t: &str, rows, cols| file.matrix(&name(t), rows, cols);
+        let mut m = || mats.next().ok_or_else(|| EngineError::MissingTensor(name("weights")));
         let (d, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
         let bias = if c.arch.has_qkv_bias() {
             Some([
@@ -460,15 +500,15 @@ impl Block {
         };
         Ok(Self {
             attn_norm: file.vector(&name("attn_norm.weight"), d)?,
-            q: m("attn_q.weight", q, d)?,
-            k: m("attn_k.weight", kv, d)?,
-            v: m("attn_v.weight", kv, d)?,
-            o: m("attn_output.weight", d, q)?,
+            q: m()?,
+            k: m()?,
+            v: m()?,
+            o: m()?,
             bias,
             ffn_norm: file.vector(&name("ffn_norm.weight"), d)?,
-            gate: m("ffn_gate.weight", c.ffn, d)?,
-            up: m("ffn_up.weight", c.ffn, d)?,
-            down: m("ffn_down.weight", d, c.ffn)?,
+            gate: m()?,
+            up: m()?,
+            down: m()?,
         })
     }
 

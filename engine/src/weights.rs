@@ -44,15 +44,29 @@ const TILE_RUN: usize = 32;
 impl Matrix {
     /// Wraps raw bytes; `None` if the length does not match the shape and type.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
-        let row_bytes = dtype.row_bytes(cols)?;
-        if !(dtype.is_weight_type() && data.len() == row_bytes.checked_mul(rows)?) {
-            return None;
-        }
+        let row_bytes = Self::stored_len(dtype, rows, cols).filter(|&(_, len)| len == data.len())?.0;
         let (packed, data) = match quant::pack_matrix(dtype, &data, rows, row_bytes) {
             Some(p) => (true, p),
             None => (false, data),
         };
         Some(Self { dtype, rows, cols, row_bytes, packed, data: WeightBytes::heap(data) })
+    }
+
+    /// `(row bytes, total bytes)` of a `rows × cols` matrix of `dtype` as
+    /// GGUF stores it; `None` for a type matrices cannot use or a shape
+    /// that does not fit it.
+    pub(crate) fn stored_len(dtype: GgmlType, rows: usize, cols: usize) -> Option<(usize, usize)> {
+        let row_bytes = dtype.row_bytes(cols)?;
+        dtype.is_weight_type().then_some(())?;
+        Some((row_bytes, row_bytes.checked_mul(rows)?))
+    }
+
+    /// A matrix over bytes a loader already put in place (a stage's
+    /// [`crate::weight_bytes::WeightArena`]): `packed` says whether
+    /// [`quant::pack_matrix`] made them, else they are GGUF rows.
+    pub(crate) fn from_parts(dtype: GgmlType, rows: usize, cols: usize, packed: bool, data: WeightBytes) -> Self {
+        let row_bytes = dtype.row_bytes(cols).unwrap_or(0);
+        Self { dtype, rows, cols, row_bytes, packed, data }
     }
 
     /// Output features.
@@ -80,15 +94,14 @@ impl Matrix {
         self.data.as_slice().len()
     }
 
-    /// Moves the matrices' bytes into one mapping backed by huge pages where
-    /// the OS allows (see the `weight_bytes` module), in the given order, which
-    /// should be the order a forward pass reads them. Results are unchanged.
-    pub fn gather(mats: &mut [&mut Matrix]) {
+    /// Points matrices read into `arena` at its mapping, once every one is
+    /// in (see the `weight_bytes` module).
+    pub(crate) fn finish_arena(arena: crate::weight_bytes::WeightArena, mats: &mut [&mut Matrix]) {
         let mut parts: Vec<&mut WeightBytes> = mats.iter_mut().map(|m| &mut m.data).collect();
-        crate::weight_bytes::gather(&mut parts);
+        arena.finish(&mut parts);
     }
 
-    /// Whether [`Matrix::gather`] has moved the bytes into a shared mapping.
+    /// Whether the bytes sit in their stage's shared mapping.
     pub fn is_gathered(&self) -> bool {
         self.data.is_mapped()
     }

@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod etcd;
 mod generate;
+mod logits;
 mod perplexity;
 mod serving;
 mod telemetry;
@@ -22,6 +23,8 @@ pub struct Cli {
 enum Command {
     /// Generate text from a prompt in this process.
     Generate(generate::Args),
+    /// Write the logits at every position of a token sequence (for agreement checks).
+    Logits(logits::Args),
     /// Measure perplexity on a text file (llama.cpp's method).
     Perplexity(perplexity::Args),
     /// Start a local cluster: a coordinator and N worker processes on 127.0.0.1.
@@ -45,7 +48,11 @@ impl Cli {
             Command::Up(a) => a.export(),
             Command::Worker(a) => a.export(),
             Command::Coordinator(a) => a.export(),
-            Command::Generate(_) | Command::Perplexity(_) | Command::Bench(_) | Command::Status(_) => None,
+            Command::Generate(_)
+            | Command::Logits(_)
+            | Command::Perplexity(_)
+            | Command::Bench(_)
+            | Command::Status(_) => None,
         };
         telemetry::init(export)
     }
@@ -54,6 +61,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Generate(a) => generate::run(a),
+            Command::Logits(a) => logits::run(a),
             Command::Perplexity(a) => perplexity::run(a),
             Command::Bench(b) => b.run(),
             Command::Up(a) => cluster::up(a),
