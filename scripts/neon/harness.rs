@@ -48,16 +48,27 @@ mod simd {
 #[cfg(test)]
 mod packed;
 
+/// Shim of `engine::quant::kquant`: the one size `pack.rs` reads.
+mod kquant {
+    /// Bytes per Q8_K block: `f32 d; i8 qs[256]; i16 bsums[16]`.
+    pub(crate) const Q8K_BYTES: usize = 4 + 256 + 32;
+}
+
 /// Shim of `engine::quant::GgmlType`: the variants `neon.rs` dispatches on,
-/// plus two it must refuse.
+/// the packed layouts `pack.rs` names, and one type it must refuse.
 #[allow(non_camel_case_types, dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    F16,
     Q4_0,
     Q4_1,
+    Q5_0,
     Q8_0,
     Q8_1,
     Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
 }
 
 impl GgmlType {
@@ -69,6 +80,11 @@ impl GgmlType {
             GgmlType::Q8_0 => legacy::Q8_0_BYTES,
             GgmlType::Q8_1 => legacy::Q8_1_BYTES,
             GgmlType::Q4_K => 144,
+            GgmlType::F16 => 2,
+            GgmlType::Q5_0 => legacy::Q5_0_BYTES,
+            GgmlType::Q5_K => 176,
+            GgmlType::Q6_K => 210,
+            GgmlType::Q8_K => kquant::Q8K_BYTES,
         }
     }
 
@@ -80,6 +96,11 @@ impl GgmlType {
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Q8_1 => "q8_1",
             GgmlType::Q4_K => "q4_k",
+            GgmlType::F16 => "f16",
+            GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_K => "q5_k",
+            GgmlType::Q6_K => "q6_k",
+            GgmlType::Q8_K => "q8_k",
         }
     }
 }
