@@ -5,9 +5,9 @@
 //! 4 KiB pages is 27,000 translations, each a TLB miss and a page walk
 //! competing with the weights for memory. Gathered into one anonymous
 //! mapping advised for transparent huge pages (Linux, where the host's
-//! policy is `madvise` or `always`), the same bytes take about 55 pages.
+//! policy is `madvise` or `always`), the same bytes take far fewer pages.
 //! Matrices sit in the order a forward pass reads them, each on its own
-//! cache line. Measured in `docs/benchmarks.md` (session 9).
+//! cache line. The gain is measured in `docs/benchmarks.md`.
 
 use std::ops::Range;
 use std::sync::Arc;
