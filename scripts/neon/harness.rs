@@ -11,9 +11,11 @@
 //! calls leaving their output untouched). It compiles just the real files
 //! involved, unchanged, by `#[path]`:
 //! - `engine/src/quant/legacy.rs`, the scalar reference (and its own tests);
+//! - `engine/src/quant/kquant/`, the K-quant reference (and its own tests);
 //! - `engine/src/quant/pack.rs`, the packed tile layout (and its own tests);
 //! - `engine/src/quant/simd/neon.rs`, the NEON row kernels;
-//! - `engine/src/quant/simd/neon_packed.rs`, the packed-tile kernels (`sdot`).
+//! - `engine/src/quant/simd/neon_packed.rs` and `neon_packed_kquant.rs`, the
+//!   packed-tile kernels (`sdot`).
 //!
 //! The crate root stands in for `engine::quant` (the kernels reach their
 //! parent through `super::super`). `quant/mod.rs` itself cannot be included
@@ -35,6 +37,10 @@ use half::f16;
 #[allow(dead_code)] // Only the dot products and the encoders are used here.
 mod legacy;
 
+#[path = "../../engine/src/quant/kquant/mod.rs"]
+#[allow(dead_code, unused_imports)] // Q2_K, Q3_K and the dequantizers are not used here.
+mod kquant;
+
 #[path = "../../engine/src/quant/pack.rs"]
 #[allow(dead_code)] // `unpack_row` serves the engine's embedding lookups.
 mod pack;
@@ -43,16 +49,11 @@ mod pack;
 mod simd {
     pub(crate) mod neon;
     pub(crate) mod neon_packed;
+    pub(crate) mod neon_packed_kquant;
 }
 
 #[cfg(test)]
 mod packed;
-
-/// Shim of `engine::quant::kquant`: the one size `pack.rs` reads.
-mod kquant {
-    /// Bytes per Q8_K block: `f32 d; i8 qs[256]; i16 bsums[16]`.
-    pub(crate) const Q8K_BYTES: usize = 4 + 256 + 32;
-}
 
 /// Shim of `engine::quant::GgmlType`: the variants `neon.rs` dispatches on,
 /// the packed layouts `pack.rs` names, and one type it must refuse.
@@ -79,11 +80,11 @@ impl GgmlType {
             GgmlType::Q4_1 => legacy::Q4_1_BYTES,
             GgmlType::Q8_0 => legacy::Q8_0_BYTES,
             GgmlType::Q8_1 => legacy::Q8_1_BYTES,
-            GgmlType::Q4_K => 144,
+            GgmlType::Q4_K => kquant::Q4K_BYTES,
             GgmlType::F16 => 2,
             GgmlType::Q5_0 => legacy::Q5_0_BYTES,
-            GgmlType::Q5_K => 176,
-            GgmlType::Q6_K => 210,
+            GgmlType::Q5_K => kquant::Q5K_BYTES,
+            GgmlType::Q6_K => kquant::Q6K_BYTES,
             GgmlType::Q8_K => kquant::Q8K_BYTES,
         }
     }

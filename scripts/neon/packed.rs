@@ -1,18 +1,20 @@
-//! Tests of the NEON packed-tile kernels (`neon_packed.rs`) against the scalar
-//! reference, on rows packed by the engine's own `pack.rs`: every (weight row,
-//! activation row) output of a call with 1..=8 activation rows must equal
-//! `legacy::vec_dot_*` of that pair bit for bit, and must not depend on how
+//! Tests of the NEON packed-tile kernels (`neon_packed.rs`,
+//! `neon_packed_kquant.rs`) against the scalar reference, on rows packed by
+//! the engine's own `pack.rs`: every (weight row, activation row) output of a
+//! call with 1..=8 activation rows must equal `legacy::vec_dot_*` or
+//! `kquant::vec_dot_*` of that pair bit for bit, and must not depend on how
 //! many activation rows or tiles share the call.
 
 use half::f16;
 
-use super::pack::{pack, ActScalars, PackedOperands, TILE};
+use super::pack::{pack, ActScalars, PackedOperands, PACKED, TILE};
 use super::simd::neon::Neon;
 use super::simd::neon_packed::DotProd;
-use super::tests::{blocks, layout, reference, Fill, Rng, FILLS};
-use super::{legacy, GgmlType};
+use super::tests::{blocks, Fill, Rng, FILLS};
+use super::{kquant, legacy, GgmlType};
 
-const PACKED: [GgmlType; 2] = [GgmlType::Q4_1, GgmlType::Q8_0];
+/// Types that must not be packed: activation formats and unpacked weights.
+const UNPACKED: [GgmlType; 3] = [GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::F16];
 
 /// Most activation rows per call (`engine::quant::MAX_ACT`).
 const MAX_ACT: usize = 8;
@@ -27,9 +29,61 @@ fn neon() -> DotProd {
     Neon::detect().dotprod().expect("dotprod detected, so the packed kernels are on")
 }
 
+/// Whether `ty` is a K-quant (256-element blocks, Q8_K activations).
+fn is_k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+}
+
+/// The activation type of `ty` weights.
+fn act_type(ty: GgmlType) -> GgmlType {
+    match ty {
+        GgmlType::Q4_1 => GgmlType::Q8_1,
+        _ if is_k(ty) => GgmlType::Q8_K,
+        _ => GgmlType::Q8_0,
+    }
+}
+
 /// Activation bytes per row of `nb` blocks for `ty` weights.
 fn act_bytes(ty: GgmlType, nb: usize) -> usize {
-    nb * layout(ty).1 .0
+    nb * act_type(ty).block_bytes()
+}
+
+/// `n` blocks of `ty` (weights or activations) with quants per `fill` and
+/// edge-weighted finite scales. Q8_K gets an f32 scale and `bsums` that
+/// match its quants, as the reference reads them.
+fn typed_blocks(r: &mut Rng, ty: GgmlType, n: usize, fill: Fill) -> Vec<u8> {
+    let bytes = ty.block_bytes();
+    let head = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => 2,
+        GgmlType::Q4_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => 4,
+        _ => 0,
+    };
+    let mut v = blocks(r, n, (bytes, head), fill);
+    for blk in v.chunks_exact_mut(bytes) {
+        match ty {
+            GgmlType::Q6_K => blk[208..].copy_from_slice(&r.scale().to_le_bytes()),
+            GgmlType::Q8_K => {
+                blk[..4].copy_from_slice(&r.scale().to_f32().to_le_bytes());
+                for k in 0..16 {
+                    let s: i16 = blk[4 + 16 * k..20 + 16 * k].iter().map(|&q| i16::from(q as i8)).sum();
+                    blk[260 + 2 * k..262 + 2 * k].copy_from_slice(&s.to_le_bytes());
+                }
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+/// The scalar reference of `ty` weights against their activations.
+fn reference(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
+    match ty {
+        GgmlType::Q4_K => kquant::vec_dot_q4k_q8k(w, a),
+        GgmlType::Q5_K => kquant::vec_dot_q5k_q8k(w, a),
+        GgmlType::Q6_K => kquant::vec_dot_q6k_q8k(w, a),
+        GgmlType::Q5_0 => legacy::vec_dot_q5_0_q8_0(w, a),
+        _ => super::tests::reference(ty, w, a),
+    }
 }
 
 /// `n` activation rows of `nb` blocks, `stride` bytes apart (the gap holds
@@ -38,7 +92,7 @@ fn act_rows(r: &mut Rng, ty: GgmlType, nb: usize, n: usize, stride: usize, fill:
     let mut a: Vec<u8> = (0..n * stride).map(|_| r.next() as u8).collect();
     for i in 0..n {
         let f = if i % 2 == 0 { fill } else { Fill::Random };
-        let row = blocks(r, nb, layout(ty).1, f);
+        let row = typed_blocks(r, act_type(ty), nb, f);
         a[i * stride..i * stride + row.len()].copy_from_slice(&row);
     }
     a
@@ -91,11 +145,11 @@ fn packed_tiles_equal_the_reference_bit_for_bit() {
     let mut r = Rng(0x5EED_0DD5_0F7E_11E5);
     let (mut nonzero, mut total) = (0, 0);
     for ty in PACKED {
-        let wl = layout(ty).0;
         // Every block count with every tile count, on random quants.
-        for nb in [1, 2, 3, 7, 18] {
+        let counts: &[usize] = if is_k(ty) { &[1, 2, 3] } else { &[1, 2, 3, 7, 18] };
+        for &nb in counts {
             for rows in [1, 8, 13, 24, 37] {
-                let w = blocks(&mut r, rows * nb, wl, Fill::Random);
+                let w = typed_blocks(&mut r, ty, rows * nb, Fill::Random);
                 let stride = act_bytes(ty, nb) + 3;
                 let a = act_rows(&mut r, ty, nb, MAX_ACT, stride, Fill::RandomMin);
                 let (z, n) = check_rows(ty, &w, rows, nb, &a, stride, &format!("nb={nb} rows={rows}"));
@@ -108,7 +162,7 @@ fn packed_tiles_equal_the_reference_bit_for_bit() {
             for (ai, &af) in FILLS.iter().enumerate() {
                 let nb = [1, 2, 5][(wi + ai) % 3];
                 let rows = [8, 11, 17, 3][(wi + 2 * ai) % 4];
-                let w = blocks(&mut r, rows * nb, wl, wf);
+                let w = typed_blocks(&mut r, ty, rows * nb, wf);
                 let stride = act_bytes(ty, nb);
                 let a = act_rows(&mut r, ty, nb, MAX_ACT, stride, af);
                 let (z, n) = check_rows(ty, &w, rows, nb, &a, stride, &format!("w={wf:?} a={af:?} nb={nb}"));
@@ -127,18 +181,26 @@ fn packed_tiles_equal_the_reference_bit_for_bit() {
 fn encoded_rows_are_bit_exact() {
     let mut r = Rng(23);
     for ty in PACKED {
-        for (nb, rows) in [(1, 9), (6, 16), (48, 21)] {
+        let len = if is_k(ty) { kquant::QK_K } else { 32 };
+        for (nb, rows) in [(1, 9), (6, 16), (48 * 32 / len, 21)] {
             let mut unit = || (r.below(1 << 24) as f32 / (1 << 23) as f32 - 1.0) * 3.0;
-            let xw: Vec<f32> = (0..rows * nb * 32).map(|_| unit()).collect();
-            let xa: Vec<f32> = (0..MAX_ACT * nb * 32).map(|_| unit()).collect();
+            let xw: Vec<f32> = (0..rows * nb * len).map(|_| unit()).collect();
+            let xa: Vec<f32> = (0..MAX_ACT * nb * len).map(|_| unit()).collect();
             let mut w = vec![0u8; rows * nb * ty.block_bytes()];
             let mut a = vec![0u8; MAX_ACT * act_bytes(ty, nb)];
-            if ty == GgmlType::Q4_1 {
-                legacy::quantize_q4_1(&xw, &mut w);
-                legacy::quantize_q8_1(&xa, &mut a);
-            } else {
-                legacy::quantize_q8_0(&xw, &mut w);
-                legacy::quantize_q8_0(&xa, &mut a);
+            match ty {
+                GgmlType::Q4_0 => legacy::quantize_q4_0(&xw, &mut w),
+                GgmlType::Q4_1 => legacy::quantize_q4_1(&xw, &mut w),
+                GgmlType::Q5_0 => legacy::quantize_q5_0(&xw, &mut w),
+                GgmlType::Q8_0 => legacy::quantize_q8_0(&xw, &mut w),
+                GgmlType::Q4_K => kquant::quantize_q4k(&xw, &mut w),
+                GgmlType::Q5_K => kquant::quantize_q5k(&xw, &mut w),
+                _ => kquant::quantize_q6k(&xw, &mut w),
+            }
+            match act_type(ty) {
+                GgmlType::Q8_1 => legacy::quantize_q8_1(&xa, &mut a),
+                GgmlType::Q8_K => kquant::quantize_q8k(&xa, &mut a),
+                _ => legacy::quantize_q8_0(&xa, &mut a),
             }
             check_rows(ty, &w, rows, nb, &a, act_bytes(ty, nb), &format!("encoded nb={nb} rows={rows}"));
         }
@@ -194,6 +256,56 @@ fn extreme_tiles_match_hand_arithmetic() {
     };
     assert!(k.dot_packed(&ops, &mut out));
     assert_eq!(out[0], [-15358.5; 8]);
+    // The K-quants, one block of eight rows against Q8_K activations with
+    // d = 1 and every quant 2 (so every bsum is 32).
+    let mut a = vec![2u8; kquant::Q8K_BYTES];
+    a[..4].copy_from_slice(&1.0f32.to_le_bytes());
+    for k in 0..16 {
+        a[260 + 2 * k..262 + 2 * k].copy_from_slice(&32i16.to_le_bytes());
+    }
+    let one_block = |ty: GgmlType, w: &[u8]| {
+        let packed = pack(ty, w, 8, ty.block_bytes()).expect("packable");
+        let pre = ActScalars::new(ty, 1, 1, &a, a.len());
+        let ops =
+            PackedOperands { dtype: ty, tiles: &packed, nb: 1, a: &a, a_stride: a.len(), m: 1, pre: &pre, first: 0 };
+        let mut out = [[f32::NAN; 8]; 1];
+        assert!(k.dot_packed(&ops, &mut out), "{ty:?}");
+        for (r, got) in out[0].iter().enumerate() {
+            let want = reference(ty, &w[r * ty.block_bytes()..][..ty.block_bytes()], &a);
+            assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} row {r}: {got} vs reference {want}");
+        }
+        out[0]
+    };
+    // Q4_K: d = 1, dmin = 0.5; scale bytes all 1, so sc = 1 for every
+    // sub-block, m = 1 for sub-blocks 0..4 and 0 for 4..8; quants 15
+    // (row 0..4) or 7 (rows 4..8): 8 * 32 * q * 2 - 0.5 * 4 * 64.
+    let mut w = vec![0u8; 8 * kquant::Q4K_BYTES];
+    for (r, blk) in w.chunks_exact_mut(kquant::Q4K_BYTES).enumerate() {
+        blk[..2].copy_from_slice(&f16b(1.0));
+        blk[2..4].copy_from_slice(&f16b(0.5));
+        blk[4..16].fill(1);
+        blk[16..].fill(if r < 4 { 0xFF } else { 0x77 });
+    }
+    assert_eq!(one_block(GgmlType::Q4_K, &w), [7552.0, 7552.0, 7552.0, 7552.0, 3456.0, 3456.0, 3456.0, 3456.0]);
+    // Q5_K: the same with every high bit set in even rows: q = 31 (or 23).
+    let mut w = vec![0u8; 8 * kquant::Q5K_BYTES];
+    for (r, blk) in w.chunks_exact_mut(kquant::Q5K_BYTES).enumerate() {
+        blk[..2].copy_from_slice(&f16b(1.0));
+        blk[2..4].copy_from_slice(&f16b(0.5));
+        blk[4..16].fill(1);
+        blk[16..48].fill(if r % 2 == 0 { 0xFF } else { 0x00 });
+        blk[48..].fill(if r < 4 { 0xFF } else { 0x77 });
+    }
+    assert_eq!(one_block(GgmlType::Q5_K, &w), [15744.0, 7552.0, 15744.0, 7552.0, 11648.0, 3456.0, 11648.0, 3456.0]);
+    // Q6_K: codes 0 (q = -32) everywhere, d = 1, every scale of row r is
+    // r - 4 (signed): 16 runs * 16 * -32 * 2 * (r - 4).
+    let mut w = vec![0u8; 8 * kquant::Q6K_BYTES];
+    for (r, blk) in w.chunks_exact_mut(kquant::Q6K_BYTES).enumerate() {
+        blk[192..208].fill((r as i8 - 4) as u8);
+        blk[208..].copy_from_slice(&f16b(1.0));
+    }
+    let want: Vec<f32> = (0..8).map(|r: i32| (-16384 * (r - 4)) as f32).collect();
+    assert_eq!(one_block(GgmlType::Q6_K, &w).to_vec(), want);
 }
 
 /// Other types and short operands are refused with nothing written; no
@@ -205,7 +317,7 @@ fn bad_operands_are_refused_untouched() {
     for ty in PACKED {
         let (nb, rows) = (3, 16);
         let rb = nb * ty.block_bytes();
-        let w = blocks(&mut r, rows * nb, layout(ty).0, Fill::Random);
+        let w = typed_blocks(&mut r, ty, rows * nb, Fill::Random);
         let packed = pack(ty, &w, rows, rb).expect("packable");
         let ab = act_bytes(ty, nb);
         let a = act_rows(&mut r, ty, nb, 4, ab, Fill::Random);
@@ -219,7 +331,7 @@ fn bad_operands_are_refused_untouched() {
             };
         let ctx = ty.name();
         assert!(!refused(ty, &packed, &a, 2, &pre, 0, 4), "{ctx}: valid call refused");
-        for dtype in [GgmlType::Q4_0, GgmlType::Q8_1, GgmlType::Q4_K] {
+        for dtype in UNPACKED {
             assert!(!Neon::detect().packs(dtype));
             assert!(refused(dtype, &packed, &a, 2, &pre, 0, 4), "{ctx}: {dtype:?} accepted");
         }
@@ -241,7 +353,7 @@ fn bad_operands_are_refused_untouched() {
     }
 }
 
-/// With `dotprod` (the default) exactly Q4_1 and Q8_0 are packed. With
+/// With `dotprod` (the default) exactly the types of `pack::PACKED` are packed. With
 /// `NEON_EXPECT_NO_DOTPROD` set, on a CPU without the extension
 /// (`qemu-aarch64 -cpu cortex-a53`), nothing is packed and there are no
 /// packed kernels, so the engine keeps the GGUF layout and row kernels.
@@ -260,7 +372,7 @@ fn dotprod_decides_the_packed_path() {
     for ty in PACKED {
         assert!(n.packs(ty), "{ty:?}");
     }
-    for ty in [GgmlType::Q4_0, GgmlType::Q8_1, GgmlType::Q4_K] {
+    for ty in UNPACKED {
         assert!(!n.packs(ty), "{ty:?}");
     }
 }

@@ -18,6 +18,8 @@ use super::GgmlType;
 mod neon;
 #[cfg(target_arch = "aarch64")]
 mod neon_packed;
+#[cfg(target_arch = "aarch64")]
+mod neon_packed_kquant;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
@@ -46,7 +48,8 @@ enum Kernel {
     /// AVX2 + F16C (the token proves detection succeeded).
     #[cfg(target_arch = "x86_64")]
     Avx2(x86::Avx2),
-    /// NEON (aarch64 baseline), with packed kernels where `dotprod` is.
+    /// NEON (aarch64 baseline), with packed kernels for every packed
+    /// layout where `dotprod` is.
     #[cfg(target_arch = "aarch64")]
     Neon(neon::Neon),
 }

@@ -5,12 +5,14 @@
 //! widened to i16 with `vmull_s8` (|p| <= 16384, exact even for -128 * -128)
 //! and pairwise-accumulated into i32 lanes. The float part is the scalar
 //! reference's expression, block by block, so results are bit-identical.
-//! K-quants fall back to the scalar reference on this architecture. The
-//! packed multi-row kernels (`neon_packed`) need the dot product extension.
+//! K-quants have no single-row kernel here (the scalar reference runs).
+//! The packed multi-row kernels (`neon_packed`, `neon_packed_kquant`), which
+//! cover every packed layout, need the dot product extension.
 
 use std::arch::aarch64::*;
 
 use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::pack::PACKED;
 use super::super::{f16_at, GgmlType};
 use super::neon_packed::DotProd;
 
@@ -27,10 +29,11 @@ impl Neon {
         Self { dot: DotProd::detect() }
     }
 
-    /// Whether there is a packed-tile kernel for `dtype` (Q4_1 and Q8_0,
-    /// with `dotprod`); without one the GGUF layout and row kernels stay.
+    /// Whether there is a packed-tile kernel for `dtype` (every type of
+    /// `pack::PACKED`, with `dotprod`); without one the GGUF layout and row
+    /// kernels stay.
     pub(crate) fn packs(self, dtype: GgmlType) -> bool {
-        self.dot.is_some() && matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
+        self.dot.is_some() && PACKED.contains(&dtype)
     }
 
     /// The packed-tile kernels (`neon_packed`), if the CPU has `dotprod`.

@@ -16,7 +16,11 @@
 //! `vpdpbusd`; here one `eor` per 16 bytes restores `q`, shared by every
 //! activation row of the pass. (x86's `- 128 Σ y` correction does not apply:
 //! read as signed, `q ^ 0x80` is not `q + 128`, and the unsigned × signed
-//! `usdot` needs the later I8MM extension.)
+//! `usdot` needs the later I8MM extension.) Q4_0 and Q5_0 multiply their
+//! unsigned codes (nibbles, or nibbles with Q5_0's fifth bit ORed on) and
+//! start each block's sums at `- 8 Σ y` (`- 16 Σ y`), the activation scalar
+//! `pack::ActScalars` holds, so the codes' offset costs nothing per row.
+//! The K-quants are in `neon_packed_kquant`, which shares this file's helpers.
 //!
 //! Integer sums are exact in any order (at most 32 · 128 · 128 per block).
 //! The float part repeats the scalar reference's f32 operations one for one,
@@ -28,7 +32,10 @@
 //! 2 activation loads, 2 `scvtf`, 2 `dup` and 10 float operations; shared by
 //! the pass: 8 weight loads, 8 `and`, 8 `ushr`, 2 scale loads, 4 `fcvtl`.
 //! Q8_0: 16 `sdot`, 2 loads, 2 `scvtf`, 1 `dup`, 6 float operations per row;
-//! 16 loads, 16 `eor`, 1 scale load, 2 `fcvtl` shared.
+//! 16 loads, 16 `eor`, 1 scale load, 2 `fcvtl` shared. Q4_0 as Q8_0 per row
+//! (and one `dup` of the offset); shared, Q4_1's unpacking and one scale
+//! load. Q5_0 adds, shared, 16 `tbl`, `cmtst`, `and` and `orr` for the fifth
+//! bits.
 //!
 //! This file was first tested with rustc 1.63 (`scripts/neon/harness.rs`),
 //! which has neither `sdot` nor f16 vector intrinsics, so both come from
@@ -41,14 +48,18 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use super::super::pack::{Job, PackedOperands, TileOut};
 use super::super::GgmlType;
+use super::neon_packed_kquant as kq;
 
 /// Activation rows one kernel pass keeps in registers: four rows' integer
 /// sums, float sums and activation bytes (24 of the 32 vector registers)
 /// leave room for the weights being unpacked.
 const PASS_ROWS: usize = 4;
+
+/// A kernel instance for one row count (see [`DotProd::dot_packed_to`]).
+type KernelFn = unsafe fn(&Job);
 
 /// Proof that the CPU has the dot product extension: the packed kernels run
 /// only through it.
@@ -76,26 +87,23 @@ impl DotProd {
 
     /// [`Self::dot_packed`] into any [`TileOut`] layout.
     pub(crate) fn dot_packed_to(self, ops: &PackedOperands<'_>, out: TileOut) -> bool {
-        let dtype = ops.dtype;
-        // `Job::passes` knows other packed layouts, which have no NEON kernel.
-        if !matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0) {
-            return false;
-        }
+        // The instances for 1..=PASS_ROWS activation rows, so that three
+        // rows are one pass over the weights, not two.
+        let kernels: [KernelFn; PASS_ROWS] = match ops.dtype {
+            GgmlType::Q4_1 => [q4_1::<1>, q4_1::<2>, q4_1::<3>, q4_1::<4>],
+            GgmlType::Q8_0 => [q8_0::<1>, q8_0::<2>, q8_0::<3>, q8_0::<4>],
+            GgmlType::Q4_0 => [q4_0::<1>, q4_0::<2>, q4_0::<3>, q4_0::<4>],
+            GgmlType::Q5_0 => [q5_0::<1>, q5_0::<2>, q5_0::<3>, q5_0::<4>],
+            GgmlType::Q4_K => [kq::q4_k::<1>, kq::q4_k::<2>, kq::q4_k::<3>, kq::q4_k::<4>],
+            GgmlType::Q5_K => [kq::q5_k::<1>, kq::q5_k::<2>, kq::q5_k::<3>, kq::q5_k::<4>],
+            GgmlType::Q6_K => [kq::q6_k::<1>, kq::q6_k::<2>, kq::q6_k::<3>, kq::q6_k::<4>],
+            _ => return false,
+        };
         Job::passes(ops, out, PASS_ROWS, |job, k| {
             // SAFETY: `Job::passes` checked the operands of `job` for `k`
-            // rows; `self` proves the CPU has `dotprod`.
-            unsafe {
-                match (dtype, k) {
-                    (GgmlType::Q4_1, 1) => q4_1::<1>(job),
-                    (GgmlType::Q4_1, 2) => q4_1::<2>(job),
-                    (GgmlType::Q4_1, 3) => q4_1::<3>(job),
-                    (GgmlType::Q4_1, _) => q4_1::<4>(job),
-                    (_, 1) => q8_0::<1>(job),
-                    (_, 2) => q8_0::<2>(job),
-                    (_, 3) => q8_0::<3>(job),
-                    (_, _) => q8_0::<4>(job),
-                }
-            }
+            // (1..=PASS_ROWS) rows of this type; `self` proves the CPU has
+            // `dotprod`.
+            unsafe { kernels[k - 1](job) }
         })
     }
 }
@@ -108,7 +116,7 @@ impl DotProd {
 /// The CPU must have `dotprod` (register operands only; no memory access).
 #[inline]
 #[target_feature(enable = "dotprod")]
-unsafe fn sdot<const L: usize>(acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn sdot<const L: usize>(acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> int32x4_t {
     let mut acc = acc;
     // The lane index is an immediate: one `asm!` per lane, chosen at compile time.
     macro_rules! sdot_lane {
@@ -142,7 +150,7 @@ unsafe fn sdot<const L: usize>(acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> in
 /// # Safety
 /// `p` must point to 16 readable bytes.
 #[inline]
-unsafe fn widen_f16x8(p: *const u8) -> [float32x4_t; 2] {
+pub(super) unsafe fn widen_f16x8(p: *const u8) -> [float32x4_t; 2] {
     let (lo, hi): (float32x4_t, float32x4_t);
     // SAFETY: the caller guarantees the 16 bytes; `out` operands never share
     // a register with the input, so `fcvtl` cannot clobber it for `fcvtl2`.
@@ -160,51 +168,116 @@ unsafe fn widen_f16x8(p: *const u8) -> [float32x4_t; 2] {
     [lo, hi]
 }
 
-/// The 32 activation quants at byte `at` of each of the pass's `M`
-/// activation rows, as two vectors per row (elements 0..16, 16..32).
+/// The `16 N` activation quants at byte `at` of each of the pass's `M`
+/// activation rows, as `N` vectors per row (elements `16 n..16 n + 16`).
 ///
 /// # Safety
-/// Each `j.a[i]` must have 32 readable bytes at `at`.
+/// Each `j.a[i]` must have `16 N` readable bytes at `at`.
 #[inline]
-unsafe fn load_acts<const M: usize>(j: &Job, at: usize) -> [[int8x16_t; 2]; M] {
+pub(super) unsafe fn load_acts<const M: usize, const N: usize>(j: &Job, at: usize) -> [[int8x16_t; N]; M] {
     // SAFETY: the caller guarantees the bytes. (A loop, not
     // `array::from_fn`, which rustc 1.63 left as a call.)
     unsafe {
-        let mut ys = [[vdupq_n_s8(0); 2]; M];
+        let mut ys = [[vdupq_n_s8(0); N]; M];
         for (y, a) in ys.iter_mut().zip(&j.a) {
-            let p = a.add(at);
-            *y = [vld1q_s8(p.cast()), vld1q_s8(p.add(16).cast())];
+            for (n, v) in y.iter_mut().enumerate() {
+                *v = vld1q_s8(a.add(at + 16 * n).cast());
+            }
         }
         ys
     }
 }
 
-/// Group `L` of a Q4_1 packed block at `p`: elements `4L..4L + 4` (low
-/// nibbles) and `16 + 4L..` (high nibbles) of all eight rows, into each
-/// activation row's two integer sums (rows 0..4, 4..8).
+/// Adds to each activation row's two integer sums (weight rows 0..4, 4..8)
+/// the `sdot` of the weights `w` (rows 0..4, 4..8; four bytes per row) with
+/// lane `L` of that row's activation vector `ys[i][n]`.
 ///
 /// # Safety
-/// `p` is a packed Q4_1 block; the CPU has `dotprod`.
+/// The CPU has `dotprod` (registers only).
 #[inline]
 #[target_feature(enable = "dotprod")]
-unsafe fn q4_1_group<const L: usize, const M: usize>(
-    p: *const u8,
+pub(super) unsafe fn sdot_rows<const L: usize, const M: usize, const N: usize>(
+    w: [int8x16_t; 2],
+    ys: &[[int8x16_t; N]; M],
+    n: usize,
+    sum: &mut [[int32x4_t; 2]; M],
+) {
+    // SAFETY: registers only; the caller guarantees the extension.
+    unsafe {
+        for (s, y) in sum.iter_mut().zip(ys) {
+            s[0] = sdot::<L>(s[0], w[0], y[n]);
+            s[1] = sdot::<L>(s[1], w[1], y[n]);
+        }
+    }
+}
+
+/// Each activation row's two integer sums, starting at `- x` (the row's
+/// scalar word `x[(i * nb + b) * xpb + k]`, read as i32, in every lane):
+/// the offset of the weight codes, subtracted before any product is added.
+///
+/// # Safety
+/// `j` came from [`Job::passes`] for `M` rows; `b < j.nb`, `k < xpb`.
+#[inline]
+pub(super) unsafe fn offset_sums<const M: usize>(j: &Job, b: usize, xpb: usize, k: usize) -> [[int32x4_t; 2]; M] {
+    // SAFETY: the caller's bounds on `x`.
+    unsafe {
+        let mut sum = [[vdupq_n_s32(0); 2]; M];
+        for (i, s) in sum.iter_mut().enumerate() {
+            let c = vdupq_n_s32((*j.x.add((i * j.nb + b) * xpb + k) as i32).wrapping_neg());
+            *s = [c, c];
+        }
+        sum
+    }
+}
+
+/// 0x10 in byte `k` of each 32-bit lane where bit `e + k` of the lane's
+/// word in `qh` is set (`e` a multiple of 4 below 32): the fifth bits of
+/// Q5_0's elements `e..e + 4` of the four rows in `qh`, to OR onto their
+/// nibbles.
+#[inline]
+unsafe fn fifth_bits(qh: uint8x16_t, e: usize) -> uint8x16_t {
+    // Byte `e / 8` of each lane's word, copied to the lane's four bytes,
+    // then bit `e % 8 + k` of byte `k` tested.
+    const LANE_BASE: [u8; 16] = [0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12];
+    let s = e % 8;
+    let bits = (1u32 << s) | (1 << (s + 9)) | (1 << (s + 18)) | (1 << (s + 27));
+    // SAFETY: `LANE_BASE` is 16 bytes; the rest are register operations.
+    unsafe {
+        let idx = vaddq_u8(vld1q_u8(LANE_BASE.as_ptr()), vdupq_n_u8((e / 8) as u8));
+        let spread = vqtbl1q_u8(qh, idx);
+        vandq_u8(vtstq_u8(spread, vreinterpretq_u8_u32(vdupq_n_u32(bits))), vdupq_n_u8(0x10))
+    }
+}
+
+/// Group `L` of a 4-bit block whose quant bytes start at `q` (Q4_1, Q4_0,
+/// or with `FIVE` Q5_0, whose fifth bits are the rows' `qh` words): elements
+/// `4L..4L + 4` (low nibbles) and `16 + 4L..` (high nibbles) of all eight
+/// rows, into each activation row's two integer sums.
+///
+/// # Safety
+/// `q` has the block's 128 quant bytes; the CPU has `dotprod`.
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn nibble_group<const L: usize, const M: usize, const FIVE: bool>(
+    q: *const u8,
+    qh: [uint8x16_t; 2],
     ys: &[[int8x16_t; 2]; M],
     sum: &mut [[int32x4_t; 2]; M],
 ) {
     // SAFETY: the 32 bytes of group `L` lie inside the packed block.
     unsafe {
         let m4 = vdupq_n_u8(0x0F);
-        let w0 = vld1q_u8(p.add(32 + 32 * L));
-        let w1 = vld1q_u8(p.add(48 + 32 * L));
-        let lo = [vreinterpretq_s8_u8(vandq_u8(w0, m4)), vreinterpretq_s8_u8(vandq_u8(w1, m4))];
-        let hi = [vreinterpretq_s8_u8(vshrq_n_u8::<4>(w0)), vreinterpretq_s8_u8(vshrq_n_u8::<4>(w1))];
-        for (s, y) in sum.iter_mut().zip(ys) {
+        let w = [vld1q_u8(q.add(32 * L)), vld1q_u8(q.add(32 * L + 16))];
+        let mut lo = [vandq_u8(w[0], m4), vandq_u8(w[1], m4)];
+        let mut hi = [vshrq_n_u8::<4>(w[0]), vshrq_n_u8::<4>(w[1])];
+        if FIVE {
             for h in 0..2 {
-                s[h] = sdot::<L>(s[h], lo[h], y[0]);
-                s[h] = sdot::<L>(s[h], hi[h], y[1]);
+                lo[h] = vorrq_u8(lo[h], fifth_bits(qh[h], 4 * L));
+                hi[h] = vorrq_u8(hi[h], fifth_bits(qh[h], 16 + 4 * L));
             }
         }
+        sdot_rows::<L, M, 2>([vreinterpretq_s8_u8(lo[0]), vreinterpretq_s8_u8(lo[1])], ys, 0, sum);
+        sdot_rows::<L, M, 2>([vreinterpretq_s8_u8(hi[0]), vreinterpretq_s8_u8(hi[1])], ys, 1, sum);
     }
 }
 
@@ -217,16 +290,17 @@ unsafe fn q4_1_group<const L: usize, const M: usize>(
 unsafe fn q4_1<const M: usize>(j: &Job) {
     // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
     unsafe {
+        let none = [vdupq_n_u8(0); 2];
         for t in 0..j.ntiles {
             let mut acc = [[vdupq_n_f32(0.0); 2]; M];
             for b in 0..j.nb {
                 let p = j.tiles.add((t * j.nb + b) * 8 * Q4_1_BYTES);
-                let ys = load_acts::<M>(j, b * Q8_1_BYTES + 4);
+                let ys = load_acts::<M, 2>(j, b * Q8_1_BYTES + 4);
                 let mut sum = [[vdupq_n_s32(0); 2]; M];
-                q4_1_group::<0, M>(p, &ys, &mut sum);
-                q4_1_group::<1, M>(p, &ys, &mut sum);
-                q4_1_group::<2, M>(p, &ys, &mut sum);
-                q4_1_group::<3, M>(p, &ys, &mut sum);
+                nibble_group::<0, M, false>(p.add(32), none, &ys, &mut sum);
+                nibble_group::<1, M, false>(p.add(32), none, &ys, &mut sum);
+                nibble_group::<2, M, false>(p.add(32), none, &ys, &mut sum);
+                nibble_group::<3, M, false>(p.add(32), none, &ys, &mut sum);
                 let dx = widen_f16x8(p);
                 let mx = widen_f16x8(p.add(16));
                 for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
@@ -240,6 +314,33 @@ unsafe fn q4_1<const M: usize>(j: &Job) {
                 }
             }
             store(j, t, &acc);
+        }
+    }
+}
+
+/// Adds block `b`'s terms of the reference chain `sumf += sumi as f32 *
+/// (dx * dy)` (Q8_0, Q4_0, Q5_0) to each activation row's accumulators,
+/// lane by lane: `dx` the weight rows' scales at `p`, `dy` the row's.
+///
+/// # Safety
+/// `p` is a packed block whose first 16 bytes are the eight f16 scales; `j`
+/// came from [`Job::passes`] for `M` rows and `b < j.nb`.
+#[inline]
+unsafe fn add_scaled<const M: usize>(
+    j: &Job,
+    p: *const u8,
+    b: usize,
+    sum: &[[int32x4_t; 2]; M],
+    acc: &mut [[float32x4_t; 2]; M],
+) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        let dx = widen_f16x8(p);
+        for (i, (a, s)) in acc.iter_mut().zip(sum).enumerate() {
+            let dy = vdupq_n_f32(*j.d.add(i * j.nb + b));
+            for h in 0..2 {
+                a[h] = vaddq_f32(a[h], vmulq_f32(vcvtq_f32_s32(s[h]), vmulq_f32(dx[h], dy)));
+            }
         }
     }
 }
@@ -265,11 +366,7 @@ unsafe fn q8_0_group<const H: usize, const L: usize, const M: usize>(
             vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(at)), sign)),
             vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(at + 16)), sign)),
         ];
-        for (s, y) in sum.iter_mut().zip(ys) {
-            for h in 0..2 {
-                s[h] = sdot::<L>(s[h], w[h], y[H]);
-            }
-        }
+        sdot_rows::<L, M, 2>(w, ys, H, sum);
     }
 }
 
@@ -286,7 +383,7 @@ unsafe fn q8_0<const M: usize>(j: &Job) {
             let mut acc = [[vdupq_n_f32(0.0); 2]; M];
             for b in 0..j.nb {
                 let p = j.tiles.add((t * j.nb + b) * 8 * Q8_0_BYTES);
-                let ys = load_acts::<M>(j, b * Q8_0_BYTES + 2);
+                let ys = load_acts::<M, 2>(j, b * Q8_0_BYTES + 2);
                 let mut sum = [[vdupq_n_s32(0); 2]; M];
                 q8_0_group::<0, 0, M>(p, &ys, &mut sum);
                 q8_0_group::<0, 1, M>(p, &ys, &mut sum);
@@ -296,13 +393,60 @@ unsafe fn q8_0<const M: usize>(j: &Job) {
                 q8_0_group::<1, 1, M>(p, &ys, &mut sum);
                 q8_0_group::<1, 2, M>(p, &ys, &mut sum);
                 q8_0_group::<1, 3, M>(p, &ys, &mut sum);
-                let dx = widen_f16x8(p);
-                for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
-                    let dy = vdupq_n_f32(*j.d.add(i * j.nb + b));
-                    for h in 0..2 {
-                        a[h] = vaddq_f32(a[h], vmulq_f32(vcvtq_f32_s32(s[h]), vmulq_f32(dx[h], dy)));
-                    }
-                }
+                add_scaled(j, p, b, &sum, &mut acc);
+            }
+            store(j, t, &acc);
+        }
+    }
+}
+
+/// Q4_0×Q8_0 for `M` activation rows.
+///
+/// # Safety
+/// As for [`q8_0`], for Q4_0 tiles.
+#[target_feature(enable = "dotprod")]
+unsafe fn q4_0<const M: usize>(j: &Job) {
+    // SAFETY: the caller's contract, for Q4_0 tiles.
+    unsafe { offset_nibbles::<M, false>(j) }
+}
+
+/// Q5_0×Q8_0 for `M` activation rows.
+///
+/// # Safety
+/// As for [`q8_0`], for Q5_0 tiles.
+#[target_feature(enable = "dotprod")]
+unsafe fn q5_0<const M: usize>(j: &Job) {
+    // SAFETY: the caller's contract, for Q5_0 tiles.
+    unsafe { offset_nibbles::<M, true>(j) }
+}
+
+/// Q4_0×Q8_0, or Q5_0×Q8_0 with `FIVE`: the block sum `Σ (q - 8) y` is
+/// computed as `- 8 Σ y + Σ q y` (Q5_0: `- 16 Σ y`, with 5-bit `q`), exact
+/// in i32 (at most 32 · 31 · 128 plus 16 · 4096); then lane `r` runs
+/// `sumf += sumi as f32 * (dx * dy)`, block by block.
+///
+/// # Safety
+/// `j` came from [`Job::passes`] for `M` rows of the type `FIVE` names; the
+/// CPU has `dotprod`.
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn offset_nibbles<const M: usize, const FIVE: bool>(j: &Job) {
+    // SAFETY: see `Job` (the operands' bounds); unaligned loads only.
+    unsafe {
+        let (tbb, qs) = if FIVE { (8 * Q5_0_BYTES, 48) } else { (8 * Q4_0_BYTES, 16) };
+        for t in 0..j.ntiles {
+            let mut acc = [[vdupq_n_f32(0.0); 2]; M];
+            for b in 0..j.nb {
+                let p = j.tiles.add((t * j.nb + b) * tbb);
+                let ys = load_acts::<M, 2>(j, b * Q8_0_BYTES + 2);
+                let mut sum = offset_sums::<M>(j, b, 1, 0);
+                // Rows 0..4 and 4..8: each row's `qh` word (Q5_0).
+                let qh = if FIVE { [vld1q_u8(p.add(16)), vld1q_u8(p.add(32))] } else { [vdupq_n_u8(0); 2] };
+                nibble_group::<0, M, FIVE>(p.add(qs), qh, &ys, &mut sum);
+                nibble_group::<1, M, FIVE>(p.add(qs), qh, &ys, &mut sum);
+                nibble_group::<2, M, FIVE>(p.add(qs), qh, &ys, &mut sum);
+                nibble_group::<3, M, FIVE>(p.add(qs), qh, &ys, &mut sum);
+                add_scaled(j, p, b, &sum, &mut acc);
             }
             store(j, t, &acc);
         }
@@ -314,7 +458,7 @@ unsafe fn q8_0<const M: usize>(j: &Job) {
 /// # Safety
 /// `out[t * out_stride + i * row_stride]` is in bounds for `i < M` (see [`Job`]).
 #[inline]
-unsafe fn store<const M: usize>(j: &Job, t: usize, acc: &[[float32x4_t; 2]; M]) {
+pub(super) unsafe fn store<const M: usize>(j: &Job, t: usize, acc: &[[float32x4_t; 2]; M]) {
     // SAFETY: the caller guarantees the output rows.
     unsafe {
         for (i, a) in acc.iter().enumerate() {

@@ -222,6 +222,7 @@ fn packed_tiles_match(
 /// and without `dotprod`), since no aarch64 machine is at hand.
 #[cfg(target_arch = "aarch64")]
 mod neon {
+    use super::super::super::pack::PACKED;
     use super::super::neon::Neon;
     use super::*;
 
@@ -246,8 +247,9 @@ mod neon {
         single_rows_match(covers, |ty, w, a| n.vec_dot(ty, w, a));
     }
 
-    /// With `dotprod` exactly Q4_1 and Q8_0 are packed; without it
-    /// nothing is, and the engine keeps the GGUF layout and row kernels.
+    /// With `dotprod` exactly the types of `pack::PACKED` are packed;
+    /// without it nothing is, and the engine keeps the GGUF layout and row
+    /// kernels.
     #[test]
     fn dotprod_decides_the_packed_path() {
         let has = std::arch::is_aarch64_feature_detected!("dotprod");
@@ -256,12 +258,13 @@ mod neon {
         }
         let n = Neon::detect();
         assert_eq!(n.dotprod().is_some(), has);
-        for ty in TYPES.into_iter().chain([GgmlType::Q8_1]) {
-            let packed = has && matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0);
-            assert_eq!(n.packs(ty), packed, "{}", ty.name());
+        for ty in PACKED.into_iter().chain([GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::Q2_K, GgmlType::F16]) {
+            assert_eq!(n.packs(ty), has && PACKED.contains(&ty), "{}", ty.name());
         }
     }
 
+    /// Every packed layout has a NEON kernel, bit-exact at any activation
+    /// count and tile count.
     #[test]
     fn packed_tiles_are_bit_exact_for_any_activation_count() {
         let Some(d) = Neon::detect().dotprod() else {
@@ -269,8 +272,7 @@ mod neon {
             eprintln!("skipping: CPU lacks dotprod");
             return;
         };
-        let types = super::super::super::pack::PACKED.into_iter().filter(|&t| Neon::detect().packs(t));
-        packed_tiles_match(&mut Rng(99), "neon", &types.collect::<Vec<_>>(), |ops, out| d.dot_packed(ops, out));
+        packed_tiles_match(&mut Rng(99), "neon", &PACKED, |ops, out| d.dot_packed(ops, out));
     }
 }
 
