@@ -256,6 +256,30 @@ fn extreme_tiles_match_hand_arithmetic() {
     };
     assert!(k.dot_packed(&ops, &mut out));
     assert_eq!(out[0], [-15358.5; 8]);
+    // Q4_0 and Q5_0 against Q8_0 activations -128, d = 1; weights d = 0.5.
+    // Q4_0 nibbles 15 (even rows) or 0: 32 * (7 or -8) * -128 * 0.5. Q5_0
+    // codes 31 (even rows: every `qh` bit set) or 15: 32 * (15 or -1) * -128 * 0.5.
+    let mut a = vec![0x80u8; legacy::Q8_0_BYTES];
+    a[..2].copy_from_slice(&f16b(1.0));
+    for (ty, want) in [(GgmlType::Q4_0, [-14336.0, 16384.0]), (GgmlType::Q5_0, [-30720.0, 2048.0])] {
+        let bb = ty.block_bytes();
+        let mut w = vec![0u8; 8 * bb];
+        for (r, blk) in w.chunks_exact_mut(bb).enumerate() {
+            blk[..2].copy_from_slice(&f16b(0.5));
+            match (ty, r % 2) {
+                (GgmlType::Q4_0, 0) => blk[2..].fill(0xFF),
+                (GgmlType::Q4_0, _) => {}
+                (_, 0) => blk[2..].fill(0xFF),
+                _ => blk[6..].fill(0xFF),
+            }
+        }
+        let packed = pack(ty, &w, 8, bb).expect("packable");
+        let pre = ActScalars::new(ty, 1, 1, &a, a.len());
+        let ops =
+            PackedOperands { dtype: ty, tiles: &packed, nb: 1, a: &a, a_stride: a.len(), m: 1, pre: &pre, first: 0 };
+        assert!(k.dot_packed(&ops, &mut out));
+        assert_eq!(out[0], [want[0], want[1], want[0], want[1], want[0], want[1], want[0], want[1]], "{ty:?}");
+    }
     // The K-quants, one block of eight rows against Q8_K activations with
     // d = 1 and every quant 2 (so every bsum is 32).
     let mut a = vec![2u8; kquant::Q8K_BYTES];
