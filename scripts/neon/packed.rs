@@ -107,7 +107,7 @@ fn check_rows(ty: GgmlType, w: &[u8], rows: usize, nb: usize, a: &[u8], stride: 
     let rb = nb * ty.block_bytes();
     let ab = act_bytes(ty, nb);
     let packed = pack(ty, w, rows, rb).expect("packable type");
-    let ntiles = (rows + TILE - 1) / TILE;
+    let ntiles = rows.div_ceil(TILE);
     assert_eq!(packed.len(), ntiles * TILE * rb);
     let pre = ActScalars::new(ty, nb, MAX_ACT, a, stride);
     let want: Vec<Vec<f32>> = (0..rows)
