@@ -109,13 +109,25 @@ impl ModelFile {
     /// repacked there when its kernel packs, on up to `threads` threads: no
     /// second copy of the weights builds up, and reading, repacking and the
     /// first touch of the mapping's pages share the cores. Each slot holds
-    /// its matrix stored or packed (rows padded to whole tiles); a matrix
-    /// that finds no mapping or no room goes on the heap as before. Call
+    /// its matrix stored or packed (rows padded to whole tiles); without a
+    /// mapping the matrices go on the heap as before. Call
     /// [`Matrix::finish_arena`] with every returned matrix before use.
     pub(crate) fn matrices_into(
         &self,
         plan: &[(String, usize, usize)],
         threads: usize,
+    ) -> Result<(Vec<Matrix>, WeightArena)> {
+        self.matrices_in_runs(plan, threads, READ_RUN_BYTES)
+    }
+
+    /// [`ModelFile::matrices_into`], reading packed matrices about
+    /// `run_bytes` at a time (at least one tile): tests read one tile at a
+    /// time, so small matrices take several runs.
+    fn matrices_in_runs(
+        &self,
+        plan: &[(String, usize, usize)],
+        threads: usize,
+        run_bytes: usize,
     ) -> Result<(Vec<Matrix>, WeightArena)> {
         let shapes: Vec<(GgmlType, usize, usize)> =
             plan.iter().map(|(name, rows, cols)| self.stored_shape(name, *rows, *cols)).collect::<Result<_>>()?;
@@ -129,12 +141,17 @@ impl ModelFile {
             let mats = plan.iter().map(|(n, r, c)| self.matrix(n, *r, *c)).collect::<Result<_>>()?;
             return Ok((mats, arena));
         };
+        // Bytes read at once from a packed matrix of `row_bytes` rows: whole tiles.
+        let run_of = |row_bytes: usize| {
+            let tile_bytes = quant::TILE * row_bytes;
+            (run_bytes / tile_bytes.max(1)).max(1) * tile_bytes
+        };
         // Packed matrices are read a run of whole tiles at a time into a
         // buffer of the thread's own that stays in cache, and packed from
         // there into their slot: the slot's pages are written once. Others
         // are read straight into their slot. Returns whether the slot
         // holds the matrix packed, and its length.
-        let fill = |i: usize, slot: &mut [u8], buf: &mut Vec<u8>| -> Result<(bool, usize)> {
+        let fill = |i: usize, slot: &mut [u8], buf: &mut [u8]| -> Result<(bool, usize)> {
             let ((name, rows, _), &(dtype, row_bytes, len)) = (&plan[i], &shapes[i]);
             let tile_bytes = quant::TILE * row_bytes;
             if !quant::packs(dtype) || tile_bytes == 0 {
@@ -142,7 +159,7 @@ impl ModelFile {
                 return Ok((false, len));
             }
             let packed_len = rows.div_ceil(quant::TILE) * tile_bytes;
-            let run = (READ_RUN_BYTES / tile_bytes).max(1) * tile_bytes;
+            let run = run_of(row_bytes);
             // Tile `t` of the packed matrix holds GGUF rows `8t..8t + 8`,
             // and starts at the same byte offset as they do.
             for (k, dst) in slot[..packed_len].chunks_mut(run).enumerate() {
@@ -161,9 +178,7 @@ impl ModelFile {
         for (i, slot) in slots.into_iter().enumerate() {
             work[i % threads].push((i, slot));
         }
-        let buf_len =
-            shapes.iter().map(|&(_, rb, _)| (READ_RUN_BYTES / (quant::TILE * rb).max(1)).max(1) * quant::TILE * rb);
-        let buf_len = buf_len.max().unwrap_or(0);
+        let buf_len = shapes.iter().map(|&(_, rb, _)| run_of(rb)).max().unwrap_or(0);
         let mut filled: Vec<(usize, Result<(bool, usize)>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = work
                 .into_iter()
@@ -370,9 +385,10 @@ mod tests {
                     .chain([("output.weight", c.vocab, c.hidden)])
                     .map(|(n, r, k)| (n.to_string(), r, k))
                     .collect();
-            // More threads than matrices, and one.
-            for threads in [1, 5] {
-                let (mut mats, arena) = file.matrices_into(&plan, threads).expect("read");
+            // More threads than matrices, and one; whole matrices at once,
+            // and a tile at a time.
+            for (threads, run) in [(1, READ_RUN_BYTES), (5, READ_RUN_BYTES), (2, 1)] {
+                let (mut mats, arena) = file.matrices_in_runs(&plan, threads, run).expect("read");
                 Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
                 for (m, (name, rows, cols)) in mats.iter().zip(&plan) {
                     assert!(m.is_gathered(), "{name}");
