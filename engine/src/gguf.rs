@@ -277,12 +277,22 @@ impl GgufFile {
     /// must not be longer than the tensor: straight into where a loader
     /// keeps them, with no buffer between.
     pub fn read_into(&self, name: &str, out: &mut [u8]) -> Result<()> {
+        self.read_at(name, 0, out)
+    }
+
+    /// Reads bytes `start..start + out.len()` of a tensor into `out`: a
+    /// loader reads a large tensor a run of rows at a time.
+    pub fn read_at(&self, name: &str, start: usize, out: &mut [u8]) -> Result<()> {
         let info = self.info(name)?;
-        if out.len() > info.n_bytes {
-            return Err(EngineError::Gguf(format!("tensor `{name}` holds {} bytes, not {}", info.n_bytes, out.len())));
+        if start.checked_add(out.len()).is_none_or(|end| end > info.n_bytes) {
+            return Err(EngineError::Gguf(format!(
+                "tensor `{name}` holds {} bytes, not {} from byte {start}",
+                info.n_bytes,
+                out.len()
+            )));
         }
         self.file
-            .read_exact_at(out, self.data_offset + info.offset)
+            .read_exact_at(out, self.data_offset + info.offset + start as u64)
             .map_err(|source| EngineError::Io { path: self.path.clone(), source })
     }
 

@@ -16,8 +16,12 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::quant::{self, GgmlType};
 use crate::tokenizer::Tokenizer;
-use crate::weight_bytes::{WeightArena, WeightBytes};
+use crate::weight_bytes::WeightArena;
 use crate::weights::Matrix;
+
+/// Bytes of a packed matrix a loader thread reads from the file at once:
+/// a run of whole tiles small enough to stay in L2 while it is packed.
+const READ_RUN_BYTES: usize = 256 << 10;
 
 /// An opened model: its config, and a way to read any tensor by name.
 #[derive(Debug)]
@@ -105,13 +109,25 @@ impl ModelFile {
     /// repacked there when its kernel packs, on up to `threads` threads: no
     /// second copy of the weights builds up, and reading, repacking and the
     /// first touch of the mapping's pages share the cores. Each slot holds
-    /// its matrix stored or packed (rows padded to whole tiles); a matrix
-    /// that finds no mapping or no room goes on the heap as before. Call
+    /// its matrix stored or packed (rows padded to whole tiles); without a
+    /// mapping the matrices go on the heap as before. Call
     /// [`Matrix::finish_arena`] with every returned matrix before use.
     pub(crate) fn matrices_into(
         &self,
         plan: &[(String, usize, usize)],
         threads: usize,
+    ) -> Result<(Vec<Matrix>, WeightArena)> {
+        self.matrices_in_runs(plan, threads, READ_RUN_BYTES)
+    }
+
+    /// [`ModelFile::matrices_into`], reading packed matrices about
+    /// `run_bytes` at a time (at least one tile): tests read one tile at a
+    /// time, so small matrices take several runs.
+    fn matrices_in_runs(
+        &self,
+        plan: &[(String, usize, usize)],
+        threads: usize,
+        run_bytes: usize,
     ) -> Result<(Vec<Matrix>, WeightArena)> {
         let shapes: Vec<(GgmlType, usize, usize)> =
             plan.iter().map(|(name, rows, cols)| self.stored_shape(name, *rows, *cols)).collect::<Result<_>>()?;
@@ -125,27 +141,36 @@ impl ModelFile {
             let mats = plan.iter().map(|(n, r, c)| self.matrix(n, *r, *c)).collect::<Result<_>>()?;
             return Ok((mats, arena));
         };
-        // Where each matrix ended up: the first `len` bytes of its slot
-        // (packed or not), or the heap.
-        enum Filled {
-            Slot { packed: bool, len: usize },
-            Heap(Matrix),
-        }
-        let fill = |i: usize, slot: &mut [u8]| -> Result<Filled> {
-            let ((name, rows, cols), &(dtype, row_bytes, len)) = (&plan[i], &shapes[i]);
-            let raw = &mut slot[..len];
-            match &self.source {
-                Source::Gguf(g) => g.read_into(name, raw)?,
-                Source::Safetensors(s) => raw.copy_from_slice(s.bytes(name)?),
+        // Bytes read at once from a packed matrix of `row_bytes` rows: whole tiles.
+        let run_of = |row_bytes: usize| {
+            let tile_bytes = quant::TILE * row_bytes;
+            (run_bytes / tile_bytes.max(1)).max(1) * tile_bytes
+        };
+        // Packed matrices are read a run of whole tiles at a time into a
+        // buffer of the thread's own that stays in cache, and packed from
+        // there into their slot: the slot's pages are written once. Others
+        // are read straight into their slot. Returns whether the slot
+        // holds the matrix packed, and its length.
+        let fill = |i: usize, slot: &mut [u8], buf: &mut [u8]| -> Result<(bool, usize)> {
+            let ((name, rows, _), &(dtype, row_bytes, len)) = (&plan[i], &shapes[i]);
+            let tile_bytes = quant::TILE * row_bytes;
+            if !quant::packs(dtype) || tile_bytes == 0 {
+                self.read_at(name, 0, &mut slot[..len])?;
+                return Ok((false, len));
             }
-            Ok(match quant::pack_matrix(dtype, raw, *rows, row_bytes) {
-                Some(p) if p.len() <= slot.len() => {
-                    slot[..p.len()].copy_from_slice(&p);
-                    Filled::Slot { packed: true, len: p.len() }
+            let packed_len = rows.div_ceil(quant::TILE) * tile_bytes;
+            let run = run_of(row_bytes);
+            // Tile `t` of the packed matrix holds GGUF rows `8t..8t + 8`,
+            // and starts at the same byte offset as they do.
+            for (k, dst) in slot[..packed_len].chunks_mut(run).enumerate() {
+                let start = k * run;
+                let src = &mut buf[..dst.len().min(len.saturating_sub(start))];
+                self.read_at(name, start, src)?;
+                if !quant::pack_matrix_into(dtype, src, row_bytes, dst) {
+                    return Err(EngineError::UnsupportedDtype { name: name.clone(), dtype: dtype.name().into() });
                 }
-                Some(p) => Filled::Heap(Matrix::from_parts(dtype, *rows, *cols, true, WeightBytes::heap(p))),
-                None => Filled::Slot { packed: false, len },
-            })
+            }
+            Ok((true, packed_len))
         };
         // Matrices dealt round-robin, so each thread gets some of every size.
         let threads = threads.clamp(1, plan.len().max(1));
@@ -153,10 +178,16 @@ impl ModelFile {
         for (i, slot) in slots.into_iter().enumerate() {
             work[i % threads].push((i, slot));
         }
-        let mut filled: Vec<(usize, Result<Filled>)> = std::thread::scope(|scope| {
+        let buf_len = shapes.iter().map(|&(_, rb, _)| run_of(rb)).max().unwrap_or(0);
+        let mut filled: Vec<(usize, Result<(bool, usize)>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = work
                 .into_iter()
-                .map(|jobs| scope.spawn(|| jobs.into_iter().map(|(i, slot)| (i, fill(i, slot))).collect::<Vec<_>>()))
+                .map(|jobs| {
+                    scope.spawn(|| {
+                        let mut buf = vec![0u8; buf_len];
+                        jobs.into_iter().map(|(i, slot)| (i, fill(i, slot, &mut buf))).collect::<Vec<_>>()
+                    })
+                })
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         });
@@ -167,10 +198,8 @@ impl ModelFile {
         let mut mats = Vec::with_capacity(plan.len());
         for (i, f) in filled {
             let ((_, rows, cols), &(dtype, ..)) = (&plan[i], &shapes[i]);
-            mats.push(match f? {
-                Filled::Slot { packed, len } => Matrix::from_parts(dtype, *rows, *cols, packed, arena.claim(i, len)),
-                Filled::Heap(m) => m,
-            });
+            let (packed, len) = f?;
+            mats.push(Matrix::from_parts(dtype, *rows, *cols, packed, arena.claim(i, len)));
         }
         Ok((mats, arena))
     }
@@ -184,6 +213,20 @@ impl ModelFile {
         let mut out = vec![0.0; len];
         quant::dequantize_row(dtype, &bytes, &mut out);
         Ok(out)
+    }
+
+    /// Bytes `start..start + out.len()` of tensor `name` into `out`.
+    fn read_at(&self, name: &str, start: usize, out: &mut [u8]) -> Result<()> {
+        match &self.source {
+            Source::Gguf(g) => g.read_at(name, start, out),
+            Source::Safetensors(s) => {
+                let src = s.bytes(name)?.get(start..start.saturating_add(out.len())).ok_or_else(|| {
+                    EngineError::Safetensors(format!("tensor `{}` is shorter than its shape", hf_name(name)))
+                })?;
+                out.copy_from_slice(src);
+                Ok(())
+            }
+        }
     }
 
     fn raw(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
@@ -342,9 +385,10 @@ mod tests {
                     .chain([("output.weight", c.vocab, c.hidden)])
                     .map(|(n, r, k)| (n.to_string(), r, k))
                     .collect();
-            // More threads than matrices, and one.
-            for threads in [1, 5] {
-                let (mut mats, arena) = file.matrices_into(&plan, threads).expect("read");
+            // More threads than matrices, and one; whole matrices at once,
+            // and a tile at a time.
+            for (threads, run) in [(1, READ_RUN_BYTES), (5, READ_RUN_BYTES), (2, 1)] {
+                let (mut mats, arena) = file.matrices_in_runs(&plan, threads, run).expect("read");
                 Matrix::finish_arena(arena, &mut mats.iter_mut().collect::<Vec<_>>());
                 for (m, (name, rows, cols)) in mats.iter().zip(&plan) {
                     assert!(m.is_gathered(), "{name}");

@@ -73,11 +73,11 @@ impl WeightBytes {
 /// A stage's weight mapping while it is being filled. It holds one slot
 /// per matrix, back to back in the order a forward pass reads them, each
 /// from a cache line; loader threads read matrices from the file straight
-/// into their slots ([`WeightArena::slots`]) and repack them there, then
-/// each slot's filled bytes are claimed ([`WeightArena::claim`]) and
-/// [`WeightArena::finish`] points every claimed part at the mapping. So
-/// loading never holds the weights twice: at most one matrix's packed copy
-/// per loader thread sits beside them. A slot's bytes past what its matrix
+/// into their slots ([`WeightArena::slots`]), packing them on the way a
+/// run of tiles at a time, then each slot's filled bytes are claimed
+/// ([`WeightArena::claim`]) and [`WeightArena::finish`] points every
+/// claimed part at the mapping. So loading never holds the weights twice:
+/// at most one run of tiles per loader thread sits beside them. A slot's bytes past what its matrix
 /// fills are never written, so never backed by memory.
 pub(crate) struct WeightArena {
     map: Option<memmap2::MmapMut>,

@@ -313,6 +313,20 @@ pub fn pack_matrix(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) 
     }
 }
 
+/// Whether [`pack_matrix`] packs `dtype` with the kernel in use: a loader
+/// asks before reading, to pack while it reads.
+pub(crate) fn packs(dtype: GgmlType) -> bool {
+    simd::packs(dtype)
+}
+
+/// [`pack_matrix`] of a run of whole tiles (GGUF rows `data`, `row_bytes`
+/// each) straight into its place `out` (see `pack::pack_into`), with no
+/// matrix-sized buffer between; `false`, with nothing written, where
+/// [`packs`] is false or the lengths do not fit.
+pub(crate) fn pack_matrix_into(dtype: GgmlType, data: &[u8], row_bytes: usize, out: &mut [u8]) -> bool {
+    packs(dtype) && pack::pack_into(dtype, data, row_bytes, out)
+}
+
 /// Row `r` of a matrix packed by [`pack_matrix`], back in GGUF layout (`out`
 /// is `row_bytes` long), for embedding lookups.
 pub fn unpack_row(dtype: GgmlType, packed: &[u8], row_bytes: usize, r: usize, out: &mut [u8]) {

@@ -117,27 +117,63 @@ fn fields(dtype: GgmlType, r: usize) -> Vec<Field> {
 
 /// Packs a `rows × row_bytes` GGUF matrix into tiles; `None` if `dtype` has no packed layout.
 pub(crate) fn pack(dtype: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Option<Vec<u8>> {
-    let tbb = tile_block_bytes(dtype)?;
-    let bb = dtype.block_bytes();
-    let nb = row_bytes / bb;
-    let tiles = rows.div_ceil(TILE);
-    let mut out = vec![0u8; tiles * TILE * row_bytes];
+    tile_block_bytes(dtype)?;
+    let mut out = vec![0u8; rows.div_ceil(TILE) * TILE * row_bytes];
+    pack_into(dtype, data.get(..rows * row_bytes)?, row_bytes, &mut out).then_some(out)
+}
+
+/// Packs the GGUF rows in `data` (whole rows of `row_bytes`) into the whole
+/// tiles of `out`, so a loader can pack a run of tiles straight into a
+/// matrix's place with no buffer the size of the matrix between. Rows of
+/// `out`'s tiles past `data`'s are padding, packed from zero blocks. Returns
+/// `false`, with nothing written, if `dtype` has no packed layout or the
+/// lengths do not fit (`out` whole tiles, holding at least `data`'s rows).
+pub(crate) fn pack_into(dtype: GgmlType, data: &[u8], row_bytes: usize, out: &mut [u8]) -> bool {
+    let Some(tbb) = tile_block_bytes(dtype) else { return false };
+    let (bb, tile_bytes) = (dtype.block_bytes(), TILE * row_bytes);
+    if row_bytes == 0 {
+        return data.is_empty() && out.is_empty();
+    }
+    let fits = row_bytes.is_multiple_of(bb) && out.len().is_multiple_of(tile_bytes);
+    if !fits || !data.len().is_multiple_of(row_bytes) || data.len() > out.len() {
+        return false;
+    }
     // Padding rows are packed from zero blocks, so they unpack to zeros.
     let zero = vec![0u8; bb];
-    for r in 0..tiles * TILE {
-        let (t, lane) = (r / TILE, r % TILE);
-        let f = fields(dtype, lane);
-        for b in 0..nb {
-            let src = if r < rows { &data[r * row_bytes + b * bb..][..bb] } else { &zero[..] };
-            let dst = &mut out[t * TILE * row_bytes + b * tbb..][..tbb];
-            for fl in &f {
-                for (d, s) in dst[fl.packed.clone()].iter_mut().zip(&src[fl.gguf.clone()]) {
-                    *d = s ^ fl.xor;
+    let lanes: [Vec<Field>; TILE] = std::array::from_fn(|lane| fields(dtype, lane));
+    for (t, tile) in out.chunks_exact_mut(tile_bytes).enumerate() {
+        for (lane, f) in lanes.iter().enumerate() {
+            let r = t * TILE + lane;
+            let row = data.get(r * row_bytes..(r + 1) * row_bytes);
+            for (b, dst) in tile.chunks_exact_mut(tbb).enumerate() {
+                let src = row.map_or(&zero[..], |row| &row[b * bb..(b + 1) * bb]);
+                for fl in f {
+                    fl.apply(src, dst);
                 }
             }
         }
     }
-    Some(out)
+    true
+}
+
+impl Field {
+    /// Moves this field from a GGUF block `src` into a packed tile block
+    /// `dst`. Most fields are four quant bytes: those move as one word, a
+    /// large part of a load's CPU otherwise.
+    fn apply(&self, src: &[u8], dst: &mut [u8]) {
+        let (p, g) = (self.packed.start, self.gguf.start);
+        match (src.get(g..g + 4), dst.get_mut(p..p + 4)) {
+            (Some(s), Some(d)) if self.packed.len() == 4 => {
+                let word = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]) ^ u32::from_ne_bytes([self.xor; 4]);
+                d.copy_from_slice(&word.to_ne_bytes());
+            }
+            _ => {
+                for (d, s) in dst[self.packed.clone()].iter_mut().zip(&src[self.gguf.clone()]) {
+                    *d = s ^ self.xor;
+                }
+            }
+        }
+    }
 }
 
 /// Rebuilds row `r` in GGUF layout from a packed matrix (embedding lookups, tests).
@@ -446,5 +482,28 @@ mod tests {
             assert!(pad.iter().all(|&b| b == 0));
         }
         assert!(pack(GgmlType::F16, &[], 0, 0).is_none());
+    }
+
+    #[test]
+    fn packing_a_run_of_tiles_at_a_time_gives_the_same_bytes() {
+        for dtype in PACKED {
+            let row_bytes = 2 * dtype.block_bytes();
+            let rows = 3 * TILE + 5;
+            let data: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 17 % 253) as u8).collect();
+            let whole = pack(dtype, &data, rows, row_bytes).expect("packed");
+            // Two tiles, then the last two (one padded), as a loader reads them.
+            let mut runs = vec![0xaa; whole.len()];
+            let (head, tail) = runs.split_at_mut(2 * TILE * row_bytes);
+            let cut = 2 * TILE * row_bytes;
+            assert!(pack_into(dtype, &data[..cut], row_bytes, head));
+            assert!(pack_into(dtype, &data[cut..], row_bytes, tail));
+            assert_eq!(runs, whole, "{}", dtype.name());
+        }
+        let mut out = vec![7u8; 2 * TILE * 18];
+        // A partial tile, or more rows than the tiles hold, writes nothing.
+        assert!(!pack_into(GgmlType::Q4_0, &[0; 18], 18, &mut out[..18]));
+        assert!(!pack_into(GgmlType::Q4_0, &[0; 17 * 18], 18, &mut out));
+        assert!(!pack_into(GgmlType::F16, &[0; 16], 16, &mut out[..8 * 16]));
+        assert!(out.iter().all(|&b| b == 7));
     }
 }

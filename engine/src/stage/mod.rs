@@ -7,21 +7,21 @@
 //! writes its own session's cache, and every kernel below computes a row on
 //! its own, so a row's result never depends on its batch-mates.
 
+mod block;
+mod load;
+
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::activation::swiglu;
-use crate::attention::{attend_group, round_to_f16, AttnShape, Visible};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
 use crate::kv_cache::{KvCache, SessionId};
-use crate::model_file::ModelFile;
 use crate::norm::rms_norm;
 use crate::pool::ComputePool;
 use crate::rope;
 use crate::weights::{Activations, Matrix};
+use block::Block;
 
 /// One token of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,20 +71,6 @@ impl Logits {
 }
 
 #[derive(Debug)]
-struct Block {
-    attn_norm: Vec<f32>,
-    q: Matrix,
-    k: Matrix,
-    v: Matrix,
-    o: Matrix,
-    bias: Option<[Vec<f32>; 3]>,
-    ffn_norm: Vec<f32>,
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
-}
-
-#[derive(Debug)]
 struct Head {
     norm: Vec<f32>,
     lm_head: Matrix,
@@ -111,70 +97,6 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Loads the tensors of `range` (and embedding/head when at an end) from `file`.
-    pub fn load(file: &ModelFile, range: Range<usize>) -> Result<Self> {
-        let c = file.config().clone();
-        if range.start >= range.end || range.end > c.layers {
-            return Err(EngineError::LayerRange { start: range.start, end: range.end, layers: c.layers });
-        }
-        // Every matrix, in the order a forward pass reads them: the blocks,
-        // the head, then the embedding (looked up a row at a time) unless
-        // the head is tied to it. Read on every core: loading is reading,
-        // repacking and first touches of fresh pages, all of which scale.
-        let tied = !file.has("output.weight");
-        let (first, last) = (range.start == 0, range.end == c.layers);
-        let mut plan: Vec<(String, usize, usize)> = Vec::new();
-        for l in range.clone() {
-            let (d, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
-            let shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)];
-            plan.extend(Block::MATRICES.iter().zip(shapes).map(|(t, (r, k))| (format!("blk.{l}.{t}"), r, k)));
-        }
-        if last {
-            plan.push((if tied { "token_embd.weight" } else { "output.weight" }.into(), c.vocab, c.hidden));
-        }
-        if first && !(last && tied) {
-            plan.push(("token_embd.weight".into(), c.vocab, c.hidden));
-        }
-        // A bad file names the tensor a reader would look at first: the
-        // embedding, then each block's norm, before any weights are read.
-        if first {
-            file.stored_shape("token_embd.weight", c.vocab, c.hidden)?;
-        }
-        for l in range.clone() {
-            file.vector(&format!("blk.{l}.attn_norm.weight"), c.hidden)?;
-        }
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let (mats, arena) = file.matrices_into(&plan, threads)?;
-        let mut mats = mats.into_iter();
-        let mut blocks: Vec<Block> =
-            range.clone().map(|l| Block::load(file, &c, l, &mut mats)).collect::<Result<_>>()?;
-        let mut head = if last {
-            let lm_head = mats.next().ok_or_else(|| EngineError::MissingTensor("output.weight".into()))?;
-            Some(Head { norm: file.vector("output_norm.weight", c.hidden)?, lm_head })
-        } else {
-            None
-        };
-        let mut embed = match (first, &head) {
-            (false, _) => None,
-            (true, Some(h)) if tied => Some(h.lm_head.clone()),
-            (true, _) => Some(mats.next().ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?),
-        };
-        let mut mats: Vec<&mut Matrix> = blocks.iter_mut().flat_map(Block::matrices_mut).collect();
-        mats.extend(head.as_mut().map(|h| &mut h.lm_head));
-        mats.extend(embed.as_mut());
-        Matrix::finish_arena(arena, &mut mats);
-        Ok(Self {
-            config: c,
-            range,
-            embed,
-            blocks,
-            head,
-            scratch: std::sync::Mutex::default(),
-            serial: ComputePool::new(1),
-            spare_logits: std::sync::Mutex::default(),
-        })
-    }
-
     /// The model's shape.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -461,191 +383,6 @@ impl Scratch {
     }
 }
 
-impl Block {
-    fn matrices(&self) -> [&Matrix; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
-    }
-
-    fn matrices_mut(&mut self) -> [&mut Matrix; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
-    }
-
-    /// The seven matrices' names within a block, in [`Block::matrices`] order
-    /// (the order a forward pass reads them).
-    const MATRICES: [&str; 7] = [
-        "attn_q.weight",
-        "attn_k.weight",
-        "attn_v.weight",
-        "attn_output.weight",
-        "ffn_gate.weight",
-        "ffn_up.weight",
-        "ffn_down.weight",
-    ];
-
-    /// Block `layer`, its seven matrices taken in [`Block::MATRICES`] order
-    /// from `mats` (read by [`ModelFile::matrices_into`]), its vectors from
-    /// `file`.
-    fn load(file: &ModelFile, c: &ModelConfig, layer: usize, mats: &mut impl Iterator<Item = Matrix>) -> Result<Self> {
-        let name = |t: &str| format!("blk.{layer}.{t}");
-        let mut m = || mats.next().ok_or_else(|| EngineError::MissingTensor(name("weights")));
-        let (d, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
-        let bias = if c.arch.has_qkv_bias() {
-            Some([
-                file.vector(&name("attn_q.bias"), q)?,
-                file.vector(&name("attn_k.bias"), kv)?,
-                file.vector(&name("attn_v.bias"), kv)?,
-            ])
-        } else {
-            None
-        };
-        Ok(Self {
-            attn_norm: file.vector(&name("attn_norm.weight"), d)?,
-            q: m()?,
-            k: m()?,
-            v: m()?,
-            o: m()?,
-            bias,
-            ffn_norm: file.vector(&name("ffn_norm.weight"), d)?,
-            gate: m()?,
-            up: m()?,
-            down: m()?,
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        c: &ModelConfig,
-        local: usize,
-        rows: &[Row],
-        x: &mut [f32],
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        pool: &ComputePool,
-    ) {
-        let n = rows.len();
-        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let (hidden, eps) = (c.hidden, c.rms_eps);
-        let norm = |w: &[f32], x: &[f32], h: &mut [f32]| {
-            par_rows(pool, h, hidden, |r, out| rms_norm(&x[r.start * hidden..r.end * hidden], w, eps, out));
-        };
-        for r in rows {
-            cache.prefetch_slot(local, r.session);
-        }
-        norm(&self.attn_norm, x, &mut s.h);
-        {
-            // One pool job for all three: the threads wake once.
-            let a = Activations::new(&s.h, n, c.hidden);
-            Matrix::matmul_group(&[&self.q, &self.k, &self.v], &a, &mut [&mut s.q, &mut s.k, &mut s.v], pool);
-        }
-        if let Some([bq, bk, bv]) = &self.bias {
-            add_bias(&mut s.q, bq);
-            add_bias(&mut s.k, bk);
-            add_bias(&mut s.v, bv);
-        }
-        Self::rotate(c, &s.angles, &mut s.q, &mut s.k, pool);
-        for (i, r) in rows.iter().enumerate() {
-            cache.push(local, r.session, &s.k[i * kv_dim..(i + 1) * kv_dim], &s.v[i * kv_dim..(i + 1) * kv_dim]);
-        }
-        self.attention(c, local, rows, cache, s, pool);
-        self.o.matmul(&Activations::new(&s.attn, n, q_dim), &mut s.proj, pool);
-        add_in_place(x, &s.proj);
-        norm(&self.ffn_norm, x, &mut s.h);
-        {
-            let a = Activations::new(&s.h, n, c.hidden);
-            Matrix::matmul_group(&[&self.gate, &self.up], &a, &mut [&mut s.gate, &mut s.up], pool);
-        }
-        let (ffn, up) = (c.ffn, &s.up);
-        par_rows(pool, &mut s.gate, ffn, |r, g| swiglu(g, &up[r.start * ffn..r.end * ffn]));
-        self.down.matmul(&Activations::new(&s.gate, n, c.ffn), &mut s.proj, pool);
-        add_in_place(x, &s.proj);
-    }
-
-    /// Rotary embeddings of every row's query and key by its angles (see
-    /// [`Scratch::fill_angles`]), rows split across the pool; the queries
-    /// are then rounded to f16.
-    fn rotate(c: &ModelConfig, angles: &[(f32, f32)], q: &mut [f32], k: &mut [f32], pool: &ComputePool) {
-        let (q_dim, kv_dim, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
-        let kp = SharedSlice(k.as_mut_ptr());
-        par_rows(pool, q, q_dim, |r, qs| {
-            let kp = &kp;
-            // SAFETY: the parts' row ranges are disjoint, so are their key rows
-            // (inside `k`, which outlives this call).
-            let ks = unsafe { std::slice::from_raw_parts_mut(kp.0.add(r.start * kv_dim), r.len() * kv_dim) };
-            for (j, i) in r.enumerate() {
-                let (qr, kr) = (&mut qs[j * q_dim..(j + 1) * q_dim], &mut ks[j * kv_dim..(j + 1) * kv_dim]);
-                rope::rotate(qr, kr, c.head_dim, &angles[i * half..(i + 1) * half], c.rope_style);
-                // Queries meet the f16 cache as f16 (see `attention`).
-                round_to_f16(qr);
-            }
-        });
-    }
-
-    /// Every (row, head) pair attends on its own; threads split the pairs.
-    fn attention(
-        &self,
-        c: &ModelConfig,
-        local: usize,
-        rows: &[Row],
-        cache: &KvCache,
-        s: &mut Scratch,
-        pool: &ComputePool,
-    ) {
-        let shape = AttnShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
-        // Work goes by (row, key/value head): the query heads sharing a
-        // key/value head attend together (grouped-query attention).
-        let group = c.heads / c.kv_heads.max(1);
-        let width = group * c.head_dim;
-        let units = rows.len() * c.kv_heads;
-        let scratch = group * rows.iter().map(|r| r.position + 1).max().unwrap_or(0);
-        // One scores buffer per part, reused across layers and calls.
-        let threads = pool.threads();
-        if s.scores.len() < threads * scratch {
-            s.scores.resize(threads * scratch, 0.0);
-        }
-        let out = SharedSlice(s.attn.as_mut_ptr());
-        let scores_all = SharedSlice(s.scores.as_mut_ptr());
-        let q = &s.q;
-        let next = AtomicUsize::new(0);
-        pool.run(&|part| {
-            let (out, scores_all) = (&out, &scores_all);
-            // SAFETY: part `part` alone uses `scores[part * scratch..][..scratch]`,
-            // inside the buffer (sized above), which outlives `pool.run`.
-            let scores = unsafe { std::slice::from_raw_parts_mut(scores_all.0.add(part * scratch), scratch) };
-            // Parts claim small runs of units from a shared counter: in a
-            // prompt, later rows attend over more tokens, and a descheduled
-            // thread's units go to the others.
-            while let Some(run) = claim(&next, units) {
-                for unit in run {
-                    let (i, kvh) = (unit / c.kv_heads, unit % c.kv_heads);
-                    let r = rows[i];
-                    let (keys, values) = cache.layer(local, r.session);
-                    let at = i * c.q_dim() + kvh * width;
-                    // SAFETY: each (row, key/value head) unit owns the disjoint
-                    // range `at..at + width` of `s.attn` (its group's heads are
-                    // consecutive), which outlives `pool.run`.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
-                    let seen = Visible { keys, values, tokens: r.position + 1 };
-                    // The cache this thread reads next for this head, requested
-                    // while this call computes: the next row's, and after the
-                    // last row the first row's next layer. Only when one thread
-                    // walks the units in order; with more, another may take it.
-                    let next = match rows.get(i + 1) {
-                        _ if threads > 1 => None,
-                        Some(n) => Some((local, n)),
-                        None => Some((local + 1, &rows[0])).filter(|&(l, _)| l < cache.layers()),
-                    };
-                    let ahead = next.map(|(l, n)| {
-                        let (keys, values) = cache.layer(l, n.session);
-                        Visible { keys, values, tokens: n.position + 1 }
-                    });
-                    attend_group(shape, kvh, &q[at..at + width], seen, ahead, scores, dst);
-                }
-            }
-        });
-    }
-}
-
 /// Rows each thread must get before a batch is cut into row groups.
 const MIN_GROUP_ROWS: usize = 4;
 
@@ -700,49 +437,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The next run of attention units for a thread, or `None` when all are taken.
-fn claim(next: &AtomicUsize, units: usize) -> Option<Range<usize>> {
-    const RUN: usize = 2;
-    let start = next.fetch_add(RUN, Ordering::Relaxed);
-    (start < units).then(|| start..(start + RUN).min(units))
-}
-
-/// A buffer written by several threads at disjoint ranges.
-struct SharedSlice(*mut f32);
-// SAFETY: writers only touch disjoint ranges; see `Block::attention`,
-// `Block::rotate` and `par_rows`.
-unsafe impl Sync for SharedSlice {}
-
-/// Batches below this many rows run row-wise work on the calling thread:
-/// fewer rows do not pay for a hand-off.
-const MIN_PARALLEL_ROWS: usize = 4;
-
-/// `f(rows, out_rows)` over disjoint row ranges of `out` (`width` floats per
-/// row) across the pool. Row-wise work only, so the split cannot change a
-/// result.
-fn par_rows(pool: &ComputePool, out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
-    let n = out.len() / width.max(1);
-    let o = SharedSlice(out.as_mut_ptr());
-    pool.rows(n, MIN_PARALLEL_ROWS, &|r| {
-        let o = &o;
-        // SAFETY: parts get disjoint row ranges inside `out`, which outlives `pool.rows`.
-        let mine = unsafe { std::slice::from_raw_parts_mut(o.0.add(r.start * width), r.len() * width) };
-        f(r, mine);
-    });
-}
-
-fn add_bias(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        add_in_place(row, bias);
-    }
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -765,21 +459,5 @@ mod tests {
         assert_eq!(row_groups(&batch(&[1, 2, 3, 4, 5, 6, 7, 1]), 2), None);
         // So does one that would leave the groups too uneven.
         assert_eq!(row_groups(&batch(&[1, 1, 1, 1, 1, 1, 1, 2, 3, 4]), 2), None);
-    }
-
-    #[test]
-    fn a_loaded_stage_holds_its_weights_in_one_mapping_and_a_tied_head_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = crate::fixture::TinyModel::default().write_gguf(dir.path()).expect("fixture");
-        let file = crate::ModelFile::open(&path).expect("model");
-        let whole = Stage::load(&file, 0..file.config().layers).expect("stage");
-        let (embed, head) = (whole.embed.as_ref().expect("first"), &whole.head.as_ref().expect("last").lm_head);
-        assert!(whole.blocks.len() > 1);
-        let mut all: Vec<&Matrix> = whole.blocks.iter().flat_map(Block::matrices).collect();
-        all.extend([head, embed]);
-        assert!(all.iter().all(|m| m.is_gathered()));
-        assert!(head.shares_storage(embed), "the fixture ties its lm_head");
-        let sum: usize = all.iter().map(|m| m.bytes()).sum();
-        assert_eq!(whole.weight_bytes(), sum - embed.bytes());
     }
 }
