@@ -67,9 +67,12 @@ fn candle_cpu_logits_agree_with_native_for_mixed_batches() {
                     let (cos, max) = agreement(n.row(i), c.row(i));
                     let scale = n.row(i).iter().fold(0.0f32, |m, x| m.max(x.abs()));
                     let what = format!("{:?} {:?} on {devices:?}, step {step} row {i}", model.arch, model.weight_type);
-                    eprintln!("{what}: cosine {cos}, max abs {max} of {scale}");
-                    assert!(cos > 0.999, "{what}: cosine {cos}");
-                    assert!(max < 1.0 * scale, "{what}: max abs difference {max}, largest logit {scale}");
+                    // Bounds from the fixtures' spread (2026-12-07): cosine
+                    // 0.9989 and 4% of the largest logit at worst, from Q8
+                    // activation rounding flips compounding over four
+                    // random-weight layers.
+                    assert!(cos > 0.998, "{what}: cosine {cos}");
+                    assert!(max < 0.06 * scale, "{what}: max abs difference {max}, largest logit {scale}");
                 }
             }
         }

@@ -251,5 +251,6 @@ impl StageBackend for CandleStage {
         }
     }
 
+    /// candle allocates each call's outputs itself, so there is no buffer to keep.
     fn recycle(&self, _logits: Logits) {}
 }
