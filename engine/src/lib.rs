@@ -36,7 +36,7 @@ pub mod tokenizer;
 mod weight_bytes;
 pub mod weights;
 
-pub use backend::{Device, DeviceCache, DeviceStage, SessionCache, StageBackend};
+pub use backend::{Device, DeviceCache, DeviceError, DeviceStage, SessionCache, StageBackend};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
