@@ -120,8 +120,8 @@ pub enum EngineError {
         device: String,
         /// What the stage was doing.
         op: &'static str,
-        /// candle's error.
-        source: candle_core::Error,
+        /// candle's error (boxed: it is large, and every engine result carries the enum).
+        source: Box<candle_core::Error>,
     },
 }
 

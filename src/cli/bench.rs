@@ -164,7 +164,8 @@ impl EngineBench {
         let file = ModelFile::open(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
         let layers = file.config().layers;
         let vocab = file.config().vocab;
-        let mut pipe = LocalPipeline::load_on(&file, &[0, layers], &[self.device], WireDtype::F32, 4 << 30, self.threads)?;
+        let mut pipe =
+            LocalPipeline::load_on(&file, &[0, layers], &[self.device], WireDtype::F32, 4 << 30, self.threads)?;
         let runs = self.runs.max(1);
         let mut session = 0u64;
         let mut next_session = || {

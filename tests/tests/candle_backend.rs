@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 const LLAMA_CPP_COMPLETION: &str =
     " Paris.\n\nThe United States has a population of approximately 311 million people.\n\nThe United States has a population of approximately 31";
 
-
 #[test]
 fn candle_cpu_and_mixed_pipelines_score_within_half_a_percent_of_native() -> anyhow::Result<()> {
     let native = perplexity(&[])?;
@@ -35,7 +34,19 @@ fn candle_cpu_greedy_text_follows_llama_cpp_up_to_its_fork() -> anyhow::Result<(
     let model = require_real_model()?;
     let prompt = "The capital of France is";
     let m = model.to_str().context("path")?;
-    let run = potluck(&["generate", "--model", m, "--prompt", prompt, "--max-tokens", "32", "--temperature", "0", "--device", "candle-cpu"])?;
+    let run = potluck(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+        "--device",
+        "candle-cpu",
+    ])?;
     ensure!(run.success, "generate failed: {}", run.stderr);
     let shared = " Paris.\n\nThe";
     assert!(LLAMA_CPP_COMPLETION.starts_with(shared));

@@ -46,7 +46,8 @@ fn bad_devices_fail_cleanly_and_say_why() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let tiny = TinyModel::default().write_gguf(dir.path())?;
     let t = tiny.to_str().context("path")?;
-    let generate = |device: &'static str| ["generate", "--model", t, "--prompt", "hi", "--max-tokens", "2", "--device", device];
+    let generate =
+        |device: &'static str| ["generate", "--model", t, "--prompt", "hi", "--max-tokens", "2", "--device", device];
     assert_clean_failure(&generate("tpu"), "unknown device `tpu`")?;
     if cfg!(target_os = "linux") {
         assert_clean_failure(&generate("metal"), "needs macOS")?;

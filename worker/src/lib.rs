@@ -56,8 +56,8 @@ pub use config::{
     EtcdRegistration, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_LEASE_TTL,
     DEFAULT_THREADS,
 };
-pub use potluck_engine::Device;
 pub use error::{InvalidManifest, InvalidRequest, WorkerError};
+pub use potluck_engine::Device;
 pub use shard_cache::CHUNK_TRIES;
 pub use shard_progress::{ProgressStyle, PROGRESS_TARGET};
 

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use potluck_engine::fixture::TinyModel;
 use potluck_engine::quant::GgmlType;
-use potluck_engine::{Architecture, ComputePool, Device, DeviceStage, ModelFile, Row, SessionId, StageBackend, StageInput};
+use potluck_engine::{
+    Architecture, ComputePool, Device, DeviceStage, ModelFile, Row, SessionId, StageBackend, StageInput,
+};
 use potluck_etcd::ModelShape;
 
 use crate::error::WorkerError;

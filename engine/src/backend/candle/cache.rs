@@ -89,8 +89,11 @@ impl CandleCache {
                         .collect()
                 };
                 let (k, v) = (grow(&s.k), grow(&s.v));
-                let fail =
-                    |e| EngineError::Candle { device: self.name.to_string(), op: "grow the KV cache", source: e };
+                let fail = |e| EngineError::Candle {
+                    device: self.name.to_string(),
+                    op: "grow the KV cache",
+                    source: Box::new(e),
+                };
                 s.k = k.map_err(fail)?;
                 s.v = v.map_err(fail)?;
                 s.capacity = capacity;

@@ -133,7 +133,7 @@ impl CandleStage {
     }
 
     fn fail(&self, op: &'static str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
-        move |source| EngineError::Candle { device: self.name.to_string(), op, source }
+        move |source| EngineError::Candle { device: self.name.to_string(), op, source: Box::new(source) }
     }
 
     /// The layers and head over a batch whose cache room is reserved.

@@ -79,7 +79,7 @@ impl Loader<'_> {
         if lower.contains("out of memory") || lower.contains("out_of_memory") {
             EngineError::DeviceOutOfMemory { device: self.name.to_string(), tensor: tensor.into(), bytes, reason }
         } else {
-            EngineError::Candle { device: self.name.to_string(), op: "load weights", source: e }
+            EngineError::Candle { device: self.name.to_string(), op: "load weights", source: Box::new(e) }
         }
     }
 }
