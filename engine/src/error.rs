@@ -98,6 +98,31 @@ pub enum EngineError {
     /// Hidden-state bytes do not match their declared dtype and shape.
     #[error("invalid hidden states: {0}")]
     Hidden(String),
+    /// A device cannot be used (unknown, not built in, absent).
+    #[error(transparent)]
+    Device(#[from] crate::backend::DeviceError),
+    /// The device ran out of memory while a stage loaded onto it.
+    #[error("device {device} is out of memory loading `{tensor}` ({bytes} bytes); give it fewer layers: {reason}")]
+    DeviceOutOfMemory {
+        /// The device.
+        device: String,
+        /// The tensor being loaded.
+        tensor: String,
+        /// Its size in the file.
+        bytes: usize,
+        /// What the driver said.
+        reason: String,
+    },
+    /// candle failed while loading onto or computing on a device.
+    #[error("candle on {device} failed to {op}: {source}")]
+    Candle {
+        /// The device.
+        device: String,
+        /// What the stage was doing.
+        op: &'static str,
+        /// candle's error (boxed: it is large, and every engine result carries the enum).
+        source: Box<candle_core::Error>,
+    },
 }
 
 /// The engine's result type.

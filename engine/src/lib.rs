@@ -10,6 +10,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -35,6 +36,7 @@ pub mod tokenizer;
 mod weight_bytes;
 pub mod weights;
 
+pub use backend::{Device, DeviceCache, DeviceError, DeviceStage, SessionCache, StageBackend};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};

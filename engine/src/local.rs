@@ -3,15 +3,18 @@
 //! This is what `potluck generate` and `potluck perplexity` run, and the
 //! reference a distributed pipeline is compared against: hidden states pass
 //! between stages rounded through the wire dtype, exactly as they would
-//! travel over the network.
+//! travel over the network. Each stage may run on its own device (native
+//! CPU, candle CPU, CUDA, Metal), so a mixed pipeline can be checked in one
+//! process.
 
+use crate::backend::{Device, DeviceCache, DeviceError, DeviceStage, SessionCache, StageBackend};
 use crate::error::{EngineError, Result};
 use crate::hidden::WireDtype;
-use crate::kv_cache::{KvCache, SessionId};
+use crate::kv_cache::SessionId;
 use crate::model_file::ModelFile;
 use crate::pool::ComputePool;
 use crate::sampling::{Sampled, Sampler};
-use crate::stage::{Logits, Row, Stage, StageInput, StageOutput};
+use crate::stage::{Logits, Row, StageInput, StageOutput};
 
 /// Default prompt chunk: long enough to batch well, short enough to bound scratch memory.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
@@ -19,16 +22,30 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 /// Stages `[b0, b1), [b1, b2), …` of one model, with their caches.
 #[derive(Debug)]
 pub struct LocalPipeline {
-    stages: Vec<(Stage, KvCache)>,
+    stages: Vec<(DeviceStage, DeviceCache)>,
     wire: WireDtype,
     pool: ComputePool,
 }
 
 impl LocalPipeline {
-    /// Loads the stages cut at `boundaries` (e.g. `[0, 10, 30]`; `[0, layers]` for one stage).
+    /// Loads the stages cut at `boundaries` (e.g. `[0, 10, 30]`; `[0, layers]` for one stage)
+    /// on the native CPU backend.
     pub fn load(
         file: &ModelFile,
         boundaries: &[usize],
+        wire: WireDtype,
+        kv_budget: usize,
+        threads: usize,
+    ) -> Result<Self> {
+        let stages = boundaries.len().saturating_sub(1);
+        Self::load_on(file, boundaries, &vec![Device::Cpu; stages], wire, kv_budget, threads)
+    }
+
+    /// Loads the stages cut at `boundaries`, stage `i` on `devices[i]`.
+    pub fn load_on(
+        file: &ModelFile,
+        boundaries: &[usize],
+        devices: &[Device],
         wire: WireDtype,
         kv_budget: usize,
         threads: usize,
@@ -41,10 +58,15 @@ impl LocalPipeline {
                 layers,
             });
         }
+        if devices.len() + 1 != boundaries.len() {
+            let stages = boundaries.len().saturating_sub(1);
+            return Err(DeviceError::PerStage { devices: devices.len(), stages }.into());
+        }
         let stages = boundaries
             .windows(2)
-            .map(|w| {
-                let stage = Stage::load(file, w[0]..w[1])?;
+            .zip(devices)
+            .map(|(w, &device)| {
+                let stage = DeviceStage::load(file, w[0]..w[1], device)?;
                 let cache = stage.new_cache(kv_budget);
                 Ok((stage, cache))
             })
@@ -83,7 +105,7 @@ impl LocalPipeline {
     }
 
     /// Hands logits from [`LocalPipeline::forward`] back once read, so the
-    /// next step reuses their buffer (see [`Stage::recycle`]).
+    /// next step reuses their buffer (see [`crate::Stage::recycle`]).
     pub fn recycle(&self, logits: Logits) {
         if let Some((stage, _)) = self.stages.last() {
             stage.recycle(logits);

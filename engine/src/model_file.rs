@@ -229,7 +229,9 @@ impl ModelFile {
         }
     }
 
-    fn raw(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
+    /// A tensor's storage type, dimensions (innermost first) and bytes, as
+    /// stored: what a backend that keeps its own layout loads from.
+    pub(crate) fn raw(&self, name: &str) -> Result<(GgmlType, Vec<usize>, Vec<u8>)> {
         match &self.source {
             Source::Gguf(g) => {
                 let info = g.info(name)?;

@@ -44,6 +44,9 @@ pub struct EngineBench {
     /// Compute threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Device: `cpu` (native kernels), `candle-cpu`, `cuda[:N]` or `metal`.
+    #[arg(long, default_value = "cpu")]
+    device: potluck_engine::Device,
     /// Runs per figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -161,7 +164,8 @@ impl EngineBench {
         let file = ModelFile::open(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
         let layers = file.config().layers;
         let vocab = file.config().vocab;
-        let mut pipe = LocalPipeline::load(&file, &[0, layers], WireDtype::F32, 4 << 30, self.threads)?;
+        let mut pipe =
+            LocalPipeline::load_on(&file, &[0, layers], &[self.device], WireDtype::F32, 4 << 30, self.threads)?;
         let runs = self.runs.max(1);
         let mut session = 0u64;
         let mut next_session = || {
@@ -208,6 +212,7 @@ impl EngineBench {
         let batches: std::collections::BTreeSet<usize> = self.batches.iter().map(|&b| usize::from(b)).collect();
         let mut report = serde_json::Map::new();
         report.insert("model".into(), self.model.display().to_string().into());
+        report.insert("device".into(), self.device.to_string().into());
         report.insert("threads".into(), pipe.threads().into());
         report.insert("runs".into(), runs.into());
         let prompt = medians(&prompt);

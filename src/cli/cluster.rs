@@ -35,9 +35,9 @@ pub struct WorkerArgs {
     /// Compute threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, cuda:N or metal.
+    /// Device the stages run on: `cpu` (native kernels), `candle-cpu`, `cuda[:N]` or `metal`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: potluck_engine::Device,
     /// Where shards are cached by digest (default: ~/.cache/potluck/shards).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -128,9 +128,12 @@ pub struct UpArgs {
     /// The model file (default: the one `scripts/fetch-model` fetched).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// Worker processes to start.
+    /// Worker processes to start (all on `cpu`).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Start one worker per listed device instead, e.g. `cpu,candle-cpu`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "workers")]
+    devices: Vec<potluck_engine::Device>,
     /// Address of the HTTP API.
     #[arg(long, default_value = DEFAULT_HTTP)]
     http: String,
@@ -249,7 +252,12 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn up(a: UpArgs) -> anyhow::Result<()> {
+pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
+    let devices = match std::mem::take(&mut a.devices) {
+        some if !some.is_empty() => some,
+        _ => vec![potluck_engine::Device::Cpu; a.workers],
+    };
+    a.workers = devices.len();
     anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(
         a.model.exists(),
@@ -280,9 +288,10 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         ));
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
-        for i in 0..a.workers {
+        for (i, device) in devices.iter().enumerate() {
             let child = tokio::process::Command::new(&exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &grpc_addr.to_string()])
+                .args(["--device", &device.to_string()])
                 .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
                 // Several workers share this terminal: bars redrawn in place would overwrite each other.
                 .args(["--progress", "log"])

@@ -95,6 +95,12 @@ pub struct EngineArgs {
     /// KV cache budget in MiB, per stage.
     #[arg(long, default_value_t = 1024)]
     pub kv_budget_mib: usize,
+    /// Device of every stage: `cpu` (native kernels), `candle-cpu`, `cuda[:N]` or `metal`.
+    #[arg(long, default_value = "cpu", conflicts_with = "devices")]
+    pub device: potluck_engine::Device,
+    /// One device per stage instead, e.g. `cpu,candle-cpu` with `--stages 2`.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<potluck_engine::Device>,
 }
 
 impl EngineArgs {
@@ -104,9 +110,14 @@ impl EngineArgs {
         let file = potluck_engine::ModelFile::open(&self.model)
             .with_context(|| format!("loading {}", self.model.display()))?;
         let bounds = stage_boundaries(file.config().layers, self.stages, &self.split_at)?;
-        let pipe = potluck_engine::LocalPipeline::load(
+        let devices = match self.devices.as_slice() {
+            [] => vec![self.device; bounds.len() - 1],
+            some => some.to_vec(),
+        };
+        let pipe = potluck_engine::LocalPipeline::load_on(
             &file,
             &bounds,
+            &devices,
             self.wire_dtype,
             self.kv_budget_mib << 20,
             self.threads,

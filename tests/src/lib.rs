@@ -61,6 +61,22 @@ pub fn potluck(args: &[&str]) -> anyhow::Result<Run> {
     })
 }
 
+/// `potluck perplexity` of the real model on `testdata/apache-2.0.txt` at
+/// ctx 256 on 2 threads, plus `extra` flags: the figure every fidelity check
+/// compares (llama.cpp's is in `../shared/eval/README.md`).
+pub fn apache_perplexity(extra: &[&str]) -> anyhow::Result<f64> {
+    use anyhow::Context as _;
+    let model = require_real_model()?;
+    let text = workspace_root().join("testdata/apache-2.0.txt");
+    let mut args = vec!["perplexity", "--model", model.to_str().context("path")?];
+    args.extend_from_slice(&["--file", text.to_str().context("path")?, "--ctx", "256", "--threads", "2"]);
+    args.extend_from_slice(extra);
+    let run = potluck(&args)?;
+    anyhow::ensure!(run.success, "perplexity {extra:?} failed: {}", run.stderr);
+    let last = run.stdout.lines().last().context("no output")?;
+    Ok(last.strip_prefix("perplexity: ").context("last line format")?.parse()?)
+}
+
 /// Which output of a [`Daemon`] announces that it is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Announce {

@@ -40,3 +40,34 @@ fn bad_models_prompts_and_flags_fail_cleanly() -> anyhow::Result<()> {
     assert!(ok.success, "tiny model failed: {}", ok.stderr);
     Ok(())
 }
+
+#[test]
+fn bad_devices_fail_cleanly_and_say_why() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tiny = TinyModel::default().write_gguf(dir.path())?;
+    let t = tiny.to_str().context("path")?;
+    let generate =
+        |device: &'static str| ["generate", "--model", t, "--prompt", "hi", "--max-tokens", "2", "--device", device];
+    assert_clean_failure(&generate("tpu"), "unknown device `tpu`")?;
+    if cfg!(target_os = "linux") {
+        assert_clean_failure(&generate("metal"), "needs macOS")?;
+    }
+    // This suite builds without the `cuda` feature: the error names it and the build script.
+    for args in [
+        &generate("cuda:0")[..],
+        &["perplexity", "--model", t, "--file", t, "--device", "cuda"],
+        &["bench", "engine", "--model", t, "--device", "cuda:7"],
+        &["worker", "--coordinator", "127.0.0.1:1", "--device", "cuda:0"],
+        &["up", "--model", t, "--devices", "cpu,cuda:0"],
+    ] {
+        assert_clean_failure(args, "`cuda` feature")?;
+        assert_clean_failure(args, "scripts/build-cuda")?;
+    }
+    assert_clean_failure(
+        &["generate", "--model", t, "--prompt", "hi", "--stages", "2", "--devices", "cpu,candle-cpu,cpu"],
+        "3 devices for 2 stages",
+    )?;
+    let ok = potluck(&["generate", "--model", t, "--prompt", "hi", "--max-tokens", "4", "--device", "candle-cpu"])?;
+    assert!(ok.success, "candle-cpu failed: {}", ok.stderr);
+    Ok(())
+}

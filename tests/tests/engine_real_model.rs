@@ -5,24 +5,11 @@
 
 use anyhow::{ensure, Context as _};
 use potluck_engine::{LocalPipeline, ModelFile, Row, SessionId, WireDtype};
-use potluck_tests::{potluck, require_real_model, workspace_root};
+use potluck_tests::{apache_perplexity as perplexity, potluck, require_real_model};
 
 const LLAMA_CPP_COMPLETION: &str =
     " Paris.\n\nThe United States has a population of approximately 311 million people.\n\nThe United States has a population of approximately 31";
 const LLAMA_CPP_PPL: f64 = 17.7438;
-
-fn perplexity(extra: &[&str]) -> anyhow::Result<f64> {
-    let model = require_real_model()?;
-    let text = workspace_root().join("testdata/apache-2.0.txt");
-    let mut args = vec!["perplexity", "--model", model.to_str().context("path")?];
-    args.extend_from_slice(&["--file", text.to_str().context("path")?, "--ctx", "256", "--threads", "2"]);
-    args.extend_from_slice(extra);
-    let run = potluck(&args)?;
-    ensure!(run.success, "perplexity failed: {}", run.stderr);
-    let last = run.stdout.lines().last().context("no output")?;
-    let ppl: f64 = last.strip_prefix("perplexity: ").context("last line format")?.parse()?;
-    Ok(ppl)
-}
 
 #[test]
 fn greedy_completion_equals_llama_cpp() -> anyhow::Result<()> {

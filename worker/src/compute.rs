@@ -8,7 +8,10 @@
 use std::ops::Range;
 use std::sync::mpsc;
 
-use potluck_engine::{ComputePool, KvCache, Logits, Sampled, SessionId, Stage, StageInput, StageOutput, WireDtype};
+use potluck_engine::{
+    ComputePool, DeviceCache, DeviceStage, Logits, Sampled, SessionCache, SessionId, StageBackend, StageInput,
+    StageOutput, WireDtype,
+};
 use tokio::sync::oneshot;
 
 use crate::batch::Batch;
@@ -18,10 +21,10 @@ use crate::sampler_state::SamplerState;
 /// A loaded stage and everything a plan epoch attaches to it.
 #[derive(Debug)]
 pub(crate) struct Loaded {
-    /// The layers.
-    pub stage: Stage,
-    /// Their KV cache.
-    pub cache: KvCache,
+    /// The layers, on whichever backend the worker's device runs.
+    pub stage: DeviceStage,
+    /// Their KV cache (on the same device).
+    pub cache: DeviceCache,
     /// The plan epoch requests must carry.
     pub epoch: u64,
     /// Hidden-state dtype in and out.

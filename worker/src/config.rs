@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::WorkerError;
+use potluck_engine::Device;
+
 use crate::shard_progress::ProgressStyle;
 
 /// Compute device used when none is named: every build can run on the CPU.
-pub const DEFAULT_DEVICE: &str = "cpu";
+pub const DEFAULT_DEVICE: Device = Device::Cpu;
 /// Compute threads when none are named: 0 means every available core.
 pub const DEFAULT_THREADS: usize = 0;
 /// Where shards are cached when no directory is named (relative to the working directory).
@@ -33,9 +34,9 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Compute threads (0 = every available core).
     pub threads: usize,
-    /// Compute device: `cpu`. `cuda:N` and `metal` are recognised but rejected
-    /// by builds without the matching backend.
-    pub device: String,
+    /// Compute device: the native CPU kernels, or candle on `candle-cpu`,
+    /// `cuda:N` or `metal` (parsing already refused what this build lacks).
+    pub device: Device,
     /// Directory of cached shards, named `<digest>.gguf`.
     pub cache_dir: PathBuf,
     /// This worker's name in the cluster. Empty means the advertised address.
@@ -67,7 +68,7 @@ impl Default for WorkerConfig {
             coordinator: None,
             advertise: None,
             threads: DEFAULT_THREADS,
-            device: DEFAULT_DEVICE.to_string(),
+            device: DEFAULT_DEVICE,
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
             worker_id: String::new(),
             join_token: String::new(),
@@ -75,56 +76,5 @@ impl Default for WorkerConfig {
             progress: ProgressStyle::default(),
             etcd: None,
         }
-    }
-}
-
-/// A compute device this build can run on. Parsing rejects devices the build
-/// lacks by name, so a misconfigured GPU node fails at start, not at first token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// The host CPU.
-    Cpu,
-}
-
-impl Device {
-    /// The name reported to the coordinator and in `Info`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-        }
-    }
-}
-
-impl std::str::FromStr for Device {
-    type Err = WorkerError;
-
-    fn from_str(s: &str) -> Result<Self, WorkerError> {
-        let s = s.trim();
-        let gpu = |feature: &'static str| Err(WorkerError::DeviceNotBuilt { device: s.to_string(), feature });
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "metal" => gpu("metal"),
-            "cuda" => gpu("cuda"),
-            _ if s.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) => {
-                gpu("cuda")
-            }
-            _ => Err(WorkerError::UnknownDevice(s.to_string())),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn devices_parse_or_fail_by_name() {
-        assert_eq!("cpu".parse::<Device>().ok(), Some(Device::Cpu));
-        for (name, feature) in [("cuda:0", "cuda"), ("cuda", "cuda"), ("metal", "metal")] {
-            let err = name.parse::<Device>().expect_err(name).to_string();
-            assert!(err.contains(&format!("not built with {feature} support")), "{err}");
-        }
-        assert!(matches!("tpu".parse::<Device>(), Err(WorkerError::UnknownDevice(_))));
-        assert!(matches!("cuda:x".parse::<Device>(), Err(WorkerError::UnknownDevice(_))));
     }
 }

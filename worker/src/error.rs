@@ -8,17 +8,9 @@ use potluck_engine::EngineError;
 /// What went wrong in a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The configured device needs a backend this build does not include.
-    #[error("device `{device}`: not built with {feature} support")]
-    DeviceNotBuilt {
-        /// The device as configured.
-        device: String,
-        /// The missing backend.
-        feature: &'static str,
-    },
-    /// The configured device is not one Potluck knows.
-    #[error("unknown device `{0}` (use cpu, cuda:N or metal)")]
-    UnknownDevice(String),
+    /// The configured device cannot be opened on this machine.
+    #[error(transparent)]
+    Device(#[from] potluck_engine::DeviceError),
     /// A local file or directory could not be used.
     #[error("{path}: {source}")]
     Io {

@@ -53,10 +53,11 @@ use tokio_stream::StreamExt;
 
 pub use config::DEFAULT_MAX_MESSAGE_BYTES;
 pub use config::{
-    Device, EtcdRegistration, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_LEASE_TTL,
+    EtcdRegistration, WorkerConfig, DEFAULT_CACHE_DIR, DEFAULT_DEVICE, DEFAULT_JOIN_TIMEOUT, DEFAULT_LEASE_TTL,
     DEFAULT_THREADS,
 };
 pub use error::{InvalidManifest, InvalidRequest, WorkerError};
+pub use potluck_engine::Device;
 pub use shard_cache::CHUNK_TRIES;
 pub use shard_progress::{ProgressStyle, PROGRESS_TARGET};
 
@@ -73,7 +74,9 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    let device: Device = config.device.parse()?;
+    let device = config.device;
+    // Opened once here so a GPU this machine lacks fails at start, not at the first load.
+    device.open_candle()?;
     let threads = match config.threads {
         0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         n => n,
@@ -98,7 +101,7 @@ pub async fn run(
             let request = pb::JoinRequest {
                 worker_id: id.clone(),
                 address: advertise.clone(),
-                device: device.name().to_string(),
+                device: device.to_string(),
                 threads: u32::try_from(threads).unwrap_or(u32::MAX),
                 free_memory_bytes: capability::free_memory_bytes(),
                 version: VERSION.to_string(),
@@ -126,14 +129,14 @@ pub async fn run(
             let record = potluck_etcd::WorkerRecord {
                 id: id.clone(),
                 address: advertise.clone(),
-                device: device.name().to_string(),
+                device: device.to_string(),
                 threads: u32::try_from(threads).unwrap_or(u32::MAX),
                 free_memory_bytes: capability::free_memory_bytes(),
                 version: VERSION.to_string(),
                 layer_micros: None,
                 instance: format!("{}-{}", std::process::id(), started.as_nanos()),
             };
-            let r = registration::Registration { client, keys, record, ttl: reg.lease_ttl, threads };
+            let r = registration::Registration { client, keys, record, ttl: reg.lease_ttl, threads, device };
             Some(tokio::spawn(r.run(stopping.clone())))
         }
     };
@@ -151,7 +154,7 @@ pub async fn run(
         loading: Mutex::new(()),
         stopping: stopping.clone(),
     });
-    tracing::info!(listen = %local, advertise, threads, device = device.name(), "worker serving");
+    tracing::info!(listen = %local, advertise, threads, device = %device, "worker serving");
     // Decode steps are small messages: without TCP_NODELAY, Nagle's algorithm adds tens of milliseconds per hop.
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         if let Ok(c) = &conn {

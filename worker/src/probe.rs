@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use potluck_engine::fixture::TinyModel;
 use potluck_engine::quant::GgmlType;
-use potluck_engine::{Architecture, ComputePool, ModelFile, Row, SessionId, Stage, StageInput};
+use potluck_engine::{
+    Architecture, ComputePool, Device, DeviceStage, ModelFile, Row, SessionId, StageBackend, StageInput,
+};
 use potluck_etcd::ModelShape;
 
 use crate::error::WorkerError;
@@ -15,8 +17,9 @@ use crate::error::WorkerError;
 /// Timed decode steps (after one warm-up); the median is reported.
 const STEPS: usize = 7;
 
-/// Median microseconds of one single-row decode step through one layer shaped like `shape`.
-pub fn layer_micros(shape: &ModelShape, threads: usize) -> Result<f64, WorkerError> {
+/// Median microseconds of one single-row decode step through one layer
+/// shaped like `shape`, on `device` (the one the worker's stages will run on).
+pub fn layer_micros(shape: &ModelShape, threads: usize, device: Device) -> Result<f64, WorkerError> {
     let engine = |e: potluck_engine::EngineError| WorkerError::Engine(e);
     let weight_type = GgmlType::ALL
         .into_iter()
@@ -39,7 +42,7 @@ pub fn layer_micros(shape: &ModelShape, threads: usize) -> Result<f64, WorkerErr
     let result = (|| {
         let path = fixture.write_gguf(&dir).map_err(engine)?;
         let file = ModelFile::open(&path).map_err(engine)?;
-        let stage = Stage::load(&file, 0..1).map_err(engine)?;
+        let stage = DeviceStage::load(&file, 0..1, device).map_err(engine)?;
         let mut cache = stage.new_cache(16 << 20);
         let pool = ComputePool::new(threads.max(1));
         let mut times = Vec::with_capacity(STEPS);
@@ -75,11 +78,13 @@ mod tests {
             kv_heads: 2,
             weight_type: "Q8_0".into(),
         };
-        let us = layer_micros(&shape, 1).expect("probe runs");
-        assert!(us > 0.0 && us.is_finite(), "{us}");
+        for device in [Device::Cpu, Device::CandleCpu] {
+            let us = layer_micros(&shape, 1, device).expect("probe runs");
+            assert!(us > 0.0 && us.is_finite(), "{device}: {us}");
+        }
         let bad = ModelShape { weight_type: "Q3_XXL".into(), ..shape.clone() };
-        assert!(layer_micros(&bad, 1).is_err());
+        assert!(layer_micros(&bad, 1, Device::Cpu).is_err());
         let bad = ModelShape { arch: "gpt2".into(), ..shape };
-        assert!(layer_micros(&bad, 1).is_err());
+        assert!(layer_micros(&bad, 1, Device::Cpu).is_err());
     }
 }

@@ -25,6 +25,8 @@ pub(crate) struct Registration {
     pub ttl: Duration,
     /// Threads for the probe.
     pub threads: usize,
+    /// The device the probe (and every stage) runs on.
+    pub device: potluck_engine::Device,
 }
 
 impl Registration {
@@ -107,8 +109,8 @@ impl Registration {
             },
             Ok(None) | Err(_) => return false,
         };
-        let threads = self.threads;
-        match tokio::task::spawn_blocking(move || crate::probe::layer_micros(&shape, threads)).await {
+        let (threads, device) = (self.threads, self.device);
+        match tokio::task::spawn_blocking(move || crate::probe::layer_micros(&shape, threads, device)).await {
             Ok(Ok(us)) => {
                 tracing::info!(layer_micros = us, "start-up probe");
                 self.record.layer_micros = Some(us);

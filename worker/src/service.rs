@@ -70,7 +70,7 @@ impl pb::stage_server::Stage for StageService {
         let i = self.worker.info().await?;
         Ok(Response::new(pb::InfoReply {
             worker_id: i.id,
-            device: i.device.name().to_string(),
+            device: i.device.to_string(),
             threads: to_u32(i.threads),
             free_memory_bytes: i.free_memory,
             version: crate::VERSION.to_string(),

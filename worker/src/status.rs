@@ -9,12 +9,12 @@ use crate::error::WorkerError;
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Self {
         let code = match &e {
-            WorkerError::InvalidRequest(_) | WorkerError::UnknownDevice(_) => Code::InvalidArgument,
+            WorkerError::InvalidRequest(_) => Code::InvalidArgument,
             WorkerError::StaleEpoch { .. }
             | WorkerError::NotLoaded
             | WorkerError::DigestMismatch { .. }
             | WorkerError::NoCoordinator
-            | WorkerError::DeviceNotBuilt { .. } => Code::FailedPrecondition,
+            | WorkerError::Device(_) => Code::FailedPrecondition,
             WorkerError::CoordinatorUnreachable { .. } | WorkerError::Coordinator { .. } => Code::Unavailable,
             WorkerError::InvalidManifest(_) | WorkerError::ChunkCorrupt { .. } => Code::DataLoss,
             WorkerError::NextStage { code, .. } => *code,
@@ -34,7 +34,7 @@ fn engine_code(e: &EngineError) -> Code {
         | EngineError::Hidden(_)
         | EngineError::Sampling(_)
         | EngineError::LayerRange { .. } => Code::InvalidArgument,
-        EngineError::KvBudgetExceeded { .. } => Code::ResourceExhausted,
+        EngineError::KvBudgetExceeded { .. } | EngineError::DeviceOutOfMemory { .. } => Code::ResourceExhausted,
         _ => Code::FailedPrecondition,
     }
 }

@@ -5,12 +5,11 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use potluck_engine::{ModelFile, SessionId, Stage};
+use potluck_engine::{Device, DeviceStage, ModelFile, SessionId, StageBackend};
 use tokio::sync::{watch, Mutex};
 
 use crate::capability::free_memory_bytes;
 use crate::compute::{Compute, Loaded};
-use crate::config::Device;
 use crate::coordinator_link::CoordinatorLink;
 use crate::error::{InvalidRequest, WorkerError};
 use crate::load_spec::LoadSpec;
@@ -106,7 +105,7 @@ impl Worker {
         }
         let shard = self.shards.ensure(&manifest, link).await?;
         self.transferred.fetch_add(shard.transferred, Ordering::Relaxed);
-        let stage = load_stage(shard.path.clone(), spec.layers.clone()).await?;
+        let stage = load_stage(shard.path.clone(), spec.layers.clone(), self.device).await?;
         if !stage.is_last() && spec.next_stage.is_none() {
             return Err(InvalidRequest::MissingNextStage { start: spec.layers.start, end: spec.layers.end }.into());
         }
@@ -159,12 +158,12 @@ impl Worker {
     }
 }
 
-/// Reads the layers off disk on a blocking thread (the compute thread keeps serving the old epoch meanwhile).
-async fn load_stage(path: PathBuf, layers: Range<usize>) -> Result<Stage, WorkerError> {
+/// Reads the layers off disk onto `device` on a blocking thread (the compute thread keeps serving the old epoch meanwhile).
+async fn load_stage(path: PathBuf, layers: Range<usize>, device: Device) -> Result<DeviceStage, WorkerError> {
     let err_path = path.clone();
-    tokio::task::spawn_blocking(move || -> Result<Stage, WorkerError> {
+    tokio::task::spawn_blocking(move || -> Result<DeviceStage, WorkerError> {
         let file = ModelFile::open(&path)?;
-        Ok(Stage::load(&file, layers)?)
+        Ok(DeviceStage::load(&file, layers, device)?)
     })
     .await
     .map_err(|e| WorkerError::Io { path: err_path, source: std::io::Error::other(e.to_string()) })?
