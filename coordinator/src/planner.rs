@@ -274,17 +274,28 @@ mod tests {
         }
     }
 
+    /// A model with no KV budget: these cases are about weights and compute.
+    fn cost(layers: usize, layer_bytes: u64, embed: u64, head: u64, layer_macs: u64, head_macs: u64) -> ModelCost {
+        ModelCost {
+            layers,
+            layer_bytes,
+            embed_bytes: embed,
+            head_bytes: head,
+            layer_macs,
+            head_macs,
+            kv_budget_bytes: 0,
+        }
+    }
+
     fn ranges(p: &[StagePlan]) -> Vec<(usize, usize)> {
         p.iter().map(|s| (s.start, s.end)).collect()
     }
 
     #[test]
     fn table() {
-        let smol =
-            ModelCost { layers: 30, layer_bytes: 1, embed_bytes: 10, head_bytes: 0, layer_macs: 0, head_macs: 0, kv_budget_bytes: 0 };
+        let smol = cost(30, 1, 10, 0, 0, 0);
         // SmolLM2's shape: a block is 3.5 M multiply-adds, the lm_head 28 M (8 blocks' worth).
-        let compute =
-            ModelCost { layers: 30, layer_bytes: 2, embed_bytes: 30, head_bytes: 30, layer_macs: 35, head_macs: 283, kv_budget_bytes: 0 };
+        let compute = cost(30, 2, 30, 30, 35, 283);
         type Case = (&'static str, ModelCost, Vec<u64>, Vec<(usize, usize)>);
         let cases: Vec<Case> = vec![
             ("one worker takes all", smol, vec![100], vec![(0, 30)]),
@@ -296,12 +307,7 @@ mod tests {
             // 60 bytes hold the embedding and 15 layers: the rest go to the other worker.
             ("compute does not fit: the small worker is filled", compute, vec![60, 1000], vec![(0, 15), (15, 30)]),
             ("a worker without room for a layer is left out", compute, vec![1, 1000], vec![(0, 30)]),
-            (
-                "more workers than layers",
-                ModelCost { layers: 2, layer_bytes: 1, embed_bytes: 0, head_bytes: 0, layer_macs: 0, head_macs: 0, kv_budget_bytes: 0 },
-                vec![9, 9, 9],
-                vec![(0, 1), (1, 2)],
-            ),
+            ("more workers than layers", cost(2, 1, 0, 0, 0, 0), vec![9, 9, 9], vec![(0, 1), (1, 2)]),
         ];
         for (name, cost, mems, want) in cases {
             let ws: Vec<WorkerInfo> = mems.iter().enumerate().map(|(i, &m)| worker(&format!("w{i}"), m)).collect();
@@ -312,8 +318,7 @@ mod tests {
 
     #[test]
     fn measured_speed_wins_over_threads() {
-        let cost =
-            ModelCost { layers: 30, layer_bytes: 2, embed_bytes: 30, head_bytes: 30, layer_macs: 35, head_macs: 283, kv_budget_bytes: 0 };
+        let cost = cost(30, 2, 30, 30, 35, 283);
         let mut fast = worker("fast", 1000);
         let mut slow = worker("slow", 1000);
         (fast.threads, slow.threads) = (1, 8);
@@ -327,8 +332,7 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_fit() {
-        let cost =
-            ModelCost { layers: 10, layer_bytes: 10, embed_bytes: 50, head_bytes: 50, layer_macs: 1, head_macs: 1, kv_budget_bytes: 0 };
+        let cost = cost(10, 10, 50, 50, 1, 1);
         assert_eq!(plan(cost, &[]), Err(PlanError::NoWorkers));
         assert!(matches!(plan(cost, &[worker("a", 100)]), Err(PlanError::NotEnoughMemory { needed: 200, .. })));
     }
@@ -419,7 +423,10 @@ mod device_memory_tests {
         assert_eq!(got.iter().map(|s| s.worker.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
         let out = left_out(SMOL, &workers);
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].worker.as_str(), out[0].needed_bytes, out[0].available_bytes), ("small", 67 * MIB, 66 * MIB));
+        assert_eq!(
+            (out[0].worker.as_str(), out[0].needed_bytes, out[0].available_bytes),
+            ("small", 67 * MIB, 66 * MIB)
+        );
         assert!(out[0].reason.contains("cuda device `small-gpu` has 66 MiB free"), "{}", out[0].reason);
         assert!(out[0].reason.contains("need 67 MiB"), "{}", out[0].reason);
         // Alone, it is an error that says what one layer needs.
