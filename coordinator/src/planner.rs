@@ -439,13 +439,12 @@ mod device_memory_tests {
     #[test]
     fn a_gpu_stage_is_budgeted_by_device_memory_not_host_ram() {
         // Host RAM is 1 TiB, the GPU has room for the embedding, KV budget and 2 layers.
-        let g = gpu("gpu", (30 + 64 + 2 * 3) * MIB, 1.0);
-        assert_eq!(g.stage_memory_bytes(), (30 + 64 + 6) * MIB);
-        let got = plan(SMOL, &[g, cpu("cpu", 8 << 30, 1.0)]).expect("fits");
+        let workers = [gpu("gpu", (30 + 64 + 2 * 3) * MIB, 1.0), cpu("cpu", 8 << 30, 10.0)];
+        assert_eq!(workers[0].stage_memory_bytes(), (30 + 64 + 6) * MIB);
+        let got = plan(SMOL, &workers).expect("fits");
         assert_eq!((got[0].start, got[0].end), (0, 2));
-        // The KV budget counts: without it the same GPU would hold 23 layers.
-        let no_kv = ModelCost { kv_budget_bytes: 0, ..SMOL };
-        let got = plan(no_kv, &[gpu("gpu", (30 + 64 + 2 * 3) * MIB, 1.0), cpu("cpu", 8 << 30, 1.0)]).expect("fits");
+        // The KV budget counts: without it the same GPU holds 23 layers.
+        let got = plan(ModelCost { kv_budget_bytes: 0, ..SMOL }, &workers).expect("fits");
         assert_eq!((got[0].start, got[0].end), (0, 23));
     }
 }
