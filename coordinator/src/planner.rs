@@ -255,7 +255,7 @@ fn split(layers: usize, unit: u64, share: &[f64], extra: impl Fn(usize) -> u64) 
 
 #[cfg(test)]
 mod tests {
-    use potluck_etcd::{DeviceInfo, DeviceKind};
+    use potluck_etcd::DeviceInfo;
 
     use super::*;
 
