@@ -156,7 +156,7 @@ impl Cluster {
         let file = ModelFile::open(&config.model)?;
         let model = file.config().clone();
         let tokenizer = file.tokenizer()?;
-        let cost = cost_of(&config.model, &model)?;
+        let cost = ModelCost { kv_budget_bytes: config.worker_kv_budget, ..cost_of(&config.model, &model)? };
         let reaped = crate::shard_store::reap_scratch_dirs(&std::env::temp_dir());
         if reaped > 0 {
             tracing::info!(reaped, "removed shard directories left by coordinators that no longer run");
@@ -251,6 +251,11 @@ impl Cluster {
     /// The membership in use.
     pub fn membership(&self) -> &Arc<dyn Membership> {
         &self.membership
+    }
+
+    /// What the planner weighs, so `/v1/cluster` can say which workers it leaves out.
+    pub fn cost(&self) -> ModelCost {
+        self.cost
     }
 
     /// The tokenizer.
@@ -508,7 +513,8 @@ fn model_shape(path: &std::path::Path, c: &ModelConfig) -> Result<potluck_etcd::
     })
 }
 
-/// Weight bytes per layer, of the embedding and of the head, from the file.
+/// Weight bytes per layer, of the embedding and of the head, from the file
+/// (the KV budget comes from the configuration).
 fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, CoordinatorError> {
     let g = potluck_engine::gguf::GgufFile::open(path)?;
     let size = |pred: &dyn Fn(&str) -> bool| -> u64 {
@@ -534,5 +540,6 @@ fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, Coordin
         head_bytes: head,
         layer_macs: elements(&|n| n.starts_with("blk.")) / c.layers.max(1) as u64,
         head_macs: elements(&|n| n == head_name),
+        kv_budget_bytes: 0,
     })
 }

@@ -107,6 +107,7 @@ fn parse(prefix: &str, kv: &KeyValue) -> Option<(String, WorkerInfo)> {
         device: r.device,
         threads: r.threads,
         free_memory_bytes: r.free_memory_bytes,
+        device_info: r.device_info,
         version: r.version,
         joined: u64::try_from(kv.create_revision).unwrap_or(0),
         layer_micros: r.layer_micros,

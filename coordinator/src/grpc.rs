@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use potluck_etcd::{DeviceInfo, UnknownDeviceKind};
 use potluck_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -32,12 +33,22 @@ impl TryFrom<pb::JoinRequest> for WorkerInfo {
         if !(r.address.starts_with("http://") || r.address.starts_with("https://")) {
             return Err(Status::invalid_argument(format!("address `{}` is not an http(s) URL", r.address)));
         }
+        let device_info = match r.device_info {
+            None => DeviceInfo::default(),
+            Some(d) => DeviceInfo {
+                kind: d.kind.parse().map_err(|e: UnknownDeviceKind| Status::invalid_argument(e.to_string()))?,
+                name: d.name,
+                total_bytes: d.total_bytes,
+                free_bytes: d.free_bytes,
+            },
+        };
         Ok(Self {
             id: r.worker_id,
             address: r.address,
             device: r.device,
             threads: r.threads,
             free_memory_bytes: r.free_memory_bytes,
+            device_info,
             version: r.version,
             joined: 0,
             layer_micros: None,
@@ -76,5 +87,37 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let r = req.into_inner();
         let (data, sha256) = self.cluster.chunk(r.digest, r.index as usize).await?;
         Ok(Response::new(pb::Chunk { index: r.index, data, sha256 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use potluck_etcd::DeviceKind;
+
+    use super::*;
+
+    fn join(device_info: Option<pb::DeviceInfo>) -> pb::JoinRequest {
+        pb::JoinRequest {
+            worker_id: "w".into(),
+            address: "http://127.0.0.1:1".into(),
+            device: "cuda:0".into(),
+            threads: 1,
+            free_memory_bytes: 64 << 30,
+            version: "0".into(),
+            join_token: String::new(),
+            device_info,
+        }
+    }
+
+    #[test]
+    fn device_info_decodes_or_is_refused_by_name() {
+        let older = WorkerInfo::try_from(join(None)).expect("an older worker joins");
+        assert_eq!(older.device_info, DeviceInfo::default());
+        let gpu = pb::DeviceInfo { kind: "cuda".into(), name: "H100".into(), total_bytes: 80, free_bytes: 70 };
+        let w = WorkerInfo::try_from(join(Some(gpu.clone()))).expect("decodes");
+        assert_eq!((w.device_info.kind, w.stage_memory_bytes()), (DeviceKind::Cuda, 70));
+        let bad = WorkerInfo::try_from(join(Some(pb::DeviceInfo { kind: "tpu".into(), ..gpu }))).expect_err("tpu");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(bad.message().contains("`tpu`"), "{}", bad.message());
     }
 }

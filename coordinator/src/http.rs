@@ -142,6 +142,7 @@ async fn stage_infos(c: &Cluster) -> (crate::cluster::PlanState, Vec<Option<potl
 
 async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
     let (s, infos) = stage_infos(&c).await;
+    let workers = c.membership().workers();
     let stages: Vec<Value> = s
         .stages
         .iter()
@@ -161,7 +162,8 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
         "ready": s.ready,
         "error": s.error,
         "wire_dtype": c.config().wire_dtype.name(),
-        "workers": c.membership().workers(),
+        "workers": workers,
+        "left_out": crate::planner::left_out(c.cost(), &workers),
         "stages": stages,
         "weight_bytes_shipped": c.weight_bytes_shipped(),
         "traffic": c.traffic().to_json(),

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use potluck_etcd::DeviceInfo;
 use tokio::sync::watch;
 
 /// What a worker told us about itself when it joined (the JSON a worker
@@ -18,8 +19,11 @@ pub struct WorkerInfo {
     pub device: String,
     /// Compute threads.
     pub threads: u32,
-    /// Memory it can give to weights and KV cache.
+    /// Host memory it can give to weights and KV cache.
     pub free_memory_bytes: u64,
+    /// Its device and the device's memory (a CPU when an older worker did not say).
+    #[serde(default)]
+    pub device_info: DeviceInfo,
     /// Its version string.
     pub version: String,
     /// Order of joining, so plans are stable (etcd: the key's create revision).
@@ -33,6 +37,19 @@ pub struct WorkerInfo {
     /// shard is gone) is told apart from one that only re-registered.
     #[serde(default)]
     pub instance: String,
+}
+
+impl WorkerInfo {
+    /// Bytes a stage on this worker may fill with weights and KV cache: a
+    /// GPU's free device memory (host RAM does not hold a GPU stage's
+    /// tensors), else the host's free memory.
+    pub fn stage_memory_bytes(&self) -> u64 {
+        if self.device_info.kind.is_gpu() {
+            self.device_info.free_bytes
+        } else {
+            self.free_memory_bytes
+        }
+    }
 }
 
 /// Why a membership change was refused.
@@ -138,6 +155,7 @@ mod tests {
             device: "cpu".into(),
             threads: 1,
             free_memory_bytes: 1 << 30,
+            device_info: DeviceInfo::default(),
             version: "0".into(),
             joined: 0,
             layer_micros: None,

@@ -12,6 +12,7 @@
 
 mod client;
 mod config;
+mod device;
 mod error;
 mod lease;
 mod records;
@@ -26,6 +27,7 @@ mod pb {
 
 pub use client::{prefix_end, EtcdClient, KeyValue};
 pub use config::{EtcdConfig, EtcdTls, DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT};
+pub use device::{DeviceInfo, DeviceKind, UnknownDeviceKind};
 pub use error::EtcdError;
 pub use lease::{KeepAlive, LeaseKeeper};
 pub use records::{ClusterKeys, LeaderRecord, ModelShape, PlanRecord, PlanStageRecord, WorkerRecord};

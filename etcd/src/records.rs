@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::DeviceInfo;
+
 /// The keys of one cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterKeys {
@@ -61,8 +63,11 @@ pub struct WorkerRecord {
     pub device: String,
     /// Compute threads.
     pub threads: u32,
-    /// Memory free for weights and KV cache.
+    /// Host memory free for weights and KV cache.
     pub free_memory_bytes: u64,
+    /// Its device and the device's memory (absent in records of older workers: a CPU).
+    #[serde(default)]
+    pub device_info: DeviceInfo,
     /// Its version.
     pub version: String,
     /// Microseconds per layer for one decode row, from the start-up probe.
@@ -152,6 +157,7 @@ mod tests {
         let json = r#"{"id":"w","address":"http://a","device":"cpu","threads":1,"free_memory_bytes":5,"version":"0"}"#;
         let r: WorkerRecord = serde_json::from_str(json).expect("parses");
         assert_eq!((r.layer_micros, r.instance.as_str()), (None, ""));
+        assert_eq!(r.device_info, DeviceInfo::default(), "an older worker's record is a CPU");
         let back: WorkerRecord = serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parses");
         assert_eq!(back, r);
     }

@@ -128,14 +128,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         println!("workers {}", workers.len());
         for (_, w) in &workers {
             let probe = w.layer_micros.map_or_else(|| "not probed".to_string(), |us| format!("{us:.0} µs/layer"));
+            let d = &w.device_info;
+            let memory = if d.kind.is_gpu() {
+                format!("{} ({} of {} MiB free)", d.name, d.free_bytes >> 20, d.total_bytes >> 20)
+            } else {
+                format!("{} MiB free", w.free_memory_bytes >> 20)
+            };
             println!(
-                "  {:<16} {:<28} {} × {} threads, {} MiB free, v{}, {probe}",
-                w.id,
-                w.address,
-                w.device,
-                w.threads,
-                w.free_memory_bytes >> 20,
-                w.version
+                "  {:<16} {:<28} {} × {} threads, {memory}, v{}, {probe}",
+                w.id, w.address, w.device, w.threads, w.version
             );
         }
         let stages = plan.map(|p| p.stages).unwrap_or_default();

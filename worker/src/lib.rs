@@ -18,7 +18,8 @@
 //! - `sampler_state`: per-session samplers and histories (last stage);
 //! - `shard_cache`, `coordinator_link`: verified, resumable shard download;
 //!   `shard_progress`: a bar on a terminal, log lines otherwise;
-//! - `peers`: channels to the next stage; `capability`: free memory;
+//! - `peers`: channels to the next stage; `capability`: the device and its
+//!   memory;
 //! - `registration`, `probe`: the etcd record under a kept-alive lease, with
 //!   the per-layer time measured on the cluster's model shape.
 
@@ -95,6 +96,7 @@ pub async fn run(
         let _ = rx.wait_for(|&s| s).await;
     };
 
+    let device_info = capability::device_info(device);
     let coordinator = match &config.coordinator {
         None => None,
         Some(address) => {
@@ -106,6 +108,12 @@ pub async fn run(
                 free_memory_bytes: capability::free_memory_bytes(),
                 version: VERSION.to_string(),
                 join_token: config.join_token.clone(),
+                device_info: Some(pb::DeviceInfo {
+                    kind: device_info.kind.name().to_string(),
+                    name: device_info.name.clone(),
+                    total_bytes: device_info.total_bytes,
+                    free_bytes: device_info.free_bytes,
+                }),
             };
             let join = coordinator_link::CoordinatorLink::join(address, request, config.join_timeout);
             tokio::select! {
@@ -132,6 +140,7 @@ pub async fn run(
                 device: device.to_string(),
                 threads: u32::try_from(threads).unwrap_or(u32::MAX),
                 free_memory_bytes: capability::free_memory_bytes(),
+                device_info,
                 version: VERSION.to_string(),
                 layer_micros: None,
                 instance: format!("{}-{}", std::process::id(), started.as_nanos()),
