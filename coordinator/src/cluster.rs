@@ -1,12 +1,11 @@
 //! The cluster as the coordinator sees it: membership, the current plan with
 //! its epoch, the shards, and applying a new plan to the workers.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
+use potluck_engine::{ModelConfig, ModelFile, Tokenizer};
 use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use tokio::sync::{watch, RwLock};
@@ -18,7 +17,7 @@ use crate::fencing::{dead_stages, Fence};
 use crate::leader::{Election, Role};
 use crate::membership::{plan_order, Membership};
 use crate::metrics::Metrics;
-use crate::plan_store::{stages_of, EtcdSettings, PlanStore};
+use crate::plan_store::{stages_of, PlanStore};
 use crate::planner::{plan, ModelCost, StagePlan};
 use crate::scheduler::{Pause, Scheduler, SchedulerConfig, StageFailure};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
