@@ -206,21 +206,24 @@ impl Workers {
                 Ok(o) => o,
                 Err(e) => return Fate::Broken(format!("worker {at}: {e}")),
             };
-            match fault.as_ref().map(|f| f.when) {
+            let dies_after = match fault.as_ref().map(|f| f.when) {
                 Some(When::During) => {
                     kill(worker);
                     return Fate::Broken(format!("worker {at} died"));
                 }
-                Some(When::After) => lost_on_return = Some(format!("worker {at} died")),
-                _ => {}
-            }
+                Some(When::After) => {
+                    lost_on_return = Some(format!("worker {at} died"));
+                    true
+                }
+                _ => false,
+            };
             match out {
                 StageOutput::Hidden(h) => {
                     hidden = Some(h);
                     let Some(next) = l.next.clone() else {
                         return Fate::Broken(format!("worker {at} has no next stage"));
                     };
-                    if lost_on_return.is_some() {
+                    if dies_after {
                         kill(worker);
                     }
                     at = next;
@@ -228,7 +231,7 @@ impl Workers {
                 StageOutput::Logits(logits) => {
                     let reply = sample(l, request, &logits);
                     l.stage.recycle(logits);
-                    if lost_on_return.is_some() {
+                    if dies_after {
                         kill(worker);
                     }
                     return match (reply, lost_on_return) {

@@ -193,7 +193,7 @@ async fn a_stage_failing_at_any_point_of_a_micro_batch_is_invisible() {
 }
 
 #[tokio::test]
-async fn with_no_pipeline_sessions_wait_out_the_failover_timeout_then_fail_and_service_resumes() {
+async fn with_no_pipeline_sessions_and_new_requests_wait_out_the_failover_timeout_then_fail() {
     let h = Harness::start(SchedulerConfig { failover_timeout: Duration::from_millis(300), ..config() }).await;
     for w in WORKERS {
         h.workers.inject(Fault { worker: w.into(), nth: 3, when: When::Before });
