@@ -260,12 +260,13 @@ fn sample(
     let mut next = 0;
     for (i, row) in request.rows.iter().enumerate() {
         let id = SessionId(row.session);
-        if !l.samplers.contains_key(&id) {
-            let params = row.sampling.map(from_pb).unwrap_or_default();
-            let sampler = Sampler::new(params).map_err(|e| e.to_string())?;
-            l.samplers.insert(id, (sampler, Vec::new()));
-        }
-        let Some((sampler, history)) = l.samplers.get_mut(&id) else { continue };
+        let (sampler, history) = match l.samplers.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let params = row.sampling.map(from_pb).unwrap_or_default();
+                e.insert((Sampler::new(params).map_err(|e| e.to_string())?, Vec::new()))
+            }
+        };
         history.push(request.tokens[i]);
         if logits.rows.get(next) == Some(&i) {
             let s = sampler.sample(logits.row(next), history);
