@@ -1,101 +1,31 @@
 //! The cluster as the coordinator sees it: membership, the current plan with
 //! its epoch, the shards, and applying a new plan to the workers.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use potluck_engine::{ModelConfig, ModelFile, Tokenizer, WireDtype};
+use potluck_engine::{ModelConfig, ModelFile, Tokenizer};
 use potluck_proto::trace_context::TraceHeaders;
 use potluck_proto::v1 as pb;
 use tokio::sync::{watch, RwLock};
 use tracing::Instrument as _;
 
+pub use crate::config::{CoordinatorConfig, DEFAULT_HOLD_DOWN, DEFAULT_WORKER_KV_BUDGET};
 use crate::error::CoordinatorError;
+use crate::fencing::{dead_stages, Fence};
 use crate::leader::{Election, Role};
 use crate::membership::{plan_order, Membership};
 use crate::metrics::Metrics;
-use crate::plan_store::{stages_of, EtcdSettings, PlanStore};
+use crate::plan_store::{stages_of, PlanStore};
 use crate::planner::{plan, ModelCost, StagePlan};
-use crate::scheduler::{Pause, Scheduler, SchedulerConfig, DEFAULT_MAX_BATCH_ROWS, DEFAULT_PREFILL_CHUNK};
+use crate::scheduler::{Pause, Scheduler, SchedulerConfig, StageFailure};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
+use crate::stage_link::GrpcTransport;
 use crate::traffic::Traffic;
 
-/// Default wait after a membership change before re-planning, so a burst of
-/// joins makes one plan, not several.
-pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_millis(300);
 /// Wait before retrying a plan that failed to load (a worker may have died mid-load).
 pub const PLAN_RETRY: Duration = Duration::from_secs(1);
-/// Default KV budget asked of each worker.
-pub const DEFAULT_WORKER_KV_BUDGET: u64 = 512 << 20;
-
-/// How the coordinator runs.
-#[derive(Debug, Clone)]
-pub struct CoordinatorConfig {
-    /// The model file (GGUF).
-    pub model: PathBuf,
-    /// Cluster name.
-    pub cluster: String,
-    /// How hidden states travel between stages.
-    pub wire_dtype: WireDtype,
-    /// Do not plan until this many workers have joined.
-    pub min_workers: usize,
-    /// Wait after a membership change before re-planning.
-    pub hold_down: Duration,
-    /// Where shards are built.
-    pub shard_dir: PathBuf,
-    /// KV budget per worker.
-    pub worker_kv_budget: u64,
-    /// Workers must present this token to join (empty = open).
-    pub join_token: String,
-    /// This coordinator's id (in the leader record and `/v1/cluster`).
-    pub id: String,
-    /// URL of our gRPC service that workers fetch shards from (default: the listener's loopback address).
-    pub advertise_grpc: Option<String>,
-    /// Base URL of our HTTP API that standbys redirect to (default: the listener's loopback address).
-    pub advertise_http: Option<String>,
-    /// Membership, election and plan in etcd; `None` is the in-memory embedded mode.
-    pub etcd: Option<EtcdSettings>,
-    /// Most sessions served at once.
-    pub max_sessions: usize,
-    /// Most requests waiting for capacity before new ones get 429.
-    pub queue_capacity: usize,
-    /// Micro-batches in flight at once (`None`: one more than the stages).
-    pub max_inflight: Option<usize>,
-    /// Most prompt tokens one session sends per micro-batch (chunked prefill).
-    pub prefill_chunk: usize,
-    /// Most rows per micro-batch.
-    pub max_batch_rows: usize,
-    /// API keys clients must present as `Authorization: Bearer …` (empty = open).
-    pub api_keys: Vec<String>,
-}
-
-impl CoordinatorConfig {
-    /// Defaults for `model`.
-    pub fn new(model: PathBuf) -> Self {
-        Self {
-            model,
-            cluster: "default".into(),
-            wire_dtype: WireDtype::F16,
-            min_workers: 1,
-            hold_down: DEFAULT_HOLD_DOWN,
-            shard_dir: crate::shard_store::scratch_dir(&std::env::temp_dir()),
-            worker_kv_budget: DEFAULT_WORKER_KV_BUDGET,
-            join_token: String::new(),
-            id: format!("coordinator-{}", std::process::id()),
-            advertise_grpc: None,
-            advertise_http: None,
-            etcd: None,
-            max_sessions: crate::admission::DEFAULT_MAX_SESSIONS,
-            queue_capacity: crate::admission::DEFAULT_QUEUE_CAPACITY,
-            max_inflight: None,
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
-            api_keys: Vec::new(),
-        }
-    }
-}
 
 /// The plan in force.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -129,6 +59,10 @@ pub struct Cluster {
     traffic: Arc<Traffic>,
     /// The plan in etcd (with the election guarding it); `None` in memory.
     store: Option<PlanStore>,
+    /// Workers found dead, kept out of plans until they return as new members.
+    fence: std::sync::Mutex<Fence>,
+    /// The last epoch whose pipeline failed: never adopted again from the store.
+    failed_epoch: AtomicU64,
     /// Always `Leader` without etcd; the election's view with it.
     role: watch::Receiver<Role>,
     /// Keeps the fixed in-memory role's channel open.
@@ -175,9 +109,11 @@ impl Cluster {
                 kv_bytes_per_token_layer: model.kv_bytes_per_token_layer(),
                 context: model.context,
                 stop_ids: tokenizer.stop_ids().to_vec(),
+                deadline: config.deadline,
+                failover_timeout: config.failover_timeout,
             },
             Arc::clone(&metrics),
-            Arc::clone(&traffic),
+            GrpcTransport { traffic: Arc::clone(&traffic) },
         );
         let (fixed_role, fixed_rx) = watch::channel(Role::Leader);
         let role = election.as_ref().map_or(fixed_rx, |e| e.role());
@@ -202,6 +138,8 @@ impl Cluster {
             weight_bytes_shipped: AtomicU64::new(0),
             traffic,
             store,
+            fence: std::sync::Mutex::default(),
+            failed_epoch: AtomicU64::new(0),
             role,
             _fixed_role: fixed_role,
         })
@@ -319,11 +257,13 @@ impl Cluster {
     pub async fn planning_loop(self: Arc<Self>) {
         let mut changes = self.membership.changes();
         let mut role = self.role();
+        let mut failures = self.scheduler.failures();
+        let mut force = false;
         loop {
             let leading = *role.borrow_and_update() == Role::Leader;
             let mut failed = false;
             if leading {
-                if let Err(e) = self.plan_if_needed().await {
+                if let Err(e) = self.plan_if_needed(std::mem::take(&mut force)).await {
                     tracing::warn!(error = %e, "planning failed");
                     self.state.write().await.error = Some(e.to_string());
                     failed = true;
@@ -345,9 +285,57 @@ impl Cluster {
                         return;
                     }
                 }
+                r = failures.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let failure = failures.borrow_and_update().clone();
+                    if let Some(f) = failure {
+                        force = self.fail_over(f).await;
+                    }
+                }
                 () = tokio::time::sleep(PLAN_RETRY), if failed => {}
             }
         }
+    }
+
+    /// After the pipeline of the plan in force failed: takes the plan out of
+    /// service at once, finds the stages that no longer answer and fences
+    /// their workers. Returns whether to re-plan now (even onto the same
+    /// workers: the failure left their caches out of step, and a new epoch
+    /// starts them afresh while the sessions replay).
+    async fn fail_over(&self, failure: StageFailure) -> bool {
+        let span = tracing::info_span!("failover", epoch = failure.epoch, error = %failure.message);
+        self.take_out(failure).instrument(span).await
+    }
+
+    /// [`Cluster::fail_over`]'s work, in its span.
+    async fn take_out(&self, failure: StageFailure) -> bool {
+        let mut current = self.plan_state().await;
+        if failure.epoch != current.epoch || !current.ready {
+            return false; // Already replaced, or already being replaced.
+        }
+        self.failed_epoch.store(current.epoch, Ordering::Relaxed);
+        current.ready = false;
+        current.error = Some(format!("failing over: {}", failure.message));
+        self.install(current.clone()).await;
+        let dead = dead_stages(&current.stages, self.config.probe_timeout).await;
+        let workers = self.membership.workers();
+        for stage in &dead {
+            let index = current.stages.iter().position(|s| s.worker == stage.worker);
+            let instance = index.and_then(|i| current.instances.get(i));
+            let Some(w) = workers.iter().find(|w| w.id == stage.worker && Some(&w.instance) == instance) else {
+                continue; // It has already left or restarted: a new member, or none.
+            };
+            tracing::warn!(worker = %w.id, address = %w.address, "fencing a dead worker");
+            self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fence(w);
+            self.metrics.record_event(
+                "fenced",
+                current.epoch,
+                &format!("worker {} at {} did not answer", w.id, w.address),
+            );
+        }
+        true
     }
 
     /// As a standby: forget the plan (the leader owns it now).
@@ -364,7 +352,7 @@ impl Cluster {
 
     /// Plans for the current workers unless the plan in force already covers them
     /// (or, on a new leader, adopts the stored plan if it still fits).
-    async fn plan_if_needed(&self) -> Result<(), CoordinatorError> {
+    async fn plan_if_needed(&self, force: bool) -> Result<(), CoordinatorError> {
         let current = self.plan_state().await;
         let stored = match &self.store {
             Some(store) => {
@@ -378,21 +366,30 @@ impl Cluster {
             None => None,
         };
         let (stored_stages, stored_instances) = stored.as_ref().map(stages_of).unwrap_or_default();
-        let order: Vec<String> =
-            if current.ready { &current.stages } else { &stored_stages }.iter().map(|s| s.worker.clone()).collect();
-        let workers = plan_order(self.membership.workers(), &order);
-        if workers.len() < self.config.min_workers {
+        let order: Vec<String> = if current.stages.is_empty() { &stored_stages } else { &current.stages }
+            .iter()
+            .map(|s| s.worker.clone())
+            .collect();
+        let admitted =
+            self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).admit(self.membership.workers());
+        let mut workers = plan_order(admitted, &order);
+        // The first plan waits for the expected workers; after that, whoever is left serves.
+        if current.epoch == 0 && stored.is_none() && workers.len() < self.config.min_workers {
             return Ok(());
+        }
+        if let Some(n) = self.config.max_stages {
+            workers.truncate(n.max(1));
         }
         let stages = plan(self.cost, &workers)?;
         let instances: Vec<String> = stages
             .iter()
             .map(|s| workers.iter().find(|w| w.id == s.worker).map(|w| w.instance.clone()).unwrap_or_default())
             .collect();
-        if current.ready && current.stages == stages && current.instances == instances {
+        if !force && current.ready && current.stages == stages && current.instances == instances {
             return Ok(());
         }
-        if let Some(rec) = stored.as_ref().filter(|r| r.ready && !current.ready) {
+        let failed = self.failed_epoch.load(Ordering::Relaxed);
+        if let Some(rec) = stored.as_ref().filter(|r| r.ready && !current.ready && r.epoch != failed) {
             if stored_stages == stages && stored_instances == instances {
                 tracing::info!(epoch = rec.epoch, "adopting the stored plan: the workers still hold it");
                 let pause = self.quiesce().await;

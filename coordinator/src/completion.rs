@@ -2,10 +2,12 @@
 //! splitting a UTF-8 character), stop sequences held back and cut, log
 //! probabilities, `usage`, and both the one-shot JSON and the SSE stream.
 //!
-//! Each choice runs in its own task and reports [`ChoiceEvent`]s; a client
-//! that goes away drops the receiver, the choice tasks notice on their next
-//! token and drop their sessions, and the scheduler frees the KV cache.
+//! One task serves a request: it reads every choice's session channel
+//! (bounded, so a slow client holds back only its own sessions) and writes
+//! the response; an SSE body is fed through a bounded channel too. A client
+//! that goes away drops the receivers, and the scheduler frees the KV cache.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,12 +15,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::response::sse::{Event, Sse};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt as _, StreamMap};
 
 use crate::cluster::Cluster;
 use crate::pipeline::{Finish, Token};
-use crate::scheduler::{SessionEvent, SessionStream};
+use crate::scheduler::{SessionEvent, SessionFailure, SessionStream};
 use crate::stop::StopMatcher;
+
+/// SSE frames buffered toward the client socket.
+pub const SSE_BUFFER: usize = 32;
 
 /// Which endpoint is answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +59,7 @@ pub struct Response {
 enum ChoiceEvent {
     Delta { text: String, tokens: Vec<Token> },
     Done { finish: Finish, completion_tokens: usize },
-    Failed(String),
+    Failed(SessionFailure),
 }
 
 /// Seconds since the epoch, for `created`.
@@ -61,84 +67,120 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Follows one session to its end, sending text as it becomes final.
-async fn run_choice(
-    c: Arc<Cluster>,
-    index: usize,
-    mut stream: SessionStream,
-    stop: Vec<String>,
-    out: mpsc::UnboundedSender<(usize, ChoiceEvent)>,
-) {
-    let mut decoder = c.tokenizer().stream_decoder();
-    let mut stops = StopMatcher::new(stop);
-    let mut tokens = Vec::new();
-    let mut count = 0;
-    let send = |e: ChoiceEvent| out.send((index, e)).is_ok();
-    loop {
-        let Some(event) = stream.next().await else {
-            let _ = send(ChoiceEvent::Failed("the scheduler stopped".into()));
-            return;
-        };
+/// One choice's text so far: its decoder and stop matcher.
+struct Choice<'a> {
+    decoder: potluck_engine::tokenizer::StreamDecoder<'a>,
+    stops: StopMatcher,
+    count: usize,
+    /// Tokens whose text is not released yet.
+    tokens: Vec<Token>,
+}
+
+impl Choice<'_> {
+    /// What `event` releases; the last entry is `Done` or `Failed` when the choice ends.
+    fn on(&mut self, event: SessionEvent) -> Vec<ChoiceEvent> {
         match event {
             SessionEvent::Token(t) => {
-                count += 1;
-                let piece = match decoder.push(t.id) {
+                self.count += 1;
+                let piece = match self.decoder.push(t.id) {
                     Ok(p) => p,
-                    Err(e) => {
-                        let _ = send(ChoiceEvent::Failed(e.to_string()));
-                        return;
-                    }
+                    Err(e) => return vec![ChoiceEvent::Failed(SessionFailure::Pipeline(e.to_string()))],
                 };
-                tokens.push(t);
-                let released = stops.push(&piece);
+                self.tokens.push(t);
+                let released = self.stops.push(&piece);
                 if released.stopped {
-                    // Dropping `stream` on return cancels the session.
-                    let _ = send(ChoiceEvent::Delta { text: released.text, tokens: std::mem::take(&mut tokens) })
-                        && send(ChoiceEvent::Done { finish: Finish::Stop, completion_tokens: count });
-                    return;
+                    let tokens = std::mem::take(&mut self.tokens);
+                    return vec![
+                        ChoiceEvent::Delta { text: released.text, tokens },
+                        ChoiceEvent::Done { finish: Finish::Stop, completion_tokens: self.count },
+                    ];
                 }
-                if !released.text.is_empty()
-                    && !send(ChoiceEvent::Delta { text: released.text, tokens: std::mem::take(&mut tokens) })
-                {
-                    return;
+                if released.text.is_empty() {
+                    return Vec::new();
                 }
-                if out.is_closed() {
-                    return;
-                }
+                vec![ChoiceEvent::Delta { text: released.text, tokens: std::mem::take(&mut self.tokens) }]
             }
             SessionEvent::Finished(finish) => {
-                let rest = decoder.finish().unwrap_or_default();
-                let released = stops.push(&rest);
+                let rest = self.decoder.finish().unwrap_or_default();
+                let released = self.stops.push(&rest);
                 let mut text = released.text;
                 let finish = if released.stopped {
                     Finish::Stop
                 } else {
-                    text.push_str(&stops.finish());
+                    text.push_str(&self.stops.finish());
                     finish
                 };
-                let _ = send(ChoiceEvent::Delta { text, tokens: std::mem::take(&mut tokens) })
-                    && send(ChoiceEvent::Done { finish, completion_tokens: count });
-                return;
+                let tokens = std::mem::take(&mut self.tokens);
+                vec![ChoiceEvent::Delta { text, tokens }, ChoiceEvent::Done { finish, completion_tokens: self.count }]
             }
-            SessionEvent::Failed(message) => {
-                let _ = send(ChoiceEvent::Failed(message));
-                return;
-            }
+            SessionEvent::Failed(f) => vec![ChoiceEvent::Failed(f)],
         }
     }
 }
 
-/// Starts a task per session; their events arrive, tagged by choice index, on the returned receiver.
-fn start(
-    c: &Arc<Cluster>,
-    sessions: Vec<SessionStream>,
-    stop: &[String],
-) -> mpsc::UnboundedReceiver<(usize, ChoiceEvent)> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    for (index, s) in sessions.into_iter().enumerate() {
-        tokio::spawn(run_choice(Arc::clone(c), index, s, stop.to_vec(), tx.clone()));
+/// Every choice of one request, read in one task.
+struct Choices<'a> {
+    sessions: StreamMap<usize, ReceiverStream<SessionEvent>>,
+    choices: Vec<Choice<'a>>,
+    /// Events read ahead (see [`Choices::first_failure`]).
+    ahead: VecDeque<(usize, SessionEvent)>,
+    ready: VecDeque<(usize, ChoiceEvent)>,
+}
+
+impl<'a> Choices<'a> {
+    fn new(c: &'a Cluster, sessions: Vec<SessionStream>, stop: &[String]) -> Self {
+        let choices = sessions
+            .iter()
+            .map(|_| Choice {
+                decoder: c.tokenizer().stream_decoder(),
+                stops: StopMatcher::new(stop.to_vec()),
+                count: 0,
+                tokens: Vec::new(),
+            })
+            .collect();
+        let sessions = sessions.into_iter().map(|s| ReceiverStream::new(s.events)).enumerate().collect();
+        Self { sessions, choices, ahead: VecDeque::new(), ready: VecDeque::new() }
     }
-    rx
+
+    /// Waits for each choice's first event and returns a failure among them:
+    /// so a request that waited out a failover is answered with a status, not a stream.
+    async fn first_failure(&mut self) -> Option<SessionFailure> {
+        let mut seen = vec![false; self.choices.len()];
+        while seen.iter().any(|s| !s) {
+            let (i, event) = self.sessions.next().await?;
+            seen[i] = true;
+            if let SessionEvent::Failed(f) = &event {
+                return Some(f.clone());
+            }
+            self.ahead.push_back((i, event));
+        }
+        None
+    }
+
+    /// The next event of any choice; `None` once every session has ended.
+    async fn next(&mut self) -> Option<(usize, ChoiceEvent)> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
+            }
+            let (i, event) = match self.ahead.pop_front() {
+                Some(e) => e,
+                None => match self.sessions.next().await {
+                    Some(e) => e,
+                    None => {
+                        return Some((0, ChoiceEvent::Failed(SessionFailure::Pipeline("the scheduler stopped".into()))))
+                    }
+                },
+            };
+            let Some(choice) = self.choices.get_mut(i) else { continue };
+            let events = choice.on(event);
+            if events.iter().any(|e| matches!(e, ChoiceEvent::Done { .. } | ChoiceEvent::Failed(_))) {
+                // Dropping the session's receiver ends it (a stop sequence cancels it in the scheduler).
+                self.sessions.remove(&i);
+            }
+            self.ready.extend(events.into_iter().map(|e| (i, e)));
+        }
+    }
 }
 
 /// Log-probabilities of `tokens` in the endpoint's shape (`None` if not asked for).
@@ -182,14 +224,14 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 /// Waits for every choice and builds the one-shot response; `Err` carries the first failure.
-pub async fn collect(c: Arc<Cluster>, sessions: Vec<SessionStream>, r: &Response) -> Result<Value, String> {
+pub async fn collect(c: Arc<Cluster>, sessions: Vec<SessionStream>, r: &Response) -> Result<Value, SessionFailure> {
     let n = sessions.len();
-    let mut rx = start(&c, sessions, &r.stop);
+    let mut rx = Choices::new(&c, sessions, &r.stop);
     let mut texts = vec![String::new(); n];
     let mut tokens: Vec<Vec<Token>> = vec![Vec::new(); n];
     let mut finishes: Vec<Option<Finish>> = vec![None; n];
     let mut completion = 0;
-    while let Some((i, event)) = rx.recv().await {
+    while let Some((i, event)) = rx.next().await {
         match event {
             ChoiceEvent::Delta { text, tokens: t } => {
                 texts[i].push_str(&text);
@@ -226,16 +268,25 @@ pub async fn collect(c: Arc<Cluster>, sessions: Vec<SessionStream>, r: &Response
         "usage": usage(r.prompt_tokens, completion), "system_fingerprint": null}))
 }
 
-/// Streams every choice as server-sent events, ending with `data: [DONE]`.
-pub fn stream(
+/// Streams every choice as server-sent events, ending with `data: [DONE]`;
+/// or, if the sessions failed before their first token (they waited out a
+/// failover), that failure, so it can be answered with a status.
+pub async fn stream(
     c: Arc<Cluster>,
     sessions: Vec<SessionStream>,
     r: Response,
-) -> Sse<UnboundedReceiverStream<Result<Event, Infallible>>> {
-    let (tx, rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
+) -> Result<Sse<ReceiverStream<Result<Event, Infallible>>>, SessionFailure> {
+    let n = sessions.len();
+    // Choices borrow the cluster's tokenizer: the task owns the cluster and builds them there.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(SSE_BUFFER);
     tokio::spawn(async move {
-        let n = sessions.len();
-        let mut events = start(&c, sessions, &r.stop);
+        let mut events = Choices::new(&c, sessions, &r.stop);
+        let failure = events.first_failure().await;
+        let failed = failure.is_some();
+        if first_tx.send(failure).is_err() || failed {
+            return;
+        }
         let created = now();
         let object = match r.endpoint {
             Endpoint::Chat => "chat.completion.chunk",
@@ -254,7 +305,7 @@ pub fn stream(
         if r.endpoint == Endpoint::Chat {
             for i in 0..n {
                 let first = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-                if tx.send(frame(first, None)).is_err() {
+                if tx.send(frame(first, None)).await.is_err() {
                     return;
                 }
             }
@@ -262,7 +313,7 @@ pub fn stream(
         let mut offsets = vec![0; n];
         let mut done = 0;
         let mut completion = 0;
-        while let Some((i, event)) = events.recv().await {
+        while let Some((i, event)) = events.next().await {
             let choice = match event {
                 ChoiceEvent::Delta { text, tokens } => {
                     if text.is_empty() && tokens.is_empty() {
@@ -292,14 +343,13 @@ pub fn stream(
                         }
                     }
                 }
-                ChoiceEvent::Failed(message) => {
-                    let err =
-                        json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-                    let _ = tx.send(Ok(Event::default().data(err.to_string())));
+                ChoiceEvent::Failed(failure) => {
+                    let err = json!({"error": {"message": failure.to_string(), "type": "server_error", "param": null, "code": null}});
+                    let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
                     return;
                 }
             };
-            if tx.send(frame(json!([choice]), None)).is_err() {
+            if tx.send(frame(json!([choice]), None)).await.is_err() {
                 return; // The client went away; dropping `events` cancels every choice.
             }
             if done == n {
@@ -307,9 +357,13 @@ pub fn stream(
             }
         }
         if r.include_usage {
-            let _ = tx.send(frame(json!([]), Some(usage(r.prompt_tokens, completion))));
+            let _ = tx.send(frame(json!([]), Some(usage(r.prompt_tokens, completion)))).await;
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
-    Sse::new(UnboundedReceiverStream::new(rx))
+    match first_rx.await {
+        Ok(Some(failure)) => Err(failure),
+        Ok(None) => Ok(Sse::new(ReceiverStream::new(rx))),
+        Err(_) => Err(SessionFailure::Pipeline("the response task stopped".into())),
+    }
 }

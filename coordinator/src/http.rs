@@ -20,7 +20,7 @@ use crate::cluster::Cluster;
 use crate::completion::{self, Endpoint};
 use crate::error::CoordinatorError;
 use crate::openai::{self, ChatRequest, CompletionRequest};
-use crate::scheduler::SessionStream;
+use crate::scheduler::{Serving, SessionFailure, SessionStream};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -122,10 +122,22 @@ async fn authorize(State(c): State<Arc<Cluster>>, request: Request, next: Next) 
 }
 
 async fn ready(State(c): State<Arc<Cluster>>) -> impl IntoResponse {
-    if c.plan_state().await.ready {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no plan loaded")
+    let state = c.plan_state().await;
+    match c.scheduler().serving() {
+        Serving::Ready { .. } if state.ready => (StatusCode::OK, "ready".to_string()),
+        // Requests are taken during a failover and wait for the next plan, up to the failover timeout.
+        Serving::Failover { reason, since } => {
+            let plan = state.error.map(|e| format!("; {e}")).unwrap_or_default();
+            if since.elapsed() < c.config().failover_timeout {
+                (StatusCode::OK, format!("ready, failing over: {reason}{plan}"))
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no capacity: failing over since {:?}: {reason}{plan}", since.elapsed()),
+                )
+            }
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, state.error.unwrap_or_else(|| "no plan loaded".into())),
     }
 }
 
@@ -167,6 +179,7 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
         "stages": stages,
         "weight_bytes_shipped": c.weight_bytes_shipped(),
         "traffic": c.traffic().to_json(),
+        "events": c.metrics().events(),
     }))
 }
 
@@ -271,9 +284,9 @@ async fn respond(
     stream: bool,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let state = c.plan_state().await;
-    if !state.ready {
-        let why = state.error.unwrap_or_else(|| "no plan is loaded yet".into());
+    // During a failover requests are taken and wait for the next plan (up to the failover timeout).
+    if c.scheduler().serving() == Serving::NoPlan {
+        let why = c.plan_state().await.error.unwrap_or_else(|| "no plan is loaded yet".into());
         return Err(CoordinatorError::NotReady(why).into());
     }
     let mut sessions: Vec<SessionStream> = Vec::with_capacity(plan.n);
@@ -298,8 +311,16 @@ async fn respond(
         prompt_tokens: plan.generation.prompt.len(),
     };
     if stream {
-        return Ok(completion::stream(c, sessions, r).into_response());
+        return Ok(completion::stream(c, sessions, r).await.map_err(failure_status)?.into_response());
     }
-    let body = completion::collect(c, sessions, &r).await.map_err(|m| ApiError::new(StatusCode::BAD_GATEWAY, m))?;
+    let body = completion::collect(c, sessions, &r).await.map_err(failure_status)?;
     Ok(Json(body).into_response())
+}
+
+/// A session's failure as the status it answers with: 503 when there was no pipeline to serve it.
+fn failure_status(f: SessionFailure) -> ApiError {
+    match f {
+        SessionFailure::NoCapacity(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, f.to_string()),
+        SessionFailure::Pipeline(_) => ApiError::new(StatusCode::BAD_GATEWAY, f.to_string()),
+    }
 }

@@ -6,10 +6,14 @@
 pub mod admission;
 pub mod cluster;
 pub mod completion;
+pub mod config;
 pub mod error;
 pub mod etcd_membership;
+pub mod fencing;
 pub mod grpc;
 pub mod http;
+#[cfg(test)]
+mod in_process;
 pub mod leader;
 pub mod membership;
 pub mod metrics;
@@ -23,6 +27,7 @@ mod stage_link;
 pub mod standby;
 pub mod stop;
 pub mod traffic;
+mod transport;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -144,23 +144,29 @@ pub(crate) fn in_join_order<'a>(workers: impl Iterator<Item = &'a WorkerInfo>) -
     v
 }
 
+/// A worker record for tests: one thread, 1 GiB, at `http://<id>`.
+#[cfg(test)]
+pub(crate) fn test_worker(id: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.into(),
+        address: format!("http://{id}"),
+        device: "cpu".into(),
+        threads: 1,
+        free_memory_bytes: 1 << 30,
+        device_info: DeviceInfo::default(),
+        version: "0".into(),
+        joined: 0,
+        layer_micros: None,
+        instance: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn w(id: &str) -> WorkerInfo {
-        WorkerInfo {
-            id: id.into(),
-            address: format!("http://{id}"),
-            device: "cpu".into(),
-            threads: 1,
-            free_memory_bytes: 1 << 30,
-            device_info: DeviceInfo::default(),
-            version: "0".into(),
-            joined: 0,
-            layer_micros: None,
-            instance: String::new(),
-        }
+        test_worker(id)
     }
 
     #[test]

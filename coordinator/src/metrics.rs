@@ -5,7 +5,7 @@
 //! crate is needed; per-worker figures (KV bytes in use, busy time) are asked
 //! of the workers when scraped and appended by the HTTP layer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -73,13 +73,50 @@ pub struct Metrics {
     pub batch_rows: AtomicU64,
     /// Running sessions moved to a new plan (re-prefilled from their tokens).
     pub replayed_sessions: AtomicU64,
+    /// Unplanned pipeline failures the scheduler failed over from.
+    pub failovers: AtomicU64,
+    /// Time from a pipeline failure to the plan that replaced it.
+    pub failover_stall: Histogram,
+    /// The latest cluster events (failovers, fenced workers, re-plans), oldest first.
+    events: Mutex<VecDeque<ClusterEvent>>,
     /// Time from a request's arrival to its first token.
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of one request.
     pub inter_token_latency: Histogram,
 }
 
+/// Cluster events kept for `/v1/cluster`.
+pub const EVENTS_KEPT: usize = 32;
+
+/// Something that happened to the pipeline, as `/v1/cluster` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterEvent {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `failover`, `fenced`, …
+    pub kind: String,
+    /// The plan epoch it concerns.
+    pub epoch: u64,
+    /// What happened.
+    pub detail: String,
+}
+
 impl Metrics {
+    /// Keeps one cluster event (the oldest beyond [`EVENTS_KEPT`] goes).
+    pub fn record_event(&self, kind: &str, epoch: u64, detail: &str) {
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut events = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if events.len() == EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(ClusterEvent { at, kind: kind.to_string(), epoch, detail: detail.to_string() });
+    }
+
+    /// The latest cluster events, oldest first.
+    pub fn events(&self) -> Vec<ClusterEvent> {
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+    }
+
     /// Counts one API response with HTTP status `status`.
     pub fn request(&self, status: u16) {
         *self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(status).or_default() += 1;
@@ -124,6 +161,18 @@ impl Metrics {
             "counter",
             "Running sessions moved to a new plan by re-prefilling their tokens.",
             &self.replayed_sessions,
+        );
+        scalar(
+            &mut out,
+            "potluck_failovers_total",
+            "counter",
+            "Unplanned pipeline failures the scheduler failed over from.",
+            &self.failovers,
+        );
+        self.failover_stall.render(
+            &mut out,
+            "potluck_failover_stall_seconds",
+            "Time from a pipeline failure to the plan that replaced it.",
         );
         self.time_to_first_token.render(
             &mut out,

@@ -1,7 +1,8 @@
-//! The coordinator's end of the pipeline: one long-lived `Forward` stream to
-//! stage 0 carrying every micro-batch of a plan epoch, and a reader task that
-//! hands each reply (sampled tokens, or the failure of some stage) to the
-//! scheduler. Hidden states never pass through here.
+//! The coordinator's end of the pipeline over gRPC (the [`Transport`] a
+//! cluster runs): one long-lived `Forward` stream to stage 0 carrying every
+//! micro-batch of a plan epoch, and a reader task that hands each reply
+//! (sampled tokens, or the failure of some stage) to the scheduler. Hidden
+//! states never pass through here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio_stream::StreamExt as _;
 use crate::error::CoordinatorError;
 use crate::planner::StagePlan;
 use crate::traffic::Traffic;
+use crate::transport::{Link, LinkEvent, LinkEvents, Transport};
 
 /// How long opening the stream to stage 0 may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,13 +31,29 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Micro-batches buffered toward stage 0.
 const SEND_BUFFER: usize = 64;
 
-/// One reply (or the end of the stream) from a link.
-#[derive(Debug)]
-pub(crate) struct LinkEvent {
-    /// Which link it came from, so replies of a replaced link are ignored.
-    pub link: u64,
-    /// The reply, or why the stream ended.
-    pub reply: Result<pb::ForwardReply, String>,
+/// Opens [`StageLink`]s, counting their traffic.
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcTransport {
+    /// Forward messages and bytes exchanged with stage 0.
+    pub traffic: Arc<Traffic>,
+}
+
+impl Transport for GrpcTransport {
+    type Link = StageLink;
+
+    async fn open(
+        &self,
+        id: u64,
+        epoch: u64,
+        first: &StagePlan,
+        events: LinkEvents,
+    ) -> Result<StageLink, CoordinatorError> {
+        StageLink::open(id, epoch, first, Arc::clone(&self.traffic), events).await
+    }
+
+    fn release_at(&self, first: &StagePlan, sessions: Vec<u64>) {
+        release_at(first, sessions);
+    }
 }
 
 /// An open stream to the first stage of one plan epoch.
@@ -65,7 +83,7 @@ impl StageLink {
         epoch: u64,
         first: &StagePlan,
         traffic: Arc<Traffic>,
-        events: mpsc::UnboundedSender<LinkEvent>,
+        events: LinkEvents,
     ) -> Result<Self, CoordinatorError> {
         let worker_err = |m: String| CoordinatorError::Worker {
             worker: first.worker.clone(),
@@ -107,16 +125,26 @@ impl StageLink {
                     Err(s) => Err(format!("{} ({via})", status_text(&s))),
                 };
                 let end = reply.is_err();
-                if events.send(LinkEvent { link: id, reply }).is_err() || end {
+                if events.send(LinkEvent { link: id, reply }).await.is_err() || end {
                     return;
                 }
             }
         });
         Ok(Self { id, epoch, first: first.clone(), requests, client, reader })
     }
+}
 
-    /// Sends one micro-batch, stamped with this link's epoch and the current trace.
-    pub async fn send(&self, batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>) -> Result<(), CoordinatorError> {
+impl Link for StageLink {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Stamps the micro-batch with this link's epoch and the current trace.
+    async fn send(&self, batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>) -> Result<(), CoordinatorError> {
         let trace = TraceHeaders::current();
         let request = pb::ForwardRequest {
             epoch: self.epoch,
@@ -134,8 +162,8 @@ impl StageLink {
         })
     }
 
-    /// Frees `sessions` on every stage, in the background (a failure is logged).
-    pub fn release(&self, sessions: Vec<u64>) {
+    /// A failed release is logged.
+    fn release(&self, sessions: Vec<u64>) {
         release_with(self.client.clone(), sessions);
     }
 }
@@ -143,7 +171,7 @@ impl StageLink {
 /// Frees `sessions` on every stage through stage 0 at `first`, over a new
 /// connection: for when the stream that carried them has broken, so the
 /// stages that survive do not keep their caches.
-pub(crate) fn release_at(first: &StagePlan, sessions: Vec<u64>) {
+fn release_at(first: &StagePlan, sessions: Vec<u64>) {
     match tonic::transport::Endpoint::from_shared(first.address.clone()) {
         Ok(endpoint) => {
             let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();

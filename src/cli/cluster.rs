@@ -97,6 +97,9 @@ pub struct CoordinatorArgs {
     /// Wait for this many workers before the first plan.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
+    /// Most stages a plan uses; further workers are spares that replace a stage whose worker dies.
+    #[arg(long)]
+    max_stages: Option<usize>,
     /// Token workers must present (empty = open).
     #[arg(long, env = "POTLUCK_JOIN_TOKEN", default_value = "")]
     join_token: String,
@@ -128,12 +131,15 @@ pub struct UpArgs {
     /// The model file (default: the one `scripts/fetch-model` fetched).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// Worker processes to start (all on `cpu`).
+    /// Worker processes the plan uses (its stages), all on `cpu`.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Start one worker per listed device instead, e.g. `cpu,candle-cpu`.
+    /// Start one plan worker per listed device instead, e.g. `cpu,candle-cpu`.
     #[arg(long, value_delimiter = ',', conflicts_with = "workers")]
     devices: Vec<potluck_engine::Device>,
+    /// Extra worker processes kept as spares (on `cpu`): one replaces a stage whose worker dies.
+    #[arg(long, default_value_t = 0)]
+    spares: usize,
     /// Address of the HTTP API.
     #[arg(long, default_value = DEFAULT_HTTP)]
     http: String,
@@ -224,6 +230,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let mut config = CoordinatorConfig::new(a.model);
         config.wire_dtype = a.wire_dtype;
         config.min_workers = a.min_workers;
+        anyhow::ensure!(a.max_stages != Some(0), "--max-stages must be at least 1");
+        config.max_stages = a.max_stages;
         config.join_token = a.join_token;
         a.serving.apply(&mut config)?;
         config.hold_down = std::time::Duration::from_millis(a.hold_down_ms);
@@ -266,7 +274,8 @@ pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
     );
     let total =
         if a.threads == 0 { std::thread::available_parallelism().map_or(1, std::num::NonZero::get) } else { a.threads };
-    let per_worker = (total / a.workers).max(1);
+    let processes = a.workers + a.spares;
+    let per_worker = (total / processes).max(1);
     runtime()?.block_on(async move {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let grpc_addr = grpc.local_addr()?;
@@ -275,6 +284,7 @@ pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
         let mut config = CoordinatorConfig::new(a.model.clone());
         config.wire_dtype = a.wire_dtype;
         config.min_workers = a.workers;
+        config.max_stages = Some(a.workers);
         a.serving.apply(&mut config)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let coordinator = tokio::spawn(potluck_coordinator::run(
@@ -286,25 +296,20 @@ pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
                 let _ = stop_rx.await;
             },
         ));
-        let exe = std::env::current_exe()?;
+        let fleet = Fleet {
+            exe: std::env::current_exe()?,
+            coordinator: grpc_addr.to_string(),
+            threads: per_worker,
+            devices,
+            cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
+            otlp: a.otlp.endpoint.clone(),
+        };
         let mut children = Vec::new();
-        for (i, device) in devices.iter().enumerate() {
-            let child = tokio::process::Command::new(&exe)
-                .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &grpc_addr.to_string()])
-                .args(["--device", &device.to_string()])
-                .args(["--threads", &per_worker.to_string(), "--id", &format!("worker-{i}")])
-                // Several workers share this terminal: bars redrawn in place would overwrite each other.
-                .args(["--progress", "log"])
-                .arg("--cache-dir")
-                .arg(a.cache_dir.clone().unwrap_or_else(default_cache_dir))
-                .args(a.otlp.endpoint.iter().flat_map(|e| ["--otlp-endpoint", e.as_str()]))
-                .kill_on_drop(true)
-                .spawn()
-                .context("starting a worker process")?;
-            children.push(child);
+        for i in 0..processes {
+            children.push(fleet.start(i)?);
         }
         let base = format!("http://{http_addr}");
-        eprintln!("[potluck] {} workers × {per_worker} threads; waiting for the plan…", a.workers);
+        eprintln!("[potluck] {} workers + {} spares × {per_worker} threads; waiting for the plan…", a.workers, a.spares);
         let ready = async {
             loop {
                 if let Ok(s) = std::net::TcpStream::connect(http_addr) {
@@ -316,6 +321,9 @@ pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         };
+        let stop = terminated();
+        tokio::pin!(stop);
+        let mut stopping = false;
         tokio::select! {
             () = ready => {
                 println!("Potluck is serving {} on {base}", a.model.display());
@@ -325,30 +333,82 @@ pub fn up(mut a: UpArgs) -> anyhow::Result<()> {
                 );
                 println!("Ctrl-C stops the cluster.");
             }
-            () = terminated() => {}
+            () = &mut stop => stopping = true,
         }
-        // Serve until Ctrl-C (or a worker exits on its own).
-        let exited = futures_first_exit(&mut children);
-        tokio::select! {
-            () = terminated() => {}
-            i = exited => eprintln!("[potluck] worker {i} exited; stopping"),
-        }
-        for c in &mut children {
-            if let Some(pid) = c.id() {
-                // SIGTERM first, so workers shut down cleanly.
-                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        // Serve until Ctrl-C; a worker that exits is started again and rejoins as a new member.
+        while !stopping {
+            tokio::select! {
+                () = &mut stop => stopping = true,
+                i = first_exit(&mut children) => {
+                    eprintln!("[potluck] worker {i} exited; starting it again");
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = tokio::time::sleep(RESTART_DELAY) => {}
+                    }
+                    match fleet.start(i) {
+                        Ok(c) => children[i] = c,
+                        Err(e) => eprintln!("[potluck] could not restart worker {i}: {e:#}"),
+                    }
+                }
             }
         }
-        for c in &mut children {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.wait()).await;
-        }
+        stop_all(&mut children).await;
         let _ = stop_tx.send(());
         coordinator.await??;
         Ok(())
     })
 }
 
-async fn futures_first_exit(children: &mut [tokio::process::Child]) -> usize {
+/// Wait before starting a worker that exited again, so a worker that fails at once does not spin.
+const RESTART_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a worker has to stop after SIGTERM before it is killed.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How `potluck up` starts its worker processes.
+struct Fleet {
+    exe: PathBuf,
+    coordinator: String,
+    threads: usize,
+    /// The plan workers' devices, in order; spares (beyond the list) run on `cpu`.
+    devices: Vec<potluck_engine::Device>,
+    cache_dir: PathBuf,
+    otlp: Option<String>,
+}
+
+impl Fleet {
+    /// Starts worker `i` (`worker-<i>`); it is killed if its handle is dropped.
+    fn start(&self, i: usize) -> anyhow::Result<tokio::process::Child> {
+        tokio::process::Command::new(&self.exe)
+            .args(["worker", "--listen", "127.0.0.1:0", "--coordinator", &self.coordinator])
+            .args(["--device", &self.devices.get(i).cloned().unwrap_or(potluck_engine::Device::Cpu).to_string()])
+            .args(["--threads", &self.threads.to_string(), "--id", &format!("worker-{i}")])
+            // Several workers share this terminal: bars redrawn in place would overwrite each other.
+            .args(["--progress", "log"])
+            .arg("--cache-dir")
+            .arg(&self.cache_dir)
+            .args(self.otlp.iter().flat_map(|e| ["--otlp-endpoint", e.as_str()]))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker process")
+    }
+}
+
+/// SIGTERM to every worker, so they shut down cleanly; SIGKILL to any still running after the grace.
+async fn stop_all(children: &mut [tokio::process::Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+    for c in children.iter_mut() {
+        if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+/// The index of the first worker to exit.
+async fn first_exit(children: &mut [tokio::process::Child]) -> usize {
     loop {
         for (i, c) in children.iter_mut().enumerate() {
             if let Ok(Some(_)) = c.try_wait() {

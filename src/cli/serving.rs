@@ -29,6 +29,24 @@ pub struct ServingArgs {
     /// API keys, comma-separated (prefer the file or the environment over the command line).
     #[arg(long, env = "POTLUCK_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<String>,
+    /// Seconds requests wait for a working pipeline after a worker fails before they get 503.
+    #[arg(long, default_value_t = potluck_coordinator::scheduler::DEFAULT_FAILOVER_TIMEOUT.as_secs_f64())]
+    failover_timeout: f64,
+    /// Shortest time, in seconds, a micro-batch may go unanswered before its pipeline counts as failed.
+    #[arg(long, default_value_t = potluck_coordinator::scheduler::DEFAULT_DEADLINE_FLOOR.as_secs_f64())]
+    deadline_floor: f64,
+    /// A micro-batch's deadline as a multiple of the recent slowest round trip (above the floor).
+    #[arg(long, default_value_t = potluck_coordinator::scheduler::DEFAULT_DEADLINE_FACTOR)]
+    deadline_factor: u32,
+    /// Seconds a micro-batch may take before any round trip has been measured on a new plan.
+    #[arg(long, default_value_t = potluck_coordinator::scheduler::DEFAULT_FIRST_DEADLINE.as_secs_f64())]
+    first_deadline: f64,
+}
+
+/// Seconds from a flag, refusing what is not a positive finite number.
+fn seconds(flag: &str, v: f64) -> anyhow::Result<std::time::Duration> {
+    anyhow::ensure!(v.is_finite() && v > 0.0, "--{flag} must be a positive number of seconds, not {v}");
+    std::time::Duration::try_from_secs_f64(v).with_context(|| format!("--{flag} {v}"))
 }
 
 impl ServingArgs {
@@ -43,6 +61,13 @@ impl ServingArgs {
         config.max_inflight = self.max_inflight;
         config.prefill_chunk = self.prefill_chunk;
         config.worker_kv_budget = self.kv_budget_mib << 20;
+        anyhow::ensure!(self.deadline_factor >= 1, "--deadline-factor must be at least 1");
+        config.failover_timeout = seconds("failover-timeout", self.failover_timeout)?;
+        config.deadline = potluck_coordinator::scheduler::Deadline {
+            floor: seconds("deadline-floor", self.deadline_floor)?,
+            factor: self.deadline_factor,
+            first: seconds("first-deadline", self.first_deadline)?,
+        };
         let mut keys: Vec<String> = self.api_keys.iter().map(|k| k.trim().to_string()).collect();
         if let Some(path) = &self.api_key_file {
             let text =

@@ -190,6 +190,11 @@ impl UpCluster {
         Ok(Self { _daemon: daemon, http })
     }
 
+    /// The `potluck up` process's id.
+    pub fn pid(&self) -> u32 {
+        self._daemon.pid()
+    }
+
     /// POSTs JSON and returns (status, body).
     pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
         http_request(&self.http, "POST", path, Some(&body.to_string()))

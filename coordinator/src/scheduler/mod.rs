@@ -1,49 +1,65 @@
 //! The scheduler: continuous batching through the pipeline.
 //!
-//! One task owns every session and the stream to stage 0. Whenever fewer
-//! than `max_inflight` micro-batches are in the pipeline, it forms another
-//! from the sessions that are not already in one: a decode row for each
-//! session that has a new token, and chunks of waiting prompts within a row
-//! budget (chunked prefill, interleaved with decode). Sessions are spread
-//! over the in-flight micro-batches so that with P stages all P compute at
-//! once, and picked oldest-turn first, so no session starves. A new request
-//! joins at the next micro-batch, that is, at a token boundary.
+//! One task owns every session and the link to stage 0 (a [`Transport`]:
+//! gRPC in a cluster, in-process in unit tests). Whenever fewer than
+//! `max_inflight` micro-batches are in the pipeline, it forms another from
+//! the sessions that are not already in one (`micro_batch.rs`). Sessions are
+//! spread over the in-flight micro-batches so that with P stages all P
+//! compute at once, and picked oldest-turn first, so no session starves. A
+//! new request joins at the next micro-batch, that is, at a token boundary.
 //!
 //! Batch invariance makes all this invisible in the output: a row's result
 //! does not depend on which rows share its micro-batch.
 //!
-//! The scheduler keeps every session's tokens. On a planned change the
-//! cluster pauses it (no micro-batch in flight), loads the new plan, and
-//! hands it over; every running session is then re-prefilled from its tokens
-//! on the new pipeline and goes on where it was, with no error.
+//! The scheduler keeps every session's tokens, so a session can be replayed
+//! on any pipeline. On a planned change the cluster pauses it (no
+//! micro-batch in flight), loads the new plan, and hands it over. On an
+//! unplanned one (the link breaks, or a micro-batch misses its deadline) it
+//! drops whatever was in flight, reports the failure to the cluster and
+//! waits. Either way, once a plan of a new epoch arrives every running
+//! session is re-prefilled from its tokens and goes on where it was: the
+//! client sees a pause, not an error. Only if no plan arrives within the
+//! failover timeout do waiting sessions fail, as "no capacity".
+
+mod failover;
+mod micro_batch;
+mod session;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use potluck_engine::SamplingParams;
-use potluck_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
+
+pub use failover::{Serving, StageFailure};
+pub use micro_batch::{Deadline, DEFAULT_DEADLINE_FACTOR, DEFAULT_DEADLINE_FLOOR, DEFAULT_FIRST_DEADLINE};
+pub use session::{SessionEvent, SessionFailure, SessionStream, SESSION_BUFFER};
 
 use crate::admission::{Admission, Refusal};
 use crate::cluster::PlanState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Finish, Generation, Token};
-use crate::stage_link::{LinkEvent, StageLink};
-use crate::traffic::Traffic;
+use crate::transport::{Link, LinkEvent, Transport, LINK_EVENT_BUFFER};
+use failover::Failover;
+use micro_batch::{InFlight, RoundTrips};
+use session::Session;
 
 /// Default most prompt tokens one session sends in one micro-batch.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 /// Default most rows in one micro-batch.
 pub const DEFAULT_MAX_BATCH_ROWS: usize = 512;
+/// Default time requests wait for a pipeline after a failure before they fail as "no capacity".
+pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a pause waits for micro-batches in flight before giving up on them.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a micro-batch may stay in the pipeline before the pipeline counts as stuck.
-pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often waiting and idle sessions are checked for a client that went away.
+/// Failovers in a row (with no token between) after which a session is failed rather than replayed.
+pub const MAX_REPLAYS: u32 = 3;
+/// How often deadlines, waiting requests and idle sessions are checked.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the scheduler batches.
@@ -67,35 +83,10 @@ pub struct SchedulerConfig {
     pub context: usize,
     /// Token ids that end a generation.
     pub stop_ids: Vec<u32>,
-}
-
-/// What a session's consumer receives.
-#[derive(Debug)]
-pub enum SessionEvent {
-    /// A generated token (never an end-of-sequence token).
-    Token(Token),
-    /// Generation ended; no more events follow.
-    Finished(Finish),
-    /// The pipeline failed this session; no more events follow.
-    Failed(String),
-}
-
-/// A running generation. Dropping it cancels the session and frees its KV
-/// cache on every stage.
-#[derive(Debug)]
-pub struct SessionStream {
-    /// The session's id on the workers.
-    pub session: u64,
-    /// Tokens of the prompt.
-    pub prompt_tokens: usize,
-    events: mpsc::UnboundedReceiver<SessionEvent>,
-}
-
-impl SessionStream {
-    /// The next event; `None` only if the scheduler is gone.
-    pub async fn next(&mut self) -> Option<SessionEvent> {
-        self.events.recv().await
-    }
+    /// When a micro-batch counts as lost.
+    pub deadline: Deadline,
+    /// How long sessions wait for a working pipeline before failing as "no capacity".
+    pub failover_timeout: Duration,
 }
 
 enum Command {
@@ -109,6 +100,8 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     commands: mpsc::UnboundedSender<Command>,
+    failures: watch::Receiver<Option<StageFailure>>,
+    serving: watch::Receiver<Serving>,
 }
 
 /// Holds the scheduler paused (nothing in flight, nothing sent) until dropped.
@@ -124,12 +117,14 @@ impl Drop for Pause {
 }
 
 impl Scheduler {
-    /// Starts the scheduler task.
-    pub fn start(config: SchedulerConfig, metrics: Arc<Metrics>, traffic: Arc<Traffic>) -> Self {
+    /// Starts the scheduler task over `transport`.
+    pub(crate) fn start<T: Transport>(config: SchedulerConfig, metrics: Arc<Metrics>, transport: T) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
-        let core = Core::new(config, metrics, traffic);
+        let (failures_tx, failures) = watch::channel(None);
+        let (serving_tx, serving) = watch::channel(Serving::NoPlan);
+        let core = Core::new(config, metrics, transport, failures_tx, serving_tx);
         tokio::spawn(core.run(rx));
-        Self { commands }
+        Self { commands, failures, serving }
     }
 
     /// Admits a generation, or queues it, or refuses it (429 when the queue is full).
@@ -159,64 +154,56 @@ impl Scheduler {
     pub fn set_plan(&self, plan: PlanState) {
         let _ = self.commands.send(Command::Plan(plan));
     }
+
+    /// The latest unplanned failure of the pipeline, as it changes.
+    pub fn failures(&self) -> watch::Receiver<Option<StageFailure>> {
+        self.failures.clone()
+    }
+
+    /// Whether the scheduler can serve now.
+    pub fn serving(&self) -> Serving {
+        self.serving.borrow().clone()
+    }
 }
 
 fn stopped() -> CoordinatorError {
     CoordinatorError::NotReady("the scheduler has stopped".into())
 }
 
-struct Session {
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    max_tokens: usize,
-    sampling: pb::Sampling,
-    reserved: usize,
-    /// Tokens handed to the pipeline (their rows sent).
-    sent: usize,
-    in_flight: bool,
-    /// Dispatch order: the smallest goes first.
-    turn: u64,
-    events: mpsc::UnboundedSender<SessionEvent>,
-    arrived: Instant,
-    last_token: Option<Instant>,
-    span: tracing::Span,
-}
-
-impl Session {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
-    }
-
-    fn ready(&self) -> bool {
-        !self.in_flight && self.sent < self.tokens.len()
-    }
-}
-
-struct Core {
+struct Core<T: Transport> {
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
-    traffic: Arc<Traffic>,
+    transport: T,
     plan: Option<PlanState>,
-    link: Option<StageLink>,
-    link_events: (mpsc::UnboundedSender<LinkEvent>, mpsc::UnboundedReceiver<LinkEvent>),
+    link: Option<T::Link>,
+    link_events: (mpsc::Sender<LinkEvent>, mpsc::Receiver<LinkEvent>),
     next_link: u64,
     next_batch: u64,
     next_session: u64,
     next_turn: u64,
     sessions: BTreeMap<u64, Session>,
     waiting: VecDeque<(u64, Session)>,
-    /// Micro-batches in the pipeline: the sessions in each, their span, and when they left.
-    inflight: HashMap<u64, (Vec<u64>, tracing::Span, Instant)>,
+    inflight: HashMap<u64, InFlight>,
+    round_trips: RoundTrips,
     admission: Admission,
     paused: bool,
     pause_waiters: Vec<oneshot::Sender<()>>,
+    failover: Option<Failover>,
+    failures: watch::Sender<Option<StageFailure>>,
+    serving: watch::Sender<Serving>,
     to_release: Vec<u64>,
     /// Session events held back until the next micro-batch has left (see `deliver`).
-    outbox: Vec<(mpsc::UnboundedSender<SessionEvent>, SessionEvent)>,
+    outbox: Vec<(mpsc::Sender<SessionEvent>, SessionEvent)>,
 }
 
-impl Core {
-    fn new(config: SchedulerConfig, metrics: Arc<Metrics>, traffic: Arc<Traffic>) -> Self {
+impl<T: Transport> Core<T> {
+    fn new(
+        config: SchedulerConfig,
+        metrics: Arc<Metrics>,
+        transport: T,
+        failures: watch::Sender<Option<StageFailure>>,
+        serving: watch::Sender<Serving>,
+    ) -> Self {
         let admission = Admission::new(0, config.max_sessions, config.queue_capacity);
         // Session ids are unique across coordinator restarts: workers may still hold an old leader's sessions.
         let start = std::time::SystemTime::now()
@@ -225,10 +212,10 @@ impl Core {
         Self {
             config,
             metrics,
-            traffic,
+            transport,
             plan: None,
             link: None,
-            link_events: mpsc::unbounded_channel(),
+            link_events: mpsc::channel(LINK_EVENT_BUFFER),
             next_link: 1,
             next_batch: 1,
             next_session: start,
@@ -236,9 +223,13 @@ impl Core {
             sessions: BTreeMap::new(),
             waiting: VecDeque::new(),
             inflight: HashMap::new(),
+            round_trips: RoundTrips::default(),
             admission,
             paused: false,
             pause_waiters: Vec::new(),
+            failover: None,
+            failures,
+            serving,
             to_release: Vec::new(),
             outbox: Vec::new(),
         }
@@ -292,7 +283,7 @@ impl Core {
             )));
         }
         g.sampling.validate()?;
-        if self.plan.is_none() {
+        if self.plan.is_none() && self.failover.is_none() {
             return Err(CoordinatorError::NotReady("no plan is loaded yet".into()));
         }
         self.admission.may_wait(needed, self.waiting.len()).map_err(|r| match r {
@@ -302,13 +293,13 @@ impl Core {
         let id = self.next_session;
         self.next_session += 1;
         span.record("session", id);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let prompt_len = g.prompt.len();
         let session = Session {
             tokens: g.prompt,
             prompt_len,
             max_tokens: g.max_tokens,
-            sampling: to_pb(&g.sampling),
+            sampling: micro_batch::to_pb(&g.sampling),
             reserved: needed,
             sent: 0,
             in_flight: false,
@@ -316,6 +307,7 @@ impl Core {
             events: tx,
             arrived: Instant::now(),
             last_token: None,
+            replays: 0,
             span,
         };
         self.metrics.prompt_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
@@ -344,53 +336,54 @@ impl Core {
 
     fn set_plan(&mut self, plan: PlanState) {
         if !plan.ready {
+            if self.plan.is_none() {
+                return; // Never served: requests are refused until a first plan is ready.
+            }
             // No plan to serve on: this coordinator stood down, or a new plan failed half-loaded.
+            // Sessions wait for the next one (up to the failover timeout).
+            let why = plan.error.clone().unwrap_or_else(|| "the plan in force was withdrawn".into());
             self.link = None;
             self.inflight.clear();
-            let why = plan.error.clone().unwrap_or_else(|| "the plan in force was withdrawn".into());
-            self.fail_all(&format!("not ready: {why}"));
-            for (_, s) in self.waiting.drain(..) {
-                let _ = s.events.send(SessionEvent::Failed(format!("not ready: {why}")));
-            }
-            self.plan = None;
-            self.wake_pausers();
+            self.begin_failover(&why, false);
             return;
         }
-        if self.plan.as_ref().is_some_and(|p| p.epoch == plan.epoch) {
+        if self.failover.is_none() && self.plan.as_ref().is_some_and(|p| p.epoch == plan.epoch) {
             return; // Same epoch: the workers still hold every session's cache.
         }
         let capacity =
             Admission::capacity_of(&plan.stages, self.config.worker_kv_budget, self.config.kv_bytes_per_token_layer);
         self.admission.set_capacity(capacity);
-        if self.link.as_ref().is_some_and(|l| l.epoch != plan.epoch) {
+        if self.link.as_ref().is_some_and(|l| l.epoch() != plan.epoch) {
             self.link = None;
         }
-        // Whatever is still in flight ran on the old plan; those sessions cannot be trusted to continue.
-        let stale: Vec<u64> = self.inflight.drain().flat_map(|(_, (s, _, _))| s).collect();
-        for id in stale {
-            self.fail(id, "the plan changed while this request was in flight".into());
-        }
-        // Every other session re-prefills its tokens on the new pipeline and goes on from there.
+        // Whatever is still in flight ran on the old plan: its sessions go again from their tokens.
+        self.inflight.clear();
         let mut moved = 0;
-        for s in self.sessions.values_mut().filter(|s| s.sent > 0) {
-            s.sent = 0;
-            moved += 1;
+        for s in self.sessions.values_mut() {
+            if s.rewind() {
+                moved += 1;
+            }
         }
         self.metrics.replayed_sessions.fetch_add(moved, Ordering::Relaxed);
+        if let Some(f) = self.failover.take() {
+            let stall = f.since.elapsed();
+            self.metrics.failover_stall.observe(stall);
+            tracing::info!(epoch = plan.epoch, stall_ms = stall.as_millis(), sessions = moved, "failover done");
+        }
         tracing::info!(
             epoch = plan.epoch,
             capacity_tokens = capacity,
             sessions = self.sessions.len(),
             "scheduler on new plan"
         );
+        self.serving.send_replace(Serving::Ready { epoch: plan.epoch });
         self.plan = Some(plan);
         self.admit();
     }
 
     /// One micro-batch per stage keeps every stage computing; more only cut
     /// the same sessions into smaller batches, which the kernels run less
-    /// efficiently (measured on two workers at 16 streams: 2 in flight gave
-    /// 1,583 tok/s, 3 gave 1,510). A lone stage still gets two, so it
+    /// efficiently (`docs/benchmarks.md`). A lone stage still gets two, so it
     /// computes the next batch while the coordinator turns the last around.
     fn max_inflight(&self) -> usize {
         let stages = self.plan.as_ref().map_or(1, |p| p.stages.len());
@@ -400,7 +393,7 @@ impl Core {
     /// Sends micro-batches while there is room in flight; returns whether
     /// any left.
     async fn dispatch(&mut self) -> bool {
-        if self.paused || !self.sessions.values().any(Session::ready) {
+        if self.paused || self.failover.is_some() || !self.sessions.values().any(Session::ready) {
             return false;
         }
         let Some(plan) = self.plan.clone() else { return false };
@@ -411,19 +404,19 @@ impl Core {
             let id = self.next_link;
             self.next_link += 1;
             let events = self.link_events.0.clone();
-            match StageLink::open(id, plan.epoch, first, Arc::clone(&self.traffic), events).await {
+            match self.transport.open(id, plan.epoch, first, events).await {
                 Ok(link) => self.link = Some(link),
                 Err(e) => {
-                    self.fail_all(&e.to_string());
+                    self.begin_failover(&e.to_string(), true);
                     return false;
                 }
             }
         }
         let mut sent_any = false;
         while self.inflight.len() < self.max_inflight() {
-            let Some((batch_id, rows, tokens, span)) = self.form_batch() else { break };
+            let Some(batch) = self.form_batch() else { break };
             let Some(link) = self.link.as_ref() else { break };
-            let sent = link.send(batch_id, rows, tokens).instrument(span).await;
+            let sent = link.send(batch.id, batch.rows, batch.tokens).instrument(batch.span).await;
             if let Err(e) = sent {
                 self.link_broken(&e.to_string());
                 break;
@@ -433,72 +426,8 @@ impl Core {
         sent_any
     }
 
-    /// The next micro-batch: ready sessions, oldest turn first, spread over the in-flight slots.
-    fn form_batch(&mut self) -> Option<(u64, Vec<pb::Row>, Vec<u32>, tracing::Span)> {
-        let cancelled: Vec<u64> =
-            self.sessions.iter().filter(|(_, s)| !s.in_flight && s.events.is_closed()).map(|(&id, _)| id).collect();
-        for id in cancelled {
-            self.finish(id, Finish::Cancelled);
-        }
-        let mut ready: Vec<(u64, u64)> =
-            self.sessions.iter().filter(|(_, s)| s.ready()).map(|(&id, s)| (s.turn, id)).collect();
-        if ready.is_empty() {
-            return None;
-        }
-        ready.sort_unstable();
-        let slots = self.max_inflight();
-        let share = self.sessions.len().div_ceil(slots).max(1);
-        let (mut rows, mut tokens, mut members) = (Vec::new(), Vec::new(), Vec::new());
-        let mut budget = self.config.max_batch_rows.max(1);
-        let mut decode = false;
-        for (_, id) in ready {
-            let turn = self.take_turn();
-            let Some(s) = self.sessions.get_mut(&id) else { continue };
-            let n = (s.tokens.len() - s.sent).min(self.config.prefill_chunk.max(1)).min(budget);
-            if n == 0 {
-                break;
-            }
-            decode |= s.sent >= s.prompt_len;
-            for pos in s.sent..s.sent + n {
-                rows.push(pb::Row {
-                    session: id,
-                    position: u32::try_from(pos).unwrap_or(u32::MAX),
-                    sample: pos + 1 == s.tokens.len(),
-                    sampling: (pos == 0).then_some(s.sampling),
-                });
-                tokens.push(s.tokens[pos]);
-            }
-            s.sent += n;
-            s.in_flight = true;
-            s.turn = turn;
-            budget -= n;
-            members.push(id);
-            if members.len() >= share || budget == 0 {
-                break;
-            }
-        }
-        let batch_id = self.next_batch;
-        self.next_batch += 1;
-        // The micro-batch's span joins the trace of its first request; the others are linked.
-        let parent = members.first().and_then(|id| self.sessions.get(id)).map(|s| s.span.clone());
-        let span = match (decode, parent) {
-            (true, Some(p)) => tracing::info_span!(parent: &p, "decode.step", batch_id, rows = rows.len()),
-            (false, Some(p)) => tracing::info_span!(parent: &p, "prefill.step", batch_id, rows = rows.len()),
-            (_, None) => tracing::Span::none(),
-        };
-        for id in members.iter().skip(1) {
-            if let Some(s) = self.sessions.get(id) {
-                span.follows_from(&s.span);
-            }
-        }
-        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.metrics.batch_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        self.inflight.insert(batch_id, (members, span.clone(), Instant::now()));
-        Some((batch_id, rows, tokens, span))
-    }
-
     fn link_event(&mut self, event: LinkEvent) {
-        if self.link.as_ref().is_none_or(|l| l.id != event.link) {
+        if self.link.as_ref().is_none_or(|l| l.id() != event.link) {
             return; // A replaced link's late news.
         }
         let reply = match event.reply {
@@ -506,10 +435,11 @@ impl Core {
             Ok(r) => return self.link_broken(&r.error),
             Err(e) => return self.link_broken(&e),
         };
-        let Some((members, _span, _)) = self.inflight.remove(&reply.batch_id) else {
+        let Some(batch) = self.inflight.remove(&reply.batch_id) else {
             return self.link_broken(&format!("a reply for unknown micro-batch {}", reply.batch_id));
         };
-        for id in &members {
+        self.round_trips.observe(batch.sent.elapsed(), batch.rows);
+        for id in &batch.members {
             if let Some(s) = self.sessions.get_mut(id) {
                 s.in_flight = false;
             }
@@ -533,6 +463,7 @@ impl Core {
             Some(t) => self.metrics.inter_token_latency.observe(now - t),
         }
         s.last_token = Some(now);
+        s.replays = 0;
         s.tokens.push(token.id);
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if self.config.stop_ids.contains(&token.id) {
@@ -557,41 +488,27 @@ impl Core {
         }
     }
 
-    fn fail(&mut self, id: u64, message: String) {
+    fn fail(&mut self, id: u64, failure: SessionFailure) {
         if let Some(s) = self.sessions.remove(&id) {
-            tracing::warn!(session = id, error = %message, "session failed");
-            self.outbox.push((s.events, SessionEvent::Failed(message)));
+            tracing::warn!(session = id, error = %failure, "session failed");
+            self.outbox.push((s.events, SessionEvent::Failed(failure)));
             self.admission.release(s.reserved);
             self.to_release.push(id);
             self.admit();
         }
     }
 
-    fn fail_all(&mut self, message: &str) {
-        let ids: Vec<u64> = self.sessions.keys().copied().collect();
-        for id in ids {
-            self.fail(id, message.to_string());
-        }
-    }
-
-    /// The stream to stage 0 broke: every running session depended on it.
-    fn link_broken(&mut self, message: &str) {
-        if self.sessions.is_empty() {
-            tracing::info!(error = %message, "pipeline stream closed while idle");
-        } else {
-            tracing::warn!(error = %message, sessions = self.sessions.len(), "pipeline stream failed");
-        }
-        self.inflight.clear();
-        self.fail_all(&format!("pipeline failed: {message}"));
-        self.link = None;
-        self.wake_pausers();
-    }
-
-    /// Drops waiting requests whose client went away, and idle sessions likewise.
+    /// Fails micro-batches past their deadline and sessions that waited out
+    /// a failover; drops waiting requests whose client went away, and idle sessions likewise.
     fn reap(&mut self) {
-        if self.inflight.values().any(|(_, _, sent)| sent.elapsed() > BATCH_TIMEOUT) {
-            return self.link_broken(&format!("a micro-batch got no answer in {BATCH_TIMEOUT:?}; a stage is stuck"));
+        let late = self.inflight.values().find_map(|b| {
+            let deadline = self.round_trips.deadline(&self.config.deadline, b.rows);
+            (b.sent.elapsed() > deadline).then_some(deadline)
+        });
+        if let Some(deadline) = late {
+            return self.link_broken(&format!("a micro-batch got no answer in {deadline:?}; a stage is stuck"));
         }
+        self.expire_waits();
         self.waiting.retain(|(_, s)| !s.events.is_closed());
         let idle: Vec<u64> =
             self.sessions.iter().filter(|(_, s)| !s.in_flight && s.events.is_closed()).map(|(&id, _)| id).collect();
@@ -621,7 +538,13 @@ impl Core {
             tokio::task::yield_now().await;
         }
         for (to, event) in self.outbox.drain(..) {
-            let _ = to.send(event);
+            // A session is scheduled only with room for what its batch brings back,
+            // so a full channel is rare: only a failure can meet one.
+            if let Err(mpsc::error::TrySendError::Full(event)) = to.try_send(event) {
+                tokio::spawn(async move {
+                    let _ = to.send(event).await;
+                });
+            }
         }
     }
 
@@ -632,7 +555,7 @@ impl Core {
         let sessions = std::mem::take(&mut self.to_release);
         match (&self.link, self.plan.as_ref().and_then(|p| p.stages.first())) {
             (Some(link), _) => link.release(sessions),
-            (None, Some(first)) => crate::stage_link::release_at(first, sessions),
+            (None, Some(first)) => self.transport.release_at(first, sessions),
             (None, None) => tracing::debug!(?sessions, "no plan to release sessions on"),
         }
     }
@@ -640,20 +563,5 @@ impl Core {
     fn publish(&self) {
         Metrics::set(&self.metrics.queue_depth, self.waiting.len());
         Metrics::set(&self.metrics.active_sessions, self.sessions.len());
-    }
-}
-
-fn to_pb(s: &SamplingParams) -> pb::Sampling {
-    pb::Sampling {
-        temperature: s.temperature,
-        top_k: u32::try_from(s.top_k).unwrap_or(u32::MAX),
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        top_logprobs: u32::try_from(s.top_logprobs).unwrap_or(u32::MAX),
-        logprobs: s.logprobs,
     }
 }
