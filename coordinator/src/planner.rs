@@ -148,7 +148,7 @@ pub fn plan(cost: ModelCost, workers: &[WorkerInfo]) -> Result<Vec<StagePlan>, P
     // The most layers each worker holds in its place.
     let cap: Vec<usize> = (0..n)
         .map(|i| {
-            let room = memory[i].checked_sub(stage_bytes(i, 0)).unwrap_or(0) / cost.layer_bytes.max(1);
+            let room = memory[i].saturating_sub(stage_bytes(i, 0)) / cost.layer_bytes.max(1);
             usize::try_from(room).unwrap_or(usize::MAX).min(cost.layers)
         })
         .collect();

@@ -3,7 +3,7 @@
 
 pub use potluck_etcd::{DeviceInfo, DeviceKind};
 
-use crate::config::Device;
+use potluck_engine::Device;
 
 /// Figures a GPU backend reported that cannot be true.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,13 +26,18 @@ pub enum DeviceInfoError {
     },
 }
 
-/// The device a worker registers with: the host for CPU devices. A GPU
-/// backend adds its arm here, asking its device for the name and the total
-/// and free memory (CUDA's `cuMemGetInfo`, Metal's working-set limit) and
-/// handing them to [`gpu_device`]; the planner then budgets the stage by them.
+/// The device a worker registers with: the host for CPU devices (native or
+/// candle's). A GPU is reported by kind and name with no memory figures yet:
+/// asking the device (CUDA's `cuMemGetInfo`, Metal's working-set limit) and
+/// handing the answer to [`gpu_device`] is still to be wired, and until then
+/// the planner leaves a GPU worker out, with that reason, rather than
+/// budgeting its stage by host RAM it does not have.
 pub fn device_info(device: Device) -> DeviceInfo {
+    let unmeasured = |kind| DeviceInfo { kind, name: device.to_string(), total_bytes: 0, free_bytes: 0 };
     match device {
-        Device::Cpu => host_device(),
+        Device::Cpu | Device::CandleCpu => host_device(),
+        Device::Cuda(_) => unmeasured(DeviceKind::Cuda),
+        Device::Metal => unmeasured(DeviceKind::Metal),
     }
 }
 
