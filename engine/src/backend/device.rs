@@ -66,6 +66,20 @@ pub enum DeviceError {
     },
 }
 
+/// Why candle cannot compute on this CPU, if it cannot. candle-core's aarch64
+/// quantized kernels issue the Armv8.2 dot-product instruction (`sdot`)
+/// without asking the CPU first, so on an older core (a Cortex-A53, a
+/// Raspberry Pi 3) a stage would die of SIGILL at its first quantized matmul:
+/// refusing the device when it is opened turns that into a clear error.
+fn candle_cpu_support() -> Result<(), &'static str> {
+    #[cfg(target_arch = "aarch64")]
+    if !std::arch::is_aarch64_feature_detected!("dotprod") {
+        return Err("candle's quantized CPU kernels need the Armv8.2 dot-product instructions (dotprod), \
+                    which this CPU lacks; use `cpu` (the native kernels run on it)");
+    }
+    Ok(())
+}
+
 impl Device {
     /// Whether this device runs the candle backend.
     pub fn is_candle(self) -> bool {
@@ -85,7 +99,10 @@ impl Device {
             |e: candle_core::Error| DeviceError::Unavailable { device: self.to_string(), reason: e.to_string() };
         match self {
             Self::Cpu => Ok(None),
-            Self::CandleCpu => Ok(Some(candle_core::Device::Cpu)),
+            Self::CandleCpu => match candle_cpu_support() {
+                Ok(()) => Ok(Some(candle_core::Device::Cpu)),
+                Err(reason) => Err(DeviceError::Unavailable { device: self.to_string(), reason: reason.to_string() }),
+            },
             Self::Cuda(n) => candle_core::Device::new_cuda(n).map(Some).map_err(unavailable),
             Self::Metal => candle_core::Device::new_metal(0).map(Some).map_err(unavailable),
         }
@@ -144,7 +161,7 @@ impl std::str::FromStr for Device {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -184,6 +201,26 @@ mod tests {
     #[test]
     fn the_cpu_devices_open() {
         assert!(Device::Cpu.open_candle().expect("cpu").is_none());
-        assert!(matches!(Device::CandleCpu.open_candle(), Ok(Some(candle_core::Device::Cpu))));
+        if candle_cpu_opens() {
+            assert!(matches!(Device::CandleCpu.open_candle(), Ok(Some(candle_core::Device::Cpu))));
+        }
+    }
+
+    /// Whether `candle-cpu` opens on this CPU. Where it must not (an aarch64
+    /// core without dotprod: `scripts/test-neon` runs the tests on one and
+    /// sets `POTLUCK_EXPECT_DOTPROD=0`), the refusal is checked instead, so
+    /// the candle tests that call this test the refusal there, never skip.
+    pub(crate) fn candle_cpu_opens() -> bool {
+        let opened = Device::CandleCpu.open_candle();
+        let expected = std::env::var("POTLUCK_EXPECT_DOTPROD").ok().map(|v| v == "1");
+        match (&opened, cfg!(target_arch = "aarch64")) {
+            (Ok(_), aarch64) => assert!(!aarch64 || expected != Some(false), "candle-cpu opened without dotprod"),
+            (Err(e), true) => {
+                assert!(e.to_string().contains("dotprod"), "{e}");
+                assert_ne!(expected, Some(true), "candle-cpu refused on a CPU with dotprod: {e}");
+            }
+            (Err(e), false) => panic!("candle-cpu does not open: {e}"),
+        }
+        opened.is_ok()
     }
 }
