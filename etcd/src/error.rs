@@ -18,6 +18,14 @@ pub enum EtcdError {
         /// etcd's message.
         message: String,
     },
+    /// etcd could not be reached, or the connection broke.
+    #[error("etcd {rpc}: unreachable: {reason}")]
+    Unreachable {
+        /// The RPC.
+        rpc: &'static str,
+        /// The transport's account of it.
+        reason: String,
+    },
     /// No answer within the deadline.
     #[error("etcd {rpc}: no reply in {after:?}")]
     Timeout {
@@ -40,12 +48,28 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
-    pub(crate) fn rpc(rpc: &'static str, s: &tonic::Status) -> Self {
-        Self::Rpc { rpc, code: s.code(), message: s.message().to_string() }
+    /// `e`, a failure of `rpc` as etcd-client reports it, in our terms.
+    pub(crate) fn from_client(rpc: &'static str, e: etcd_client::Error) -> Self {
+        use etcd_client::Error as E;
+        match e {
+            E::GRpcStatus(s) => Self::Rpc { rpc, code: s.code(), message: s.message().to_string() },
+            E::InvalidArgs(m) | E::EndpointError(m) => Self::Config(format!("{rpc}: {m}")),
+            E::InvalidUri(u) => Self::Config(format!("{rpc}: endpoint URL: {u}")),
+            E::InvalidMetadataValue(v) => Self::Config(format!("{rpc}: etcd returned an unusable token: {v}")),
+            E::WatchError(m) | E::LeaseKeepAliveError(m) => Self::StreamEnded { rpc, reason: m },
+            other => Self::Unreachable { rpc, reason: other.to_string() },
+        }
     }
 
-    /// Whether etcd refused our auth token (expired or revoked), so re-authenticating may help.
-    pub(crate) fn is_token_error(s: &tonic::Status) -> bool {
-        s.code() == tonic::Code::Unauthenticated || s.message().contains("invalid auth token")
+    /// Whether etcd refused our auth token (expired, or lost when etcd restarted),
+    /// so authenticating again may help.
+    pub fn is_token_error(&self) -> bool {
+        match self {
+            Self::Rpc { code, message, .. } => {
+                *code == tonic::Code::Unauthenticated || message.contains("invalid auth token")
+            }
+            Self::StreamEnded { reason, .. } => reason.contains("invalid auth token") || reason.contains("permission denied"),
+            _ => false,
+        }
     }
 }
