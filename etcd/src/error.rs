@@ -73,3 +73,25 @@ impl EtcdError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::Error as E;
+
+    #[test]
+    fn client_errors_become_named_variants() {
+        let expired = EtcdError::from_client("KV.Put", E::GRpcStatus(tonic::Status::unauthenticated("invalid auth token")));
+        assert!(matches!(expired, EtcdError::Rpc { rpc: "KV.Put", code: tonic::Code::Unauthenticated, .. }));
+        assert!(expired.is_token_error());
+        let refused_watch = EtcdError::from_client("Watch", E::WatchError("etcdserver: permission denied".into()));
+        assert!(matches!(refused_watch, EtcdError::StreamEnded { rpc: "Watch", .. }));
+        assert!(refused_watch.is_token_error());
+        let down = EtcdError::from_client("KV.Range", E::GRpcStatus(tonic::Status::unavailable("connection refused")));
+        assert!(!down.is_token_error());
+        assert!(matches!(EtcdError::from_client("connect", E::InvalidArgs("empty endpoints".into())), EtcdError::Config(m) if m.contains("empty endpoints")));
+        let io = EtcdError::from_client("KV.Range", E::IoError(std::io::Error::other("reset")));
+        assert!(matches!(io, EtcdError::Unreachable { rpc: "KV.Range", .. }));
+        assert!(io.to_string().contains("KV.Range"), "{io}");
+    }
+}
