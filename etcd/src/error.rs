@@ -68,7 +68,9 @@ impl EtcdError {
             Self::Rpc { code, message, .. } => {
                 *code == tonic::Code::Unauthenticated || message.contains("invalid auth token")
             }
-            Self::StreamEnded { reason, .. } => reason.contains("invalid auth token") || reason.contains("permission denied"),
+            Self::StreamEnded { reason, .. } => {
+                reason.contains("invalid auth token") || reason.contains("permission denied")
+            }
             _ => false,
         }
     }
@@ -81,7 +83,8 @@ mod tests {
 
     #[test]
     fn client_errors_become_named_variants() {
-        let expired = EtcdError::from_client("KV.Put", E::GRpcStatus(tonic::Status::unauthenticated("invalid auth token")));
+        let expired =
+            EtcdError::from_client("KV.Put", E::GRpcStatus(tonic::Status::unauthenticated("invalid auth token")));
         assert!(matches!(expired, EtcdError::Rpc { rpc: "KV.Put", code: tonic::Code::Unauthenticated, .. }));
         assert!(expired.is_token_error());
         let refused_watch = EtcdError::from_client("Watch", E::WatchError("etcdserver: permission denied".into()));
@@ -89,7 +92,9 @@ mod tests {
         assert!(refused_watch.is_token_error());
         let down = EtcdError::from_client("KV.Range", E::GRpcStatus(tonic::Status::unavailable("connection refused")));
         assert!(!down.is_token_error());
-        assert!(matches!(EtcdError::from_client("connect", E::InvalidArgs("empty endpoints".into())), EtcdError::Config(m) if m.contains("empty endpoints")));
+        assert!(
+            matches!(EtcdError::from_client("connect", E::InvalidArgs("empty endpoints".into())), EtcdError::Config(m) if m.contains("empty endpoints"))
+        );
         let io = EtcdError::from_client("KV.Range", E::IoError(std::io::Error::other("reset")));
         assert!(matches!(io, EtcdError::Unreachable { rpc: "KV.Range", .. }));
         assert!(io.to_string().contains("KV.Range"), "{io}");

@@ -53,24 +53,24 @@ impl Cluster {
     fn coordinator_with(&self, id: &str, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let etcd = self.etcd.endpoint();
         let mut args = vec![
-                "coordinator",
-                "--model",
-                &self.model,
-                "--grpc",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--etcd",
-                &etcd,
-                "--cluster",
-                &self.name,
-                "--id",
-                id,
-                "--hold-down-ms",
-                HOLD_DOWN_MS,
-                "--leader-ttl",
-                TTL,
-            ];
+            "coordinator",
+            "--model",
+            &self.model,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd,
+            "--cluster",
+            &self.name,
+            "--id",
+            id,
+            "--hold-down-ms",
+            HOLD_DOWN_MS,
+            "--leader-ttl",
+            TTL,
+        ];
         args.extend_from_slice(extra);
         let p = Proc::start(id, self.logs.path(), &args)?;
         let line = p.wait_for_line("HTTP http://", Duration::from_secs(60))?;
@@ -425,17 +425,19 @@ struct StreamEnd {
 }
 
 /// Streams `requests` at once; `during` runs once `at_tokens` tokens have arrived in all.
+/// Returns how each stream ended, and how many were still open when `during` returned.
 fn stream_all(
     http: &str,
     requests: &[Value],
     at_tokens: usize,
     during: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<StreamEnd>> {
+) -> anyhow::Result<(Vec<StreamEnd>, usize)> {
     let tokens = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = requests
         .iter()
         .map(|body| {
-            let (http, body, tokens) = (http.to_string(), body.clone(), Arc::clone(&tokens));
+            let (http, body, tokens, ended) = (http.to_string(), body.clone(), Arc::clone(&tokens), Arc::clone(&ended));
             std::thread::spawn(move || -> anyhow::Result<StreamEnd> {
                 let mut sse = potluck_tests::SseStream::open(&http, "/v1/completions", &body)?;
                 ensure!(sse.status == 200, "stream status {}", sse.status);
@@ -453,14 +455,21 @@ fn stream_all(
                     end.finish = v["choices"][0]["finish_reason"].as_str().map(String::from).or(end.finish);
                     tokens.fetch_add(1, Ordering::Relaxed);
                 }
+                ended.fetch_add(1, Ordering::Relaxed);
                 Ok(end)
             })
         })
         .collect();
     potluck_tests::wait_for(PATIENCE, || (tokens.load(Ordering::Relaxed) >= at_tokens).then_some(()))?;
     during()?;
-    readers.into_iter().map(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?).collect()
+    let open = requests.len() - ended.load(Ordering::Relaxed);
+    let ends: anyhow::Result<Vec<StreamEnd>> =
+        readers.into_iter().map(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?).collect();
+    Ok((ends?, open))
 }
+
+/// Tokens per stream in the etcd restart test: enough to outlast the restart.
+const TOKENS: usize = 300;
 
 /// etcd restarts (same data, same ports), down for longer than every lease's
 /// TTL, while completions stream through a cluster on etcd membership: every
@@ -476,22 +485,32 @@ fn etcd_restart_during_streams_loses_nothing() -> anyhow::Result<()> {
     let requests: Vec<Value> = (0..6)
         .map(|i| {
             let temperature = if i < 3 { 0.0 } else { 0.8 };
-            json!({"prompt": prompts[i % 2], "max_tokens": 120, "temperature": temperature, "seed": i, "stream": true})
+            json!({"prompt": prompts[i % 2], "max_tokens": TOKENS, "temperature": temperature, "seed": i, "stream": true})
         })
         .collect();
-    let reference = stream_all(&http, &requests, 0, || Ok(()))?;
+    let (reference, _) = stream_all(&http, &requests, 0, || Ok(()))?;
     for (i, r) in reference.iter().enumerate() {
         ensure!(r.error.is_none() && r.finish.is_some(), "undisturbed stream {i}: {r:?}");
     }
 
     let registrations = |w: &Proc| w.log().matches("registered in etcd").count();
     let before = (registrations(&w1), registrations(&w2));
+    let stood_down = |p: &Proc| p.log().matches("standing down").count();
+    let stood_down_before = stood_down(&coordinator);
     let mut restarted_at = Instant::now();
-    let disturbed = stream_all(&http, &requests, requests.len() * 120 / 3, || {
+    let (disturbed, open) = stream_all(&http, &requests, requests.len() * TOKENS / 5, || {
         restarted_at = Instant::now();
         c.etcd.restart(Duration::from_secs(4))
     })?;
-    eprintln!("figure: streams ended {:?} after etcd went down (down 4 s)", restarted_at.elapsed());
+    eprintln!(
+        "figure: streams ended {:?} after etcd went down (down 4 s); {open} of {} still open when etcd was back; \
+         the coordinator stood down {} time(s)",
+        restarted_at.elapsed(),
+        requests.len(),
+        stood_down(&coordinator) - stood_down_before
+    );
+    // Otherwise every stream ended before etcd was back, and the test shows nothing.
+    ensure!(open > 0, "every stream ended before etcd came back: lengthen them");
     for (i, (got, want)) in disturbed.iter().zip(&reference).enumerate() {
         ensure!(got.error.is_none(), "stream {i} failed across the etcd restart: {:?}", got.error);
         ensure!(got.finish.is_some(), "stream {i} has no finish_reason");
