@@ -49,28 +49,17 @@ impl Cluster {
         self.coordinator_with(id, &[])
     }
 
+    /// The flags that put a process on this cluster's etcd as `id`.
+    fn etcd_flags<'a>(&'a self, etcd: &'a str, id: &'a str) -> [&'a str; 6] {
+        ["--etcd", etcd, "--cluster", &self.name, "--id", id]
+    }
+
     /// [`Cluster::coordinator`] with `extra` flags.
     fn coordinator_with(&self, id: &str, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let etcd = self.etcd.endpoint();
-        let mut args = vec![
-            "coordinator",
-            "--model",
-            &self.model,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--etcd",
-            &etcd,
-            "--cluster",
-            &self.name,
-            "--id",
-            id,
-            "--hold-down-ms",
-            HOLD_DOWN_MS,
-            "--leader-ttl",
-            TTL,
-        ];
+        let mut args = vec!["coordinator", "--model", &self.model, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        args.extend(self.etcd_flags(&etcd, id));
+        args.extend(["--hold-down-ms", HOLD_DOWN_MS, "--leader-ttl", TTL]);
         args.extend_from_slice(extra);
         let p = Proc::start(id, self.logs.path(), &args)?;
         let line = p.wait_for_line("HTTP http://", Duration::from_secs(60))?;
@@ -81,27 +70,10 @@ impl Cluster {
     fn worker(&self, id: &str) -> anyhow::Result<Proc> {
         let etcd = self.etcd.endpoint();
         let cache = self.cache.path().to_str().context("cache path")?.to_string();
-        Proc::start(
-            id,
-            self.logs.path(),
-            &[
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--etcd",
-                &etcd,
-                "--cluster",
-                &self.name,
-                "--id",
-                id,
-                "--threads",
-                "1",
-                "--lease-ttl",
-                TTL,
-                "--cache-dir",
-                &cache,
-            ],
-        )
+        let mut args = vec!["worker", "--listen", "127.0.0.1:0"];
+        args.extend(self.etcd_flags(&etcd, id));
+        args.extend(["--threads", "1", "--lease-ttl", TTL, "--cache-dir", &cache]);
+        Proc::start(id, self.logs.path(), &args)
     }
 }
 
