@@ -230,3 +230,18 @@ fn a_client_outlives_its_auth_token() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Unusable etcd settings end `potluck status` with an error naming them, not a panic.
+#[test]
+fn bad_etcd_urls_and_files_are_named() -> anyhow::Result<()> {
+    for (etcd, extra, needle) in [
+        ("http://bad host:2379", &[][..], "bad host:2379"),
+        ("127.0.0.1:1", &["--etcd-ca", "/nonexistent/ca.pem"][..], "/nonexistent/ca.pem"),
+        ("http://127.0.0.1:1", &["--etcd-ca", "/nonexistent/ca.pem"][..], "https://"),
+    ] {
+        let run = status(etcd, extra)?;
+        ensure!(!run.success, "{etcd} {extra:?} was accepted: {}", run.stdout);
+        ensure!(run.stderr.contains(needle) && !run.stderr.contains("panicked"), "{etcd} {extra:?}: {}", run.stderr);
+    }
+    Ok(())
+}
