@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+use tonic::transport::Endpoint;
 
 use crate::error::EtcdError;
 
@@ -12,6 +13,11 @@ use crate::error::EtcdError;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of one connection attempt.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on the etcd connection: a dead etcd (or path) is noticed in
+/// seconds, so streams are reopened promptly when it returns.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// TLS settings for etcd's client port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,29 +62,33 @@ impl EtcdConfig {
         self.endpoints.iter().map(|e| if e.contains("://") { e.clone() } else { format!("{scheme}://{e}") }).collect()
     }
 
-    pub(crate) fn endpoints(&self) -> Result<Vec<Endpoint>, EtcdError> {
+    /// The endpoint URLs, each checked, and etcd-client's options (TLS files
+    /// read now, so a missing one is named before any connection is tried).
+    pub(crate) fn connect_options(&self) -> Result<(Vec<String>, ConnectOptions), EtcdError> {
         if self.endpoints.is_empty() {
             return Err(EtcdError::Config("no etcd endpoints given".into()));
         }
-        let tls = self.tls.as_ref().map(tls_config).transpose()?;
-        self.urls()
-            .into_iter()
-            .map(|url| {
-                let mut e = Endpoint::from_shared(url.clone())
-                    .map_err(|err| EtcdError::Config(format!("endpoint `{url}`: {err}")))?
-                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(3))
-                    .keep_alive_while_idle(true);
-                if let Some(tls) = &tls {
-                    e = e
-                        .tls_config(tls.clone())
-                        .map_err(|err| EtcdError::Config(format!("TLS for `{url}`: {err}")))?;
-                }
-                Ok(e)
-            })
-            .collect()
+        let urls = self.urls();
+        for url in &urls {
+            Endpoint::from_shared(url.clone()).map_err(|err| EtcdError::Config(format!("endpoint `{url}`: {err}")))?;
+            if self.tls.is_some() && url.starts_with("http://") {
+                return Err(EtcdError::Config(format!("endpoint `{url}`: TLS needs an https:// URL")));
+            }
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(true)
+            // An expired token (or one etcd forgot when it restarted) is renewed
+            // with the credentials and the call retried, instead of failing.
+            .with_auto_token_refresh(true);
+        if let Some((user, password)) = &self.credentials {
+            options = options.with_user(user, password);
+        }
+        if let Some(t) = &self.tls {
+            options = options.with_tls(tls_config(t)?);
+        }
+        Ok((urls, options))
     }
 }
 
@@ -86,8 +96,8 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, EtcdError> {
     std::fs::read(path).map_err(|e| EtcdError::Config(format!("{what} {}: {e}", path.display())))
 }
 
-fn tls_config(t: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
-    let mut c = ClientTlsConfig::new();
+fn tls_config(t: &EtcdTls) -> Result<TlsOptions, EtcdError> {
+    let mut c = TlsOptions::new();
     if let Some(ca) = &t.ca {
         c = c.ca_certificate(Certificate::from_pem(read(ca, "CA file")?));
     }
@@ -118,11 +128,20 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        assert!(matches!(EtcdConfig::new("").endpoints(), Err(EtcdError::Config(m)) if m.contains("no etcd")));
+        let err = |c: &EtcdConfig| match c.connect_options() {
+            Err(EtcdError::Config(m)) => m,
+            other => panic!("expected a configuration error, got {:?}", other.map(|(urls, _)| urls)),
+        };
+        assert!(err(&EtcdConfig::new("")).contains("no etcd"));
+        assert!(err(&EtcdConfig::new("http://bad host:1")).contains("bad host"));
         let mut c = EtcdConfig::new("127.0.0.1:1");
         c.tls = Some(EtcdTls { cert: Some("/nonexistent.pem".into()), ..EtcdTls::default() });
-        assert!(matches!(c.endpoints(), Err(EtcdError::Config(m)) if m.contains("needs its key")));
+        assert!(err(&c).contains("needs its key"));
         c.tls = Some(EtcdTls { ca: Some("/nonexistent.pem".into()), ..EtcdTls::default() });
-        assert!(matches!(c.endpoints(), Err(EtcdError::Config(m)) if m.contains("/nonexistent.pem")));
+        assert!(err(&c).contains("/nonexistent.pem"));
+        let mut plain = EtcdConfig::new("http://127.0.0.1:1");
+        plain.tls = Some(EtcdTls::default());
+        assert!(err(&plain).contains("https://"));
+        assert!(EtcdConfig::new("127.0.0.1:1").connect_options().is_ok());
     }
 }

@@ -2,82 +2,75 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-
 use crate::client::EtcdClient;
 use crate::error::EtcdError;
-use crate::pb;
 
 impl EtcdClient {
     /// Grants a lease of `ttl` (etcd may raise very short TTLs to its minimum);
     /// returns its id and granted TTL.
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let req = pb::LeaseGrantRequest { ttl: secs, id: 0 };
-        let reply =
-            self.unary("Lease.Grant", req, |ch, r| async move {
-                pb::lease_client::LeaseClient::new(ch).lease_grant(r).await
-            })
-            .await?;
-        if !reply.error.is_empty() {
-            return Err(EtcdError::Rpc { rpc: "Lease.Grant", code: tonic::Code::Unknown, message: reply.error });
+        let mut lease = self.inner.lease_client();
+        let reply = self.call("Lease.Grant", lease.grant(secs, None)).await?;
+        if !reply.error().is_empty() {
+            return Err(EtcdError::Rpc {
+                rpc: "Lease.Grant",
+                code: tonic::Code::Unknown,
+                message: reply.error().to_string(),
+            });
         }
-        Ok((reply.id, Duration::from_secs(u64::try_from(reply.ttl).unwrap_or(1))))
+        Ok((reply.id(), ttl_of(reply.ttl())))
     }
 
     /// Revokes a lease: every key attached to it goes at once.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        let req = pb::LeaseRevokeRequest { id: lease };
-        self.unary(
-            "Lease.Revoke",
-            req,
-            |ch, r| async move { pb::lease_client::LeaseClient::new(ch).lease_revoke(r).await },
-        )
-        .await?;
-        Ok(())
+        let mut client = self.inner.lease_client();
+        self.call("Lease.Revoke", client.revoke(lease)).await.map(drop)
     }
 
     /// Seconds left on a lease (`None` once it is gone).
     pub async fn time_to_live(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
-        let req = pb::LeaseTimeToLiveRequest { id: lease, keys: false };
-        let reply = self
-            .unary("Lease.TimeToLive", req, |ch, r| async move {
-                pb::lease_client::LeaseClient::new(ch).lease_time_to_live(r).await
-            })
-            .await?;
-        Ok((reply.ttl > 0).then_some(reply.ttl))
+        let mut client = self.inner.lease_client();
+        let reply = self.call("Lease.TimeToLive", client.time_to_live(lease, None)).await?;
+        Ok((reply.ttl() > 0).then_some(reply.ttl()))
     }
 
-    /// Opens a keep-alive stream for `lease`, refreshing it once on the way
-    /// (etcd sends the stream's headers only with its first reply, so the first
-    /// request must be on its way before the call can complete).
+    /// Opens a keep-alive stream for `lease`, refreshing it once on the way.
+    /// A refused auth token is renewed and the stream opened once more.
     pub async fn keep_alive(&self, lease: i64) -> Result<KeepAlive, EtcdError> {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(pb::LeaseKeepAliveRequest { id: lease })
-            .await
-            .map_err(|_| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason: "closed".into() })?;
-        let mut client = pb::lease_client::LeaseClient::new(self.channel.clone());
-        let opened =
-            tokio::time::timeout(self.call_timeout(), client.lease_keep_alive(self.request(ReceiverStream::new(rx))))
-                .await;
-        let replies = match opened {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Err(EtcdError::rpc("Lease.KeepAlive", &s)),
-            Err(_) => return Err(EtcdError::Timeout { rpc: "Lease.KeepAlive", after: self.call_timeout() }),
-        };
-        let mut keep = KeepAlive { lease, tx, replies, timeout: self.call_timeout() };
-        keep.receive().await?;
-        Ok(keep)
+        match self.open_keep_alive(lease).await {
+            Err(e) if e.is_token_error() => {
+                self.refresh_token().await?;
+                self.open_keep_alive(lease).await
+            }
+            other => other,
+        }
     }
+
+    async fn open_keep_alive(&self, lease: i64) -> Result<KeepAlive, EtcdError> {
+        let mut client = self.inner.lease_client();
+        match self.call("Lease.KeepAlive", client.keep_alive(lease)).await {
+            Ok((sender, replies)) => Ok(KeepAlive { lease, sender, replies, timeout: self.call_timeout() }),
+            // etcd-client's words for a first reply with TTL 0.
+            Err(EtcdError::StreamEnded { reason, .. }) if reason.contains("lease not found") => {
+                Err(EtcdError::LeaseLost(lease))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A TTL in etcd's seconds as a duration (never below one second).
+fn ttl_of(secs: i64) -> Duration {
+    Duration::from_secs(u64::try_from(secs).unwrap_or(1).max(1))
 }
 
 /// An open keep-alive stream for one lease.
 #[derive(Debug)]
 pub struct KeepAlive {
     lease: i64,
-    tx: mpsc::Sender<pb::LeaseKeepAliveRequest>,
-    replies: tonic::Streaming<pb::LeaseKeepAliveResponse>,
+    sender: etcd_client::LeaseKeeper,
+    replies: etcd_client::LeaseKeepAliveStream,
     timeout: Duration,
 }
 
@@ -85,25 +78,18 @@ impl KeepAlive {
     /// Refreshes the lease once; returns the TTL it now has. A lease etcd no
     /// longer knows (TTL 0) is [`EtcdError::LeaseLost`].
     pub async fn refresh(&mut self) -> Result<Duration, EtcdError> {
-        self.tx
-            .send(pb::LeaseKeepAliveRequest { id: self.lease })
-            .await
-            .map_err(|_| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason: "closed".into() })?;
-        self.receive().await
-    }
-
-    async fn receive(&mut self) -> Result<Duration, EtcdError> {
-        let ended = |reason: String| EtcdError::StreamEnded { rpc: "Lease.KeepAlive", reason };
+        let rpc = "Lease.KeepAlive";
+        self.sender.keep_alive().await.map_err(|e| EtcdError::from_client(rpc, e))?;
         let reply = match tokio::time::timeout(self.timeout, self.replies.message()).await {
             Ok(Ok(Some(r))) => r,
-            Ok(Ok(None)) => return Err(ended("etcd closed it".into())),
-            Ok(Err(s)) => return Err(EtcdError::rpc("Lease.KeepAlive", &s)),
-            Err(_) => return Err(EtcdError::Timeout { rpc: "Lease.KeepAlive", after: self.timeout }),
+            Ok(Ok(None)) => return Err(EtcdError::StreamEnded { rpc, reason: "etcd closed it".into() }),
+            Ok(Err(e)) => return Err(EtcdError::from_client(rpc, e)),
+            Err(_) => return Err(EtcdError::Timeout { rpc, after: self.timeout }),
         };
-        if reply.ttl <= 0 {
+        if reply.ttl() <= 0 {
             return Err(EtcdError::LeaseLost(self.lease));
         }
-        Ok(Duration::from_secs(u64::try_from(reply.ttl).unwrap_or(1)))
+        Ok(ttl_of(reply.ttl()))
     }
 }
 

@@ -1,14 +1,13 @@
-//! A small etcd v3 client: just what Potluck's membership, election and plan
-//! store need (KV with transactions, leases with keep-alive, prefix watches,
-//! user/password auth, TLS).
+//! Potluck's etcd layer, over the `etcd-client` crate: the key layout under
+//! `/potluck/<cluster>/` and the JSON records there, leases kept alive across
+//! etcd restarts ([`LeaseKeeper`]), prefix watches, and the transactions that
+//! elections and fencing use (they compare create revisions).
 //!
-//! Why our own: the `etcd-client` crate compiles etcd's protos with
-//! `prost-build` in its build script, which needs a system `protoc`; Potluck
-//! builds everywhere without one. The subset here is compiled by protox.
-//!
-//! Every unary RPC goes through one helper ([`EtcdClient`]'s `unary`) that
-//! sets the deadline, attaches the auth token, re-authenticates once on an
-//! expired token, and turns statuses into [`EtcdError`].
+//! etcd-client does the wire work (etcd's protos, TLS, user/password auth with
+//! the token renewed when etcd refuses it). Every call here goes through one
+//! helper ([`EtcdClient`]'s `call`) that sets the deadline and turns
+//! etcd-client's errors into [`EtcdError`], so etcd's wire types never reach
+//! the public API.
 
 mod client;
 mod config;
@@ -18,14 +17,7 @@ mod lease;
 mod records;
 mod watch;
 
-/// Generated etcd v3 messages and client stubs (package `etcdserverpb`);
-/// private, so etcd's wire types never reach our public API.
-#[allow(missing_docs, dead_code, unreachable_pub, clippy::all, clippy::pedantic)]
-mod pb {
-    tonic::include_proto!("etcdserverpb");
-}
-
-pub use client::{prefix_end, EtcdClient, KeyValue};
+pub use client::{EtcdClient, KeyValue};
 pub use config::{EtcdConfig, EtcdTls, DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT};
 pub use device::{DeviceInfo, DeviceKind, UnknownDeviceKind};
 pub use error::EtcdError;

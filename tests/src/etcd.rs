@@ -17,6 +17,8 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     tls: Option<ServerTls>,
+    /// Flags added to every start (e.g. a short `--auth-token-ttl`).
+    extra: Vec<String>,
 }
 
 /// PEM files for an etcd that serves TLS and requires client certificates.
@@ -43,25 +45,23 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Etcd {
     /// Starts etcd and waits until it reports healthy.
     pub fn start() -> anyhow::Result<Self> {
-        let mut e = Self {
-            child: None,
-            dir: tempfile::tempdir()?,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            tls: None,
-        };
-        e.spawn()?;
-        Ok(e)
+        Self::start_with(None, &[])
     }
 
     /// Starts etcd serving TLS on its client port, requiring client certificates signed by `tls.ca`.
     pub fn start_tls(tls: ServerTls) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls), &[])
+    }
+
+    /// Starts etcd with TLS if given and `extra` flags on every start (and restart).
+    pub fn start_with(tls: Option<ServerTls>, extra: &[&str]) -> anyhow::Result<Self> {
         let mut e = Self {
             child: None,
             dir: tempfile::tempdir()?,
             client_port: free_port()?,
             peer_port: free_port()?,
-            tls: Some(tls),
+            tls,
+            extra: extra.iter().map(|a| (*a).to_string()).collect(),
         };
         e.spawn()?;
         Ok(e)
@@ -95,6 +95,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("potluck-test={peer}")])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

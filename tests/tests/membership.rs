@@ -46,30 +46,22 @@ impl Cluster {
 
     /// Starts a coordinator and returns it with its HTTP `host:port`.
     fn coordinator(&self, id: &str) -> anyhow::Result<(Proc, String)> {
+        self.coordinator_with(id, &[])
+    }
+
+    /// The flags that put a process on this cluster's etcd as `id`.
+    fn etcd_flags<'a>(&'a self, etcd: &'a str, id: &'a str) -> [&'a str; 6] {
+        ["--etcd", etcd, "--cluster", &self.name, "--id", id]
+    }
+
+    /// [`Cluster::coordinator`] with `extra` flags.
+    fn coordinator_with(&self, id: &str, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let etcd = self.etcd.endpoint();
-        let p = Proc::start(
-            id,
-            self.logs.path(),
-            &[
-                "coordinator",
-                "--model",
-                &self.model,
-                "--grpc",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--etcd",
-                &etcd,
-                "--cluster",
-                &self.name,
-                "--id",
-                id,
-                "--hold-down-ms",
-                HOLD_DOWN_MS,
-                "--leader-ttl",
-                TTL,
-            ],
-        )?;
+        let mut args = vec!["coordinator", "--model", &self.model, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        args.extend(self.etcd_flags(&etcd, id));
+        args.extend(["--hold-down-ms", HOLD_DOWN_MS, "--leader-ttl", TTL]);
+        args.extend_from_slice(extra);
+        let p = Proc::start(id, self.logs.path(), &args)?;
         let line = p.wait_for_line("HTTP http://", Duration::from_secs(60))?;
         let http = line.rsplit("http://").next().context("HTTP address")?.trim().to_string();
         Ok((p, http))
@@ -78,27 +70,10 @@ impl Cluster {
     fn worker(&self, id: &str) -> anyhow::Result<Proc> {
         let etcd = self.etcd.endpoint();
         let cache = self.cache.path().to_str().context("cache path")?.to_string();
-        Proc::start(
-            id,
-            self.logs.path(),
-            &[
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--etcd",
-                &etcd,
-                "--cluster",
-                &self.name,
-                "--id",
-                id,
-                "--threads",
-                "1",
-                "--lease-ttl",
-                TTL,
-                "--cache-dir",
-                &cache,
-            ],
-        )
+        let mut args = vec!["worker", "--listen", "127.0.0.1:0"];
+        args.extend(self.etcd_flags(&etcd, id));
+        args.extend(["--threads", "1", "--lease-ttl", TTL, "--cache-dir", &cache]);
+        Proc::start(id, self.logs.path(), &args)
     }
 }
 
@@ -410,5 +385,122 @@ fn standby_takes_over_and_etcd_restarts() -> anyhow::Result<()> {
     ensure!(b.running(), "coordinator b exited: {}", b.log());
     ok_completion(&http_b)?;
     eprintln!("figure: standby_takes_over_and_etcd_restarts wall time {:?}", started.elapsed());
+    Ok(())
+}
+
+/// One stream's end: its text, its `finish_reason`, or the error event that ended it.
+#[derive(Debug, Default)]
+struct StreamEnd {
+    text: String,
+    finish: Option<String>,
+    error: Option<String>,
+}
+
+/// Streams `requests` at once; `during` runs once `at_tokens` tokens have arrived in all.
+/// Returns how each stream ended, and how many were still open when `during` returned.
+fn stream_all(
+    http: &str,
+    requests: &[Value],
+    at_tokens: usize,
+    during: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<StreamEnd>, usize)> {
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = requests
+        .iter()
+        .map(|body| {
+            let (http, body, tokens, ended) = (http.to_string(), body.clone(), Arc::clone(&tokens), Arc::clone(&ended));
+            std::thread::spawn(move || -> anyhow::Result<StreamEnd> {
+                let mut sse = potluck_tests::SseStream::open(&http, "/v1/completions", &body)?;
+                ensure!(sse.status == 200, "stream status {}", sse.status);
+                let mut end = StreamEnd::default();
+                while let Some(data) = sse.next_data()? {
+                    if data == "[DONE]" {
+                        break;
+                    }
+                    let v: Value = serde_json::from_str(&data)?;
+                    if let Some(e) = v.get("error") {
+                        end.error = Some(e.to_string());
+                        break;
+                    }
+                    end.text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+                    end.finish = v["choices"][0]["finish_reason"].as_str().map(String::from).or(end.finish);
+                    tokens.fetch_add(1, Ordering::Relaxed);
+                }
+                ended.fetch_add(1, Ordering::Relaxed);
+                Ok(end)
+            })
+        })
+        .collect();
+    potluck_tests::wait_for(PATIENCE, || (tokens.load(Ordering::Relaxed) >= at_tokens).then_some(()))?;
+    during()?;
+    let open = requests.len() - ended.load(Ordering::Relaxed);
+    let ends: anyhow::Result<Vec<StreamEnd>> =
+        readers.into_iter().map(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?).collect();
+    Ok((ends?, open))
+}
+
+/// Tokens per stream in the etcd restart test: enough to outlast the restart.
+const TOKENS: usize = 300;
+
+/// etcd restarts (same data, same ports), down for longer than every lease's
+/// TTL, while completions stream through a cluster on etcd membership: every
+/// stream ends as usual with the text the undisturbed cluster gave, the
+/// workers register again with new leases, and the coordinator leads again.
+#[test]
+fn etcd_restart_during_streams_loses_nothing() -> anyhow::Result<()> {
+    let mut c = Cluster::new("restart")?;
+    let (mut coordinator, http) = c.coordinator_with("coord-a", &["--wire-dtype", "f32", "--min-workers", "2"])?;
+    let (mut w1, mut w2) = (c.worker("w1")?, c.worker("w2")?);
+    wait_cluster(&http, "first plan", |v| ready(v) && stages(v) == 2)?;
+    let prompts = ["Once upon a time, in a small village by the sea,", "Here is a recipe for a simple tomato soup:"];
+    let requests: Vec<Value> = (0..6)
+        .map(|i| {
+            let temperature = if i < 3 { 0.0 } else { 0.8 };
+            json!({"prompt": prompts[i % 2], "max_tokens": TOKENS, "temperature": temperature, "seed": i, "stream": true})
+        })
+        .collect();
+    let (reference, _) = stream_all(&http, &requests, 0, || Ok(()))?;
+    for (i, r) in reference.iter().enumerate() {
+        ensure!(r.error.is_none() && r.finish.is_some(), "undisturbed stream {i}: {r:?}");
+    }
+
+    let registrations = |w: &Proc| w.log().matches("registered in etcd").count();
+    let before = (registrations(&w1), registrations(&w2));
+    let stood_down = |p: &Proc| p.log().matches("standing down").count();
+    let stood_down_before = stood_down(&coordinator);
+    let mut restarted_at = Instant::now();
+    let (disturbed, open) = stream_all(&http, &requests, requests.len() * TOKENS / 5, || {
+        restarted_at = Instant::now();
+        c.etcd.restart(Duration::from_secs(4))
+    })?;
+    eprintln!(
+        "figure: streams ended {:?} after etcd went down (down 4 s); {open} of {} still open when etcd was back; \
+         the coordinator stood down {} time(s)",
+        restarted_at.elapsed(),
+        requests.len(),
+        stood_down(&coordinator) - stood_down_before
+    );
+    // Otherwise every stream ended before etcd was back, and the test shows nothing.
+    ensure!(open > 0, "every stream ended before etcd came back: lengthen them");
+    for (i, (got, want)) in disturbed.iter().zip(&reference).enumerate() {
+        ensure!(got.error.is_none(), "stream {i} failed across the etcd restart: {:?}", got.error);
+        ensure!(got.finish.is_some(), "stream {i} has no finish_reason");
+        ensure!(got.text == want.text, "stream {i} differs from the undisturbed run:\n{:?}\n{:?}", got.text, want.text);
+    }
+
+    // The leases lapsed while etcd was down: each worker registers again, and
+    // the coordinator leads and serves again with both workers.
+    let deadline = Instant::now() + PATIENCE;
+    while registrations(&w1) <= before.0 || registrations(&w2) <= before.1 {
+        ensure!(Instant::now() < deadline, "the workers did not register again: {}\n{}", w1.log(), w2.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (after, _) = wait_cluster(&http, "both workers back", |v| {
+        ready(v) && v["leader"] == "coord-a" && v["workers"].as_array().map_or(0, Vec::len) == 2
+    })?;
+    ensure!(stages(&after) == 2, "{after}");
+    ok_completion(&http)?;
+    ensure!(coordinator.running() && w1.running() && w2.running(), "a process exited: {}", coordinator.log());
     Ok(())
 }
