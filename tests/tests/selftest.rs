@@ -8,7 +8,7 @@ use potluck_tests::{potluck, require_real_model, workspace_root};
 use serde_json::Value;
 
 #[test]
-fn selftest_on_candle_cpu_reports_close_agreement_in_json_and_as_a_table() -> anyhow::Result<()> {
+fn selftest_on_candle_cpu_reports_close_agreement() -> anyhow::Result<()> {
     let model = require_real_model()?;
     let text = workspace_root().join("testdata/apache-2.0.txt");
     let (m, t) = (model.to_str().context("model path")?, text.to_str().context("text path")?);
