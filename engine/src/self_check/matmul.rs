@@ -4,7 +4,7 @@
 //! above).
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul};
-use candle_core::{Module, Tensor};
+use candle_core::{Device as CDevice, Module, Tensor};
 use serde::Serialize;
 
 use super::Agreement;
@@ -47,10 +47,19 @@ fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
     (0..len).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect()
 }
 
+/// candle's handle on `device`, opened once for every check (a CUDA
+/// context is costly to make); native has none to compare.
+fn open(device: Device) -> Result<CDevice> {
+    device.open_candle()?.ok_or(EngineError::NotACandleDevice { device: device.to_string() })
+}
+
 /// Multiplies a random `ROWS × COLS` matrix of `dtype` by `batch` random
 /// rows on `device` and natively, and compares.
 pub fn check(dtype: GgmlType, batch: usize, device: Device, pool: &ComputePool) -> Result<MatmulCheck> {
-    let cdev = device.open_candle()?.ok_or(EngineError::NotACandleDevice { device: device.to_string() })?;
+    check_on(dtype, batch, device, &open(device)?, pool)
+}
+
+fn check_on(dtype: GgmlType, batch: usize, device: Device, cdev: &CDevice, pool: &ComputePool) -> Result<MatmulCheck> {
     let fail =
         |op| move |e: candle_core::Error| EngineError::Candle { device: device.to_string(), op, source: Box::new(e) };
     let unsupported = || EngineError::UnsupportedDtype { name: "self-check matrix".into(), dtype: dtype.name().into() };
@@ -64,9 +73,9 @@ pub fn check(dtype: GgmlType, batch: usize, device: Device, pool: &ComputePool) 
     let mut reference = vec![0.0f32; batch * ROWS];
     native.matmul(&Activations::new(&x, batch, COLS), &mut reference, pool);
 
-    let q = qtensor_from_ggml(cdtype, &bytes, vec![ROWS, COLS], &cdev).map_err(fail("load the test matrix"))?;
+    let q = qtensor_from_ggml(cdtype, &bytes, vec![ROWS, COLS], cdev).map_err(fail("load the test matrix"))?;
     let mm = QMatMul::from_qtensor(q).map_err(fail("load the test matrix"))?;
-    let got: Vec<f32> = Tensor::from_slice(&x, (batch, COLS), &cdev)
+    let got: Vec<f32> = Tensor::from_slice(&x, (batch, COLS), cdev)
         .and_then(|x| mm.forward(&x))
         .and_then(|y| y.flatten_all())
         .and_then(|y| y.to_vec1())
@@ -76,7 +85,12 @@ pub fn check(dtype: GgmlType, batch: usize, device: Device, pool: &ComputePool) 
 
 /// Every type of [`TYPES`] at every size of [`BATCHES`].
 pub fn check_all(device: Device, pool: &ComputePool) -> Result<Vec<MatmulCheck>> {
-    TYPES.iter().flat_map(|&t| BATCHES.iter().map(move |&b| check(t, b, device, pool))).collect()
+    let cdev = open(device)?;
+    TYPES
+        .iter()
+        .flat_map(|&t| BATCHES.iter().map(move |&b| (t, b)))
+        .map(|(t, b)| check_on(t, b, device, &cdev, pool))
+        .collect()
 }
 
 #[cfg(test)]
