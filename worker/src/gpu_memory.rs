@@ -143,7 +143,7 @@ pub fn pick_gpu(gpus: &[GpuMemory], ordinal: usize, visible: Option<&str>) -> Re
         count: listed.len(),
         visible: visible.map_or_else(String::new, |v| format!(" visible (CUDA_VISIBLE_DEVICES={v:?})")),
     })?;
-    gpus.iter().find(|g| g.index == *index).cloned().ok_or(GpuMemoryError::NoSuchGpu {
+    gpus.iter().find(|g| g.index == *index).cloned().ok_or_else(|| GpuMemoryError::NoSuchGpu {
         ordinal,
         count: listed.len(),
         visible: String::new(),
