@@ -61,7 +61,9 @@ mod tests {
     #[test]
     fn agreement_measures_direction_and_distance() {
         let a = [1.0, 2.0, 3.0, -4.0];
-        assert_eq!(Agreement::of(&a, &a, 2), Agreement { min_cosine: 1.0, max_abs: 0.0, max_rel: 0.0 });
+        let same = Agreement::of(&a, &a, 2);
+        assert!((same.min_cosine - 1.0).abs() < 1e-12, "{same:?}");
+        assert_eq!((same.max_abs, same.max_rel), (0.0, 0.0));
         let b = [1.0, 2.0, 3.0, -3.0];
         let g = Agreement::of(&a, &b, 2);
         assert!(g.min_cosine < 1.0 && g.min_cosine > 0.9, "{g:?}");
