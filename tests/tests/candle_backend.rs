@@ -122,7 +122,7 @@ fn serves_mixed_completions(http: &str) -> anyhow::Result<()> {
             .map(|i| {
                 let (http, prompt) = (http.to_string(), format!("Fact number {i} about the sea is that"));
                 std::thread::spawn(move || {
-                    if (i + round) % 2 == 0 {
+                    if (i + round).is_multiple_of(2) {
                         whole(&http, &prompt, TOKENS)
                     } else {
                         streamed(&http, &prompt, TOKENS)
