@@ -113,6 +113,12 @@ pub enum EngineError {
         /// What the driver said.
         reason: String,
     },
+    /// A self-check was asked to compare native with itself.
+    #[error("device `{device}` is the native reference; name a candle device (candle-cpu, cuda[:N], metal)")]
+    NotACandleDevice {
+        /// The device asked for.
+        device: String,
+    },
     /// candle failed while loading onto or computing on a device.
     #[error("candle on {device} failed to {op}: {source}")]
     Candle {

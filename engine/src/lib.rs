@@ -28,6 +28,7 @@ pub mod quant;
 pub mod rng;
 pub mod rope;
 pub mod sampling;
+pub mod self_check;
 pub mod shard;
 mod softmax;
 pub mod stage;

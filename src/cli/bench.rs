@@ -127,9 +127,11 @@ pub fn cpu_seconds() -> f64 {
 }
 
 /// Wall-clock and on-CPU rates of one timed run.
-struct Rate {
-    wall: f64,
-    cpu: f64,
+pub(super) struct Rate {
+    /// Items per wall-clock second.
+    pub wall: f64,
+    /// Items per on-CPU second.
+    pub cpu: f64,
 }
 
 impl Rate {
@@ -151,6 +153,36 @@ fn medians(v: &[Rate]) -> (f64, f64) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Decodes `tokens` steps of `sessions` (all fresh) as one batch after a
+/// short shared-length prompt each, so decode attends over a realistic
+/// cache; the sessions are released after.
+pub(super) fn decode_rate(
+    pipe: &mut LocalPipeline,
+    sessions: &[SessionId],
+    tokens: usize,
+    vocab: usize,
+) -> anyhow::Result<Rate> {
+    let batch = sessions.len();
+    for (b, &s) in sessions.iter().enumerate() {
+        let ids: Vec<u32> = (0..16).map(|i| token(i + b, vocab)).collect();
+        pipe.prefill(s, &ids, 16)?;
+    }
+    let rate = Rate::measure(batch * tokens, || {
+        for step in 0..tokens {
+            let rows: Vec<Row> =
+                sessions.iter().map(|&s| Row { session: s, position: 16 + step, logits: true }).collect();
+            let ids: Vec<u32> = (0..batch).map(|b| token(step * 31 + b, vocab)).collect();
+            let logits = pipe.forward(&rows, &ids)?;
+            pipe.recycle(logits);
+        }
+        Ok(())
+    });
+    for &s in sessions {
+        pipe.release(s);
+    }
+    rate
 }
 
 /// Deterministic pseudo-text token ids (the figure does not depend on content).
@@ -186,24 +218,7 @@ impl EngineBench {
             let mut rates = Vec::new();
             for _ in 0..runs {
                 let sessions: Vec<SessionId> = (0..batch).map(|_| next_session()).collect();
-                // A short shared-length prompt, so decode attends over a realistic cache.
-                for (b, &s) in sessions.iter().enumerate() {
-                    let ids: Vec<u32> = (0..16).map(|i| token(i + b, vocab)).collect();
-                    pipe.prefill(s, &ids, 16)?;
-                }
-                rates.push(Rate::measure(batch * self.decode_tokens, || {
-                    for step in 0..self.decode_tokens {
-                        let rows: Vec<Row> =
-                            sessions.iter().map(|&s| Row { session: s, position: 16 + step, logits: true }).collect();
-                        let ids: Vec<u32> = (0..batch).map(|b| token(step * 31 + b, vocab)).collect();
-                        let logits = pipe.forward(&rows, &ids)?;
-                        pipe.recycle(logits);
-                    }
-                    Ok(())
-                })?);
-                for s in sessions {
-                    pipe.release(s);
-                }
+                rates.push(decode_rate(pipe, &sessions, self.decode_tokens, vocab)?);
                 eprintln!("[bench] decode batch {batch}: {:.1} tok/s", rates.last().map_or(0.0, |r| r.wall));
             }
             Ok(medians(&rates))

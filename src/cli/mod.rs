@@ -6,6 +6,7 @@ mod etcd;
 mod generate;
 mod logits;
 mod perplexity;
+mod selftest;
 mod serving;
 mod telemetry;
 
@@ -35,6 +36,8 @@ enum Command {
     Coordinator(cluster::CoordinatorArgs),
     /// Show a cluster as etcd holds it: workers, stages, epoch and leader.
     Status(etcd::StatusArgs),
+    /// Check a device's kernels against the native CPU ones: matmul types, layers, perplexity, decode speed.
+    Selftest(selftest::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -51,6 +54,7 @@ impl Cli {
             Command::Generate(_)
             | Command::Logits(_)
             | Command::Perplexity(_)
+            | Command::Selftest(_)
             | Command::Bench(_)
             | Command::Status(_) => None,
         };
@@ -63,6 +67,7 @@ impl Cli {
             Command::Generate(a) => generate::run(a),
             Command::Logits(a) => logits::run(a),
             Command::Perplexity(a) => perplexity::run(a),
+            Command::Selftest(a) => selftest::run(a),
             Command::Bench(b) => b.run(),
             Command::Up(a) => cluster::up(a),
             Command::Worker(a) => cluster::worker(a),

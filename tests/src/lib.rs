@@ -2,6 +2,7 @@
 //! and the built `potluck` binary, background processes, a real etcd.
 
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod process;
 
 use std::path::PathBuf;

@@ -14,68 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use potluck_proto::v1 as pb;
-use potluck_tests::etcd::Etcd;
+use potluck_tests::etcd_cluster::EtcdCluster as Cluster;
+use potluck_tests::etcd_cluster::{HOLD_DOWN_MS, TTL};
 use potluck_tests::process::Proc;
-use potluck_tests::{http_request, potluck, require_real_model};
+use potluck_tests::{http_request, potluck};
 use serde_json::{json, Value};
 
-/// etcd's shortest lease (it raises shorter ones to this).
-const TTL: &str = "2";
-const HOLD_DOWN_MS: &str = "500";
 /// Catches hangs; not a performance gate.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-struct Cluster {
-    etcd: Etcd,
-    name: String,
-    logs: tempfile::TempDir,
-    cache: tempfile::TempDir,
-    model: String,
-}
-
-impl Cluster {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            etcd: Etcd::start()?,
-            name: name.into(),
-            logs: tempfile::tempdir()?,
-            cache: tempfile::tempdir()?,
-            model: require_real_model()?.to_str().context("model path")?.to_string(),
-        })
-    }
-
-    /// Starts a coordinator and returns it with its HTTP `host:port`.
-    fn coordinator(&self, id: &str) -> anyhow::Result<(Proc, String)> {
-        self.coordinator_with(id, &[])
-    }
-
-    /// The flags that put a process on this cluster's etcd as `id`.
-    fn etcd_flags<'a>(&'a self, etcd: &'a str, id: &'a str) -> [&'a str; 6] {
-        ["--etcd", etcd, "--cluster", &self.name, "--id", id]
-    }
-
-    /// [`Cluster::coordinator`] with `extra` flags.
-    fn coordinator_with(&self, id: &str, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
-        let etcd = self.etcd.endpoint();
-        let mut args = vec!["coordinator", "--model", &self.model, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"];
-        args.extend(self.etcd_flags(&etcd, id));
-        args.extend(["--hold-down-ms", HOLD_DOWN_MS, "--leader-ttl", TTL]);
-        args.extend_from_slice(extra);
-        let p = Proc::start(id, self.logs.path(), &args)?;
-        let line = p.wait_for_line("HTTP http://", Duration::from_secs(60))?;
-        let http = line.rsplit("http://").next().context("HTTP address")?.trim().to_string();
-        Ok((p, http))
-    }
-
-    fn worker(&self, id: &str) -> anyhow::Result<Proc> {
-        let etcd = self.etcd.endpoint();
-        let cache = self.cache.path().to_str().context("cache path")?.to_string();
-        let mut args = vec!["worker", "--listen", "127.0.0.1:0"];
-        args.extend(self.etcd_flags(&etcd, id));
-        args.extend(["--threads", "1", "--lease-ttl", TTL, "--cache-dir", &cache]);
-        Proc::start(id, self.logs.path(), &args)
-    }
-}
 
 fn cluster_json(http: &str) -> anyhow::Result<Value> {
     let (status, body) = http_request(http, "GET", "/v1/cluster", None)?;

@@ -5,7 +5,9 @@ pub use potluck_etcd::{DeviceInfo, DeviceKind};
 
 use potluck_engine::Device;
 
-/// Figures a GPU backend reported that cannot be true.
+use crate::gpu_memory::{cuda_memory, metal_memory, GpuMemoryError, NVIDIA_SMI};
+
+/// Why a GPU's figures cannot be reported.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceInfoError {
     /// [`gpu_device`] was handed the host's kind.
@@ -24,21 +26,42 @@ pub enum DeviceInfoError {
         /// Its free memory.
         free_bytes: u64,
     },
+    /// The device's memory could not be read (or the GPU does not exist).
+    #[error(transparent)]
+    Memory(#[from] GpuMemoryError),
+}
+
+/// Where a worker finds what it asks the machine about its GPU: the
+/// memory tool's path and `CUDA_VISIBLE_DEVICES`, so a test can hand it a
+/// fake tool and a chosen environment.
+#[derive(Debug, Clone)]
+pub struct GpuProbeEnv {
+    /// The `nvidia-smi` to run (a bare name is looked up on `PATH`).
+    pub nvidia_smi: std::ffi::OsString,
+    /// `CUDA_VISIBLE_DEVICES`, if set.
+    pub cuda_visible_devices: Option<String>,
+}
+
+impl GpuProbeEnv {
+    /// The process's own environment.
+    pub fn from_process() -> Self {
+        Self { nvidia_smi: NVIDIA_SMI.into(), cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok() }
+    }
 }
 
 /// The device a worker registers with: the host for CPU devices (native or
-/// candle's). A GPU is reported by kind and name with no memory figures yet:
-/// asking the device (CUDA's `cuMemGetInfo`, Metal's working-set limit) and
-/// handing the answer to [`gpu_device`] is still to be wired, and until then
-/// the planner leaves a GPU worker out, with that reason, rather than
-/// budgeting its stage by host RAM it does not have.
-pub fn device_info(device: Device) -> DeviceInfo {
-    let unmeasured = |kind| DeviceInfo { kind, name: device.to_string(), total_bytes: 0, free_bytes: 0 };
-    match device {
-        Device::Cpu | Device::CandleCpu => host_device(),
-        Device::Cuda(_) => unmeasured(DeviceKind::Cuda),
-        Device::Metal => unmeasured(DeviceKind::Metal),
-    }
+/// candle's); a GPU with its own memory (CUDA, read with `nvidia-smi`) or
+/// Metal's share of unified memory (`gpu_memory`). A GPU whose memory
+/// cannot be read, or that does not exist (`cuda:7` on a one-GPU machine),
+/// is an error: the planner could never place layers on it, so the worker
+/// refuses to start and says why.
+pub fn device_info(device: Device, env: &GpuProbeEnv) -> Result<DeviceInfo, DeviceInfoError> {
+    let (kind, memory) = match device {
+        Device::Cpu | Device::CandleCpu => return Ok(host_device()),
+        Device::Cuda(n) => (DeviceKind::Cuda, cuda_memory(&env.nvidia_smi, n, env.cuda_visible_devices.as_deref())?),
+        Device::Metal => (DeviceKind::Metal, metal_memory()?),
+    };
+    gpu_device(kind, memory.name, memory.total_bytes, memory.free_bytes)
 }
 
 /// A GPU's figures as its backend measured them, checked for sense.
@@ -126,7 +149,7 @@ mod tests {
 
     #[test]
     fn a_cpu_device_reports_host_memory() {
-        let d = device_info(Device::Cpu);
+        let d = device_info(Device::Cpu, &GpuProbeEnv::from_process()).expect("host");
         assert_eq!(d.kind, DeviceKind::Cpu);
         assert!(d.free_bytes <= d.total_bytes, "{d:?}");
     }

@@ -11,6 +11,9 @@ pub enum WorkerError {
     /// The configured device cannot be opened on this machine.
     #[error(transparent)]
     Device(#[from] potluck_engine::DeviceError),
+    /// The device's memory cannot be read, or the GPU does not exist.
+    #[error("device memory: {0}")]
+    DeviceMemory(#[from] crate::capability::DeviceInfoError),
     /// A local file or directory could not be used.
     #[error("{path}: {source}")]
     Io {

@@ -30,6 +30,7 @@ pub mod config;
 mod coordinator_link;
 pub mod error;
 mod forward;
+pub mod gpu_memory;
 mod load_spec;
 mod peers;
 mod probe;
@@ -96,7 +97,7 @@ pub async fn run(
         let _ = rx.wait_for(|&s| s).await;
     };
 
-    let device_info = capability::device_info(device);
+    let device_info = capability::device_info(device, &capability::GpuProbeEnv::from_process())?;
     let coordinator = match &config.coordinator {
         None => None,
         Some(address) => {

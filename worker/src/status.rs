@@ -14,7 +14,8 @@ impl From<WorkerError> for Status {
             | WorkerError::NotLoaded
             | WorkerError::DigestMismatch { .. }
             | WorkerError::NoCoordinator
-            | WorkerError::Device(_) => Code::FailedPrecondition,
+            | WorkerError::Device(_)
+            | WorkerError::DeviceMemory(_) => Code::FailedPrecondition,
             WorkerError::CoordinatorUnreachable { .. } | WorkerError::Coordinator { .. } => Code::Unavailable,
             WorkerError::InvalidManifest(_) | WorkerError::ChunkCorrupt { .. } => Code::DataLoss,
             WorkerError::NextStage { code, .. } => *code,

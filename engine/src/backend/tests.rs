@@ -14,10 +14,8 @@ fn open(model: &TinyModel, dir: &std::path::Path) -> ModelFile {
 
 /// Cosine similarity and largest absolute difference of two rows.
 fn agreement(a: &[f32], b: &[f32]) -> (f64, f32) {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-    (dot / (norm(a) * norm(b)), max)
+    let g = crate::self_check::Agreement::of(a, b, a.len());
+    (g.min_cosine, g.max_abs)
 }
 
 fn row(session: u64, position: usize) -> Row {

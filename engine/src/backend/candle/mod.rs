@@ -18,6 +18,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device as CDevice, Module, Tensor};
 
 pub use cache::CandleCache;
+pub(crate) use weights::candle_dtype;
 
 use self::attention::{attend, Rotary, Sessions};
 use self::weights::{matmul_bytes, Loader};

@@ -15,7 +15,7 @@ use crate::quant::GgmlType;
 /// The storage types candle keeps on a device, and candle's name for each.
 /// Why not all of ours: these are the ones its CUDA and Metal kernels
 /// implement; the rest are refused by name at load.
-fn candle_dtype(t: GgmlType) -> Option<GgmlDType> {
+pub(crate) fn candle_dtype(t: GgmlType) -> Option<GgmlDType> {
     Some(match t {
         GgmlType::F32 => GgmlDType::F32,
         GgmlType::F16 => GgmlDType::F16,
