@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::error::CoordinatorError;
 use crate::planner::StagePlan;
-use crate::transport::{Link, LinkEvent, LinkEvents, Transport};
+use crate::transport::{deliver, Link, LinkEvents, LinkKey, Transport};
 
 /// Where in a micro-batch's life on one stage a fault strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,11 +305,11 @@ impl Transport for InProcess {
 
     async fn open(
         &self,
-        id: u64,
-        epoch: u64,
+        key: LinkKey,
         first: &StagePlan,
         events: LinkEvents,
     ) -> Result<InProcessLink, CoordinatorError> {
+        let LinkKey { id, epoch } = key;
         {
             let w = self.lock();
             let up = w.by_id.get(&first.worker).filter(|x| x.health == Health::Up);
@@ -329,8 +329,7 @@ impl Transport for InProcess {
                     Fate::Broken(why) => Err(why),
                     Fate::Lost => continue,
                 };
-                let end = reply.is_err();
-                if events.send(LinkEvent { link: id, reply }).await.is_err() || end {
+                if !deliver(&events, id, reply).await {
                     return;
                 }
             }
@@ -344,12 +343,8 @@ impl Transport for InProcess {
 }
 
 impl Link for InProcessLink {
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    fn epoch(&self) -> u64 {
-        self.epoch
+    fn key(&self) -> LinkKey {
+        LinkKey { id: self.id, epoch: self.epoch }
     }
 
     async fn send(&self, batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>) -> Result<(), CoordinatorError> {
