@@ -23,10 +23,11 @@ pub fn stage_bytes(cost: ModelCost, stage: &StagePlan, first: bool, last: bool) 
 
 /// The plan in force with each stage whose worker is gone (absent from
 /// `workers`, or back as a new instance that no longer holds its shard)
-/// handed to an unused worker of `workers`, ranges unchanged. `workers`
-/// comes in order of preference. `None` when no stage is gone, or when a
-/// gone stage finds no worker with the memory for it: the planner decides
-/// then.
+/// handed to an unused worker of `workers`, ranges unchanged (the plan as
+/// it is when none is gone: a failure with every stage alive only needs a
+/// new epoch). `workers` comes in order of preference. `None` when there
+/// is no plan, or a gone stage finds no worker with the memory for it: the
+/// planner decides then.
 pub fn swap_in(
     cost: ModelCost,
     current: &[StagePlan],
@@ -38,7 +39,7 @@ pub fn swap_in(
     };
     let mut used: Vec<&str> =
         current.iter().enumerate().filter(|(i, s)| alive(*i, s).is_some()).map(|(_, s)| s.worker.as_str()).collect();
-    if used.len() == current.len() {
+    if current.is_empty() {
         return None;
     }
     let last = current.len().saturating_sub(1);
@@ -92,7 +93,7 @@ mod tests {
         let big = 1 << 20;
         let (current, instances) = plan(&["a", "b", "c"]);
         let cases: &[(&str, &[(&str, u64)], Option<&[&str]>)] = &[
-            ("all alive: nothing to swap", &[("a", big), ("b", big), ("c", big), ("s", big)], None),
+            ("all alive: the plan as it is", &[("a", big), ("b", big), ("c", big), ("s", big)], Some(&["a", "b", "c"])),
             ("middle dies", &[("a", big), ("c", big), ("s", big)], Some(&["a", "s", "c"])),
             ("first dies", &[("b", big), ("c", big), ("s", big)], Some(&["s", "b", "c"])),
             ("two die, two spares in order", &[("b", big), ("s", big), ("t", big)], Some(&["s", "b", "t"])),
@@ -130,5 +131,6 @@ mod tests {
         let ids: Vec<_> = stages.iter().map(|s| s.worker.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c"], "the new instance of b may take its old range");
         assert_eq!(kept[1], "b-2");
+        assert!(swap_in(cost(), &[], &[], &workers).is_none(), "no plan: the planner makes the first");
     }
 }
