@@ -279,6 +279,11 @@ fn a_stopped_worker_is_treated_as_dead_and_does_no_harm_when_it_continues() -> a
     report("SIGSTOP stage 1 of 3, 1 spare", &stalls);
     let s = std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
     ensure!(s.success(), "kill -CONT failed");
+    // Whatever the continued worker still sends carries the old epoch, and every stage refuses it.
+    let now = c.info()?;
+    ensure!(now["epoch"].as_u64() > before["epoch"].as_u64(), "a new epoch after the failover: {now}");
+    let first = now["stages"][0]["address"].as_str().context("stage 0")?;
+    stale_epoch_is_refused(first, before["epoch"].as_u64().context("epoch")?)?;
     // The continued worker holds a stale epoch: it is out of the plan, and serving goes on untouched.
     let outcomes = run_streams(&c.http.clone(), 0, || Ok(()))?;
     check(&outcomes, Instant::now(), "after SIGCONT")?;
@@ -302,6 +307,26 @@ fn a_stopped_worker_is_treated_as_dead_and_does_no_harm_when_it_continues() -> a
         info["stages"].as_array().context("stages")?.iter().filter_map(|s| s["worker"].as_str()).collect();
     ensure!(serving.contains(&stopped_id.as_str()), "the re-joined worker should serve now: {serving:?}");
     Ok(())
+}
+
+/// Sends stage 0 at `address` a micro-batch stamped with `epoch` and expects "stale epoch".
+fn stale_epoch_is_refused(address: &str, epoch: u64) -> anyhow::Result<()> {
+    use potluck_proto::v1 as pb;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut client = pb::stage_client::StageClient::connect(address.to_string()).await?;
+        let row = pb::Row { session: 1 << 40, position: 0, sample: true, sampling: None };
+        let request = pb::ForwardRequest { epoch, batch_id: 1, rows: vec![row], tokens: vec![1], ..Default::default() };
+        let mut replies = client.forward(tokio_stream::iter(vec![request])).await?.into_inner();
+        match replies.message().await {
+            Err(s) => ensure!(
+                s.code() == tonic::Code::FailedPrecondition && s.message().contains("stale epoch"),
+                "expected a stale epoch refusal, got {s:?}"
+            ),
+            Ok(r) => anyhow::bail!("a micro-batch of epoch {epoch} was served: {r:?}"),
+        }
+        Ok(())
+    })
 }
 
 #[test]
