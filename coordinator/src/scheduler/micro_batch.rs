@@ -72,6 +72,13 @@ impl RoundTrips {
     }
 }
 
+/// Most rows of a micro-batch that replays sessions after a failover. Every
+/// session replays at once, and the stage with the most layers must run all
+/// their tokens before the last of them resumes; smaller micro-batches let
+/// the first sessions resume early and leave only a short tail behind the
+/// slowest stage's last batch, where a few large ones would leave a long one.
+pub const REPLAY_BATCH_ROWS: usize = 128;
+
 /// A micro-batch ready to send.
 pub(super) struct Formed {
     pub id: u64,
@@ -105,6 +112,9 @@ impl<T: Transport> Core<T> {
         let share = self.sessions.len().div_ceil(slots).max(1);
         let (mut rows, mut tokens, mut members) = (Vec::new(), Vec::new(), Vec::new());
         let mut budget = self.config.max_batch_rows.max(1);
+        if ready.first().and_then(|(_, id)| self.sessions.get(id)).is_some_and(|s| s.replays > 0) {
+            budget = budget.min(REPLAY_BATCH_ROWS);
+        }
         let mut decode = false;
         for (_, id) in ready {
             let turn = self.take_turn();
