@@ -207,7 +207,7 @@ fn show_failover_steps(c: &Cluster, killed: std::time::SystemTime) {
     let day = since.as_secs_f64() % 86_400.0;
     let (h, m, sec) = ((day / 3600.0) as u64, (day % 3600.0 / 60.0) as u64, day % 60.0);
     eprintln!("[stall] killed at {h:02}:{m:02}:{sec:06.3} UTC");
-    let steps = ["failing over", "probed the stages", "applying plan", "plan ready", "failover done", "replayed"];
+    let steps = ["WARN", "probed the stages", "applying plan", "plan ready", "failover done", "replayed", "joined"];
     for line in c.coordinator.log().lines().filter(|l| steps.iter().any(|s| l.contains(s))) {
         eprintln!("[stall]   {line}");
     }
