@@ -13,9 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use potluck_engine::{
-    ComputePool, KvCache, ModelFile, Row, Sampler, SamplingParams, SessionId, Stage, StageInput, StageOutput,
-};
+use potluck_engine::{ComputePool, KvCache, ModelFile, Row, Sampler, SessionId, Stage, StageInput, StageOutput};
 use potluck_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -263,7 +261,7 @@ fn sample(
         let (sampler, history) = match l.samplers.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let params = row.sampling.map(from_pb).unwrap_or_default();
+                let params = row.sampling.map(crate::sampling_wire::decode).unwrap_or_default();
                 e.insert((Sampler::new(params).map_err(|e| e.to_string())?, Vec::new()))
             }
         };
@@ -275,21 +273,6 @@ fn sample(
         }
     }
     Ok(pb::ForwardReply { batch_id: request.batch_id, tokens, error: String::new() })
-}
-
-fn from_pb(s: pb::Sampling) -> SamplingParams {
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        top_logprobs: s.top_logprobs as usize,
-        logprobs: s.logprobs,
-    }
 }
 
 /// A link into the in-process workers.

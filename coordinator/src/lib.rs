@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod plan_store;
 pub mod planner;
 pub mod replacement;
+mod sampling_wire;
 pub mod scheduler;
 pub mod shard_store;
 pub mod spares;

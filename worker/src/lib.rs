@@ -166,6 +166,7 @@ pub async fn run(
         hidden: traffic::HiddenTraffic::default(),
         loading: Mutex::new(()),
         warm: std::sync::Mutex::default(),
+        serving_loads: AtomicU64::new(0),
         stopping: stopping.clone(),
     });
     tracing::info!(listen = %local, advertise, threads, device = %device, "worker serving");

@@ -90,6 +90,8 @@ pub(crate) struct Worker {
     /// Stages a spare holds loaded for a `Load` to take at no cost (only
     /// touched under `loading`).
     pub warm: std::sync::Mutex<Vec<WarmStage>>,
+    /// Counts loads that made this worker serve, so a warm-up under way stops when one does.
+    pub serving_loads: AtomicU64,
     /// Becomes true when the worker shuts down; open streams end.
     pub stopping: watch::Receiver<bool>,
 }
@@ -144,6 +146,7 @@ impl Worker {
         };
         self.compute.install(loaded).await?;
         // Serving now, not a spare: what it held warm is memory the stage's KV cache may need.
+        self.serving_loads.fetch_add(1, Ordering::AcqRel);
         self.warm_set().clear();
         tracing::info!(
             epoch = spec.epoch,
@@ -159,14 +162,20 @@ impl Worker {
     /// As a spare: holds exactly the shards `spec` names loaded (fetching
     /// those not cached), so that a `Load` of one of them costs no transfer
     /// and no reload. Returns how many are held and the bytes fetched.
+    /// Shard by shard, so a `Load` that arrives meanwhile (a stage died)
+    /// waits for one shard at most; once the worker serves, it stops.
     pub async fn warm(&self, spec: WarmSpec) -> Result<(usize, u64), WorkerError> {
-        let _one_at_a_time = self.loading.lock().await;
+        let served = self.serving_loads.load(Ordering::Acquire);
         let link = self.shard_link(spec.shard_source.as_deref()).await?;
         let wanted =
             |w: &WarmStage, layers: &Range<usize>, digest: &str| w.digest == digest && w.stage.range() == *layers;
         self.warm_set().retain(|w| spec.shards.iter().any(|(l, d)| wanted(w, l, d)));
         let mut transferred = 0;
         for (layers, digest) in spec.shards {
+            let _one_at_a_time = self.loading.lock().await;
+            if self.serving_loads.load(Ordering::Acquire) != served {
+                break;
+            }
             if self.warm_set().iter().any(|w| wanted(w, &layers, &digest)) {
                 continue;
             }

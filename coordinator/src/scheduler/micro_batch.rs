@@ -5,7 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use potluck_engine::SamplingParams;
 use potluck_proto::v1 as pb;
 
 use super::Core;
@@ -161,22 +160,6 @@ impl<T: Transport> Core<T> {
         self.metrics.batch_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
         self.inflight.insert(id, InFlight { members, rows: rows.len(), sent: Instant::now() });
         Some(Formed { id, rows, tokens, span })
-    }
-}
-
-/// The wire form of a request's sampling settings.
-pub(super) fn to_pb(s: &SamplingParams) -> pb::Sampling {
-    pb::Sampling {
-        temperature: s.temperature,
-        top_k: u32::try_from(s.top_k).unwrap_or(u32::MAX),
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        top_logprobs: u32::try_from(s.top_logprobs).unwrap_or(u32::MAX),
-        logprobs: s.logprobs,
     }
 }
 

@@ -302,7 +302,7 @@ impl<T: Transport> Core<T> {
             tokens: g.prompt,
             prompt_len,
             max_tokens: g.max_tokens,
-            sampling: micro_batch::to_pb(&g.sampling),
+            sampling: crate::sampling_wire::encode(&g.sampling),
             reserved: needed,
             sent: 0,
             in_flight: false,
