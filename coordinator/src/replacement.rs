@@ -92,7 +92,9 @@ mod tests {
     fn a_spare_takes_the_dead_stage_and_survivors_keep_their_ranges() {
         let big = 1 << 20;
         let (current, instances) = plan(&["a", "b", "c"]);
-        let cases: &[(&str, &[(&str, u64)], Option<&[&str]>)] = &[
+        // What happens, the workers alive with their memory, the stages' workers wanted.
+        type Case<'a> = (&'a str, &'a [(&'a str, u64)], Option<&'a [&'a str]>);
+        let cases: &[Case] = &[
             ("all alive: the plan as it is", &[("a", big), ("b", big), ("c", big), ("s", big)], Some(&["a", "b", "c"])),
             ("middle dies", &[("a", big), ("c", big), ("s", big)], Some(&["a", "s", "c"])),
             ("first dies", &[("b", big), ("c", big), ("s", big)], Some(&["s", "b", "c"])),

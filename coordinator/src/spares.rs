@@ -123,7 +123,9 @@ mod tests {
 
     #[test]
     fn spares_hold_the_largest_stages_first_and_go_round() {
-        let cases: &[(&str, &[(&str, u64)], &[(&str, &[usize])])] = &[
+        // What happens, the spares with their memory, the stages each should hold.
+        type Case<'a> = (&'a str, &'a [(&'a str, u64)], &'a [(&'a str, &'a [usize])]);
+        let cases: &[Case] = &[
             ("room for all", &[("s", 10_000)], &[("s", &[2, 0, 1])]),
             ("room for the largest only", &[("s", 2400)], &[("s", &[2])]),
             ("room for the largest and the smallest", &[("s", 3400)], &[("s", &[2, 1])]),
