@@ -19,9 +19,12 @@ use crate::membership::{plan_order, Membership};
 use crate::metrics::Metrics;
 use crate::plan_store::{stages_of, PlanStore};
 use crate::planner::{plan, ModelCost, StagePlan};
+use crate::replacement::swap_in;
 use crate::scheduler::{Pause, Scheduler, SchedulerConfig, StageFailure};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
+use crate::spares::{ask_to_warm, warm_choice, warm_request, WarmLedger};
 use crate::stage_link::GrpcTransport;
+use crate::stage_rpc::StageRpc;
 use crate::traffic::Traffic;
 
 /// Wait before retrying a plan that failed to load (a worker may have died mid-load).
@@ -61,6 +64,10 @@ pub struct Cluster {
     store: Option<PlanStore>,
     /// Workers found dead, kept out of plans until they return as new members.
     fence: std::sync::Mutex<Fence>,
+    /// What each spare was last asked to hold warm.
+    warm: Arc<std::sync::Mutex<WarmLedger>>,
+    /// Every unary Stage RPC goes through this client stack.
+    rpc: Arc<StageRpc>,
     /// The last epoch whose pipeline failed: never adopted again from the store.
     failed_epoch: AtomicU64,
     /// Always `Leader` without etcd; the election's view with it.
@@ -90,13 +97,14 @@ impl Cluster {
         let file = ModelFile::open(&config.model)?;
         let model = file.config().clone();
         let tokenizer = file.tokenizer()?;
-        let cost = ModelCost { kv_budget_bytes: config.worker_kv_budget, ..cost_of(&config.model, &model)? };
+        let cost = ModelCost { kv_budget_bytes: config.worker_kv_budget, ..ModelCost::of_file(&config.model, &model)? };
         let reaped = crate::shard_store::reap_scratch_dirs(&std::env::temp_dir());
         if reaped > 0 {
             tracing::info!(reaped, "removed shard directories left by coordinators that no longer run");
         }
         let shards = Arc::new(ShardStore::new(&config.model, &config.shard_dir, DEFAULT_CHUNK_BYTES));
         let metrics = Arc::new(Metrics::default());
+        let rpc = Arc::new(StageRpc::default());
         let traffic = Arc::new(Traffic::default());
         let scheduler = Scheduler::start(
             SchedulerConfig {
@@ -113,7 +121,7 @@ impl Cluster {
                 failover_timeout: config.failover_timeout,
             },
             Arc::clone(&metrics),
-            GrpcTransport { traffic: Arc::clone(&traffic) },
+            GrpcTransport { traffic: Arc::clone(&traffic), rpc: Arc::clone(&rpc) },
         );
         let (fixed_role, fixed_rx) = watch::channel(Role::Leader);
         let role = election.as_ref().map_or(fixed_rx, |e| e.role());
@@ -139,6 +147,8 @@ impl Cluster {
             traffic,
             store,
             fence: std::sync::Mutex::default(),
+            warm: Arc::default(),
+            rpc,
             failed_epoch: AtomicU64::new(0),
             role,
             _fixed_role: fixed_role,
@@ -231,6 +241,11 @@ impl Cluster {
         self.weight_bytes_shipped.load(Ordering::Relaxed)
     }
 
+    /// The client stack for unary Stage RPCs (one cached channel per worker).
+    pub fn stage_rpc(&self) -> &Arc<StageRpc> {
+        &self.rpc
+    }
+
     /// Forward messages and bytes exchanged with stage 0, to show the coordinator only moves tokens.
     pub fn traffic(&self) -> &Arc<Traffic> {
         &self.traffic
@@ -267,6 +282,8 @@ impl Cluster {
                     tracing::warn!(error = %e, "planning failed");
                     self.state.write().await.error = Some(e.to_string());
                     failed = true;
+                } else {
+                    self.keep_spares_warm().await;
                 }
             } else {
                 self.step_down().await;
@@ -311,6 +328,7 @@ impl Cluster {
 
     /// [`Cluster::fail_over`]'s work, in its span.
     async fn take_out(&self, failure: StageFailure) -> bool {
+        let started = std::time::Instant::now();
         let mut current = self.plan_state().await;
         if failure.epoch != current.epoch || !current.ready {
             return false; // Already replaced, or already being replaced.
@@ -319,7 +337,8 @@ impl Cluster {
         current.ready = false;
         current.error = Some(format!("failing over: {}", failure.message));
         self.install(current.clone()).await;
-        let dead = dead_stages(&current.stages, self.config.probe_timeout).await;
+        let dead = dead_stages(&self.rpc, &current.stages, self.config.probe_timeout).await;
+        tracing::info!(dead = dead.len(), probe_ms = started.elapsed().as_millis(), "probed the stages");
         let workers = self.membership.workers();
         for stage in &dead {
             let index = current.stages.iter().position(|s| s.worker == stage.worker);
@@ -336,6 +355,41 @@ impl Cluster {
             );
         }
         true
+    }
+
+    /// Asks each spare (an admitted worker the ready plan does not use) to
+    /// hold its share of the plan's shards warm; only changed choices are
+    /// sent, and in the background: a spare's loading never holds up serving.
+    async fn keep_spares_warm(&self) {
+        let current = self.plan_state().await;
+        if !current.ready {
+            return;
+        }
+        let admitted =
+            self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).admit(self.membership.workers());
+        let (serving, spares): (Vec<_>, Vec<_>) =
+            admitted.into_iter().partition(|w| current.stages.iter().any(|s| s.worker == w.id));
+        for w in &serving {
+            // A serving worker drops what it held warm; as a spare again it is asked anew.
+            self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget(&w.id);
+        }
+        let source = self.config.advertise_grpc.clone().unwrap_or_default();
+        for (id, held) in warm_choice(self.cost, &current.stages, &spares) {
+            let Some(spare) = spares.iter().find(|w| w.id == id) else { continue };
+            let mut shards = Vec::new();
+            for &i in &held {
+                match self.shard(current.stages[i].start..current.stages[i].end).await {
+                    Ok(shard) => shards.push((current.stages[i].clone(), shard.digest)),
+                    Err(e) => tracing::warn!(error = %e, "no shard to hold warm"),
+                }
+            }
+            let digests: Vec<String> = shards.iter().map(|(_, d)| d.clone()).collect();
+            if !self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).changed(spare, &digests) {
+                continue;
+            }
+            let request = warm_request(&shards, &source);
+            tokio::spawn(ask_to_warm(Arc::clone(&self.rpc), spare.clone(), request, Arc::clone(&self.warm)));
+        }
     }
 
     /// As a standby: forget the plan (the leader owns it now).
@@ -377,15 +431,24 @@ impl Cluster {
         if current.epoch == 0 && stored.is_none() && workers.len() < self.config.min_workers {
             return Ok(());
         }
-        if let Some(n) = self.config.max_stages {
-            workers.truncate(n.max(1));
-        }
-        let stages = plan(self.cost, &workers)?;
-        let instances: Vec<String> = stages
-            .iter()
-            .map(|s| workers.iter().find(|w| w.id == s.worker).map(|w| w.instance.clone()).unwrap_or_default())
-            .collect();
-        if !force && current.ready && current.stages == stages && current.instances == instances {
+        // After a failure, a spare takes the dead stage's range and the survivors keep theirs.
+        let swapped = if force { swap_in(self.cost, &current.stages, &current.instances, &workers) } else { None };
+        let (stages, instances) = match swapped {
+            Some(swapped) => swapped,
+            None => {
+                if let Some(n) = self.config.max_stages {
+                    workers.truncate(n.max(1));
+                }
+                let stages = plan(self.cost, &workers)?;
+                let instances: Vec<String> = stages
+                    .iter()
+                    .map(|s| workers.iter().find(|w| w.id == s.worker).map(|w| w.instance.clone()).unwrap_or_default())
+                    .collect();
+                (stages, instances)
+            }
+        };
+        // A plan in force stays while the same members would serve: moving ranges costs a pause.
+        if !force && current.ready && same_members(&current, &stages, &instances) {
             return Ok(());
         }
         let failed = self.failed_epoch.load(Ordering::Relaxed);
@@ -416,6 +479,7 @@ impl Cluster {
         }
         tracing::info!(epoch, stages = ?stages.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(), "applying plan");
         let shard_source = self.config.advertise_grpc.clone().unwrap_or_default();
+        let started = std::time::Instant::now();
         // Quiesce: nothing in flight while workers switch epochs; running sessions move over afterwards.
         let pause = self.quiesce().await;
         let mut loads = Vec::new();
@@ -433,23 +497,22 @@ impl Cluster {
                 kv_budget_bytes: self.config.worker_kv_budget,
                 shard_source: shard_source.clone(),
             };
-            let st = st.clone();
+            let (st, rpc, deadline) = (st.clone(), Arc::clone(&self.rpc), self.config.load_deadline);
             let span = tracing::info_span!("stage.load", epoch, worker = %st.worker);
             loads.push(tokio::spawn(
                 async move {
-                    let worker_err = |m: String| CoordinatorError::Worker {
-                        worker: st.worker.clone(),
-                        address: st.address.clone(),
-                        message: m,
+                    let load = |mut c: crate::stage_rpc::StageClient| {
+                        let mut request = tonic::Request::new(req);
+                        TraceHeaders::current().inject(&mut request);
+                        async move { c.load(request).await }
                     };
-                    let mut client = pb::stage_client::StageClient::connect(st.address.clone())
-                        .await
-                        .map_err(|e| worker_err(format!("unreachable: {e}")))?;
-                    let mut request = tonic::Request::new(req);
-                    TraceHeaders::current().inject(&mut request);
                     let reply =
-                        client.load(request).await.map_err(|s| worker_err(format!("load failed: {}", s.message())))?;
-                    Ok::<_, CoordinatorError>(reply.into_inner().transferred_bytes)
+                        rpc.call(&st.address, "Load", deadline, load).await.map_err(|e| CoordinatorError::Worker {
+                            worker: st.worker.clone(),
+                            address: st.address.clone(),
+                            message: e.to_string(),
+                        })?;
+                    Ok::<_, CoordinatorError>(reply.transferred_bytes)
                 }
                 .instrument(span),
             ));
@@ -483,9 +546,20 @@ impl Cluster {
         if let Some(store) = &self.store {
             store.write(epoch, true, &stages, &instances).await?;
         }
-        tracing::info!(epoch, "plan ready");
+        tracing::info!(epoch, load_ms = started.elapsed().as_millis(), "plan ready");
         Ok(())
     }
+}
+
+/// Whether `stages` would run on the very members (worker and process) the plan in force runs on.
+fn same_members(current: &PlanState, stages: &[StagePlan], instances: &[String]) -> bool {
+    let members = |stages: &[StagePlan], instances: &[String]| {
+        let mut m: Vec<(String, String)> =
+            stages.iter().map(|s| s.worker.clone()).zip(instances.iter().cloned()).collect();
+        m.sort();
+        m
+    };
+    current.stages.len() == stages.len() && members(&current.stages, &current.instances) == members(stages, instances)
 }
 
 /// The model's shape for the workers' probe, from the file's metadata and its first block.
@@ -507,36 +581,5 @@ fn model_shape(path: &std::path::Path, c: &ModelConfig) -> Result<potluck_etcd::
         heads: c.heads,
         kv_heads: c.kv_heads,
         weight_type: weight_type.to_string(),
-    })
-}
-
-/// Weight bytes per layer, of the embedding and of the head, from the file
-/// (the KV budget comes from the configuration).
-fn cost_of(path: &std::path::Path, c: &ModelConfig) -> Result<ModelCost, CoordinatorError> {
-    let g = potluck_engine::gguf::GgufFile::open(path)?;
-    let size = |pred: &dyn Fn(&str) -> bool| -> u64 {
-        g.tensors.iter().filter(|(n, _)| pred(n)).map(|(_, t)| t.n_bytes as u64).sum()
-    };
-    let blocks = size(&|n| n.starts_with("blk."));
-    let embed = size(&|n| n == "token_embd.weight");
-    let output = size(&|n| n == "output.weight");
-    let head = size(&|n| n == "output_norm.weight") + if output > 0 { output } else { embed };
-    // Multiply-adds per token: one per weight of every matrix (norms and biases are noise).
-    let elements = |pred: &dyn Fn(&str) -> bool| -> u64 {
-        g.tensors
-            .iter()
-            .filter(|(n, t)| pred(n) && t.dims.len() == 2)
-            .map(|(_, t)| t.dims.iter().product::<usize>() as u64)
-            .sum()
-    };
-    let head_name = if output > 0 { "output.weight" } else { "token_embd.weight" };
-    Ok(ModelCost {
-        layers: c.layers,
-        layer_bytes: blocks / c.layers.max(1) as u64,
-        embed_bytes: embed,
-        head_bytes: head,
-        layer_macs: elements(&|n| n.starts_with("blk.")) / c.layers.max(1) as u64,
-        head_macs: elements(&|n| n == head_name),
-        kv_budget_bytes: 0,
     })
 }

@@ -13,6 +13,10 @@ use crate::scheduler::{Deadline, DEFAULT_FAILOVER_TIMEOUT, DEFAULT_MAX_BATCH_ROW
 /// Default wait after a membership change before re-planning, so a burst of
 /// joins makes one plan, not several.
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_millis(300);
+/// How long a worker may take to load its stage for a new plan (fetching the shard
+/// included) before the plan counts as failed: serving is paused meanwhile.
+pub const DEFAULT_LOAD_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Default KV budget asked of each worker.
 pub const DEFAULT_WORKER_KV_BUDGET: u64 = 512 << 20;
 
@@ -63,6 +67,8 @@ pub struct CoordinatorConfig {
     pub failover_timeout: Duration,
     /// How long a stage may take to answer a liveness probe after a failure.
     pub probe_timeout: Duration,
+    /// How long a worker may take to load its stage for a new plan.
+    pub load_deadline: Duration,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +97,7 @@ impl CoordinatorConfig {
             deadline: Deadline::default(),
             failover_timeout: DEFAULT_FAILOVER_TIMEOUT,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            load_deadline: DEFAULT_LOAD_DEADLINE,
         }
     }
 }

@@ -4,16 +4,19 @@
 //! A member is a worker id *and* the process behind it (`instance`) *and*
 //! its registration (`joined`: the etcd key's create revision, or the join
 //! order in memory). A worker that was stopped and continues is the same
-//! member and stays out; one that restarts, or registers again after its
-//! lease ran out, is a new member and may be planned again. Its old epoch is
+//! member and stays out; one that restarts, or registers again (after its
+//! lease ran out, or on its own when it notices it was frozen), is a new
+//! member and may be planned again. Its old epoch is
 //! refused by every stage meanwhile, so a stale process can do no harm.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_proto::v1 as pb;
 
 use crate::membership::WorkerInfo;
 use crate::planner::StagePlan;
+use crate::stage_rpc::StageRpc;
 
 /// How long a stage may take to answer `Info` before it counts as dead.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -68,12 +71,12 @@ impl Fence {
 /// The stages of a plan that do not answer `Info` within `timeout`: killed
 /// (connection refused), stopped (SIGSTOP: the kernel accepts, nobody
 /// answers) or cut off.
-pub async fn dead_stages(stages: &[StagePlan], timeout: Duration) -> Vec<StagePlan> {
+pub async fn dead_stages(rpc: &Arc<StageRpc>, stages: &[StagePlan], timeout: Duration) -> Vec<StagePlan> {
     let probes: Vec<_> = stages
         .iter()
         .map(|s| {
-            let address = s.address.clone();
-            tokio::spawn(async move { answers(address, timeout).await })
+            let (rpc, address) = (Arc::clone(rpc), s.address.clone());
+            tokio::spawn(async move { answers(&rpc, &address, timeout).await })
         })
         .collect();
     let mut dead = Vec::new();
@@ -85,14 +88,10 @@ pub async fn dead_stages(stages: &[StagePlan], timeout: Duration) -> Vec<StagePl
     dead
 }
 
-/// Whether the stage at `address` answers `Info` within `timeout`, over a new connection.
-async fn answers(address: String, timeout: Duration) -> bool {
-    let ask = async move {
-        let endpoint = tonic::transport::Endpoint::from_shared(address).ok()?.connect_timeout(timeout);
-        let mut client = pb::stage_client::StageClient::new(endpoint.connect().await.ok()?);
-        client.info(pb::InfoRequest {}).await.ok().map(|_| ())
-    };
-    tokio::time::timeout(timeout, ask).await.ok().flatten().is_some()
+/// Whether the stage at `address` answers `Info` within `timeout` (a
+/// killed worker's connection is refused at once; a stopped one runs into the deadline).
+async fn answers(rpc: &StageRpc, address: &str, timeout: Duration) -> bool {
+    rpc.call(address, "Info", timeout, |mut c| async move { c.info(pb::InfoRequest {}).await }).await.is_ok()
 }
 
 #[cfg(test)]
@@ -139,7 +138,7 @@ mod tests {
             end: 2,
         };
         let stages = [stage, frozen];
-        let dead = dead_stages(&stages, Duration::from_millis(500)).await;
+        let dead = dead_stages(&Arc::new(StageRpc::default()), &stages, Duration::from_millis(500)).await;
         assert_eq!(dead, stages);
     }
 }

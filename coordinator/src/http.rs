@@ -144,7 +144,14 @@ async fn ready(State(c): State<Arc<Cluster>>) -> impl IntoResponse {
 /// `Info` of every stage of the plan in force, asked at once.
 async fn stage_infos(c: &Cluster) -> (crate::cluster::PlanState, Vec<Option<potluck_proto::v1::InfoReply>>) {
     let s = c.plan_state().await;
-    let asks: Vec<_> = s.stages.iter().map(|st| tokio::spawn(crate::traffic::stage_info(st.address.clone()))).collect();
+    let asks: Vec<_> = s
+        .stages
+        .iter()
+        .map(|st| {
+            let (rpc, address) = (Arc::clone(c.stage_rpc()), st.address.clone());
+            tokio::spawn(async move { crate::traffic::stage_info(&rpc, &address).await })
+        })
+        .collect();
     let mut infos = Vec::with_capacity(asks.len());
     for ask in asks {
         infos.push(ask.await.ok().flatten());

@@ -13,15 +13,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use potluck_engine::{
-    ComputePool, KvCache, ModelFile, Row, Sampler, SamplingParams, SessionId, Stage, StageInput, StageOutput,
-};
+use potluck_engine::{ComputePool, KvCache, ModelFile, Row, Sampler, SessionId, Stage, StageInput, StageOutput};
 use potluck_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use crate::error::CoordinatorError;
 use crate::planner::StagePlan;
-use crate::transport::{Link, LinkEvent, LinkEvents, Transport};
+use crate::transport::{deliver, Link, LinkEvents, LinkKey, Transport};
 
 /// Where in a micro-batch's life on one stage a fault strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +261,7 @@ fn sample(
         let (sampler, history) = match l.samplers.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let params = row.sampling.map(from_pb).unwrap_or_default();
+                let params = row.sampling.map(crate::sampling_wire::decode).unwrap_or_default();
                 e.insert((Sampler::new(params).map_err(|e| e.to_string())?, Vec::new()))
             }
         };
@@ -275,21 +273,6 @@ fn sample(
         }
     }
     Ok(pb::ForwardReply { batch_id: request.batch_id, tokens, error: String::new() })
-}
-
-fn from_pb(s: pb::Sampling) -> SamplingParams {
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        top_logprobs: s.top_logprobs as usize,
-        logprobs: s.logprobs,
-    }
 }
 
 /// A link into the in-process workers.
@@ -305,11 +288,11 @@ impl Transport for InProcess {
 
     async fn open(
         &self,
-        id: u64,
-        epoch: u64,
+        key: LinkKey,
         first: &StagePlan,
         events: LinkEvents,
     ) -> Result<InProcessLink, CoordinatorError> {
+        let LinkKey { id, epoch } = key;
         {
             let w = self.lock();
             let up = w.by_id.get(&first.worker).filter(|x| x.health == Health::Up);
@@ -329,8 +312,7 @@ impl Transport for InProcess {
                     Fate::Broken(why) => Err(why),
                     Fate::Lost => continue,
                 };
-                let end = reply.is_err();
-                if events.send(LinkEvent { link: id, reply }).await.is_err() || end {
+                if !deliver(&events, id, reply).await {
                     return;
                 }
             }
@@ -344,12 +326,8 @@ impl Transport for InProcess {
 }
 
 impl Link for InProcessLink {
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    fn epoch(&self) -> u64 {
-        self.epoch
+    fn key(&self) -> LinkKey {
+        LinkKey { id: self.id, epoch: self.epoch }
     }
 
     async fn send(&self, batch_id: u64, rows: Vec<pb::Row>, tokens: Vec<u32>) -> Result<(), CoordinatorError> {

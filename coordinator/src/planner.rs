@@ -35,10 +35,50 @@ pub struct ModelCost {
 }
 
 impl ModelCost {
+    /// Weight bytes per layer, of the embedding and of the head, from the file
+    /// (the KV budget comes from the configuration).
+    pub fn of_file(
+        path: &std::path::Path,
+        c: &potluck_engine::ModelConfig,
+    ) -> Result<Self, crate::error::CoordinatorError> {
+        let g = potluck_engine::gguf::GgufFile::open(path)?;
+        let size = |pred: &dyn Fn(&str) -> bool| -> u64 {
+            g.tensors.iter().filter(|(n, _)| pred(n)).map(|(_, t)| t.n_bytes as u64).sum()
+        };
+        let blocks = size(&|n| n.starts_with("blk."));
+        let embed = size(&|n| n == "token_embd.weight");
+        let output = size(&|n| n == "output.weight");
+        let head = size(&|n| n == "output_norm.weight") + if output > 0 { output } else { embed };
+        // Multiply-adds per token: one per weight of every matrix (norms and biases are noise).
+        let elements = |pred: &dyn Fn(&str) -> bool| -> u64 {
+            g.tensors
+                .iter()
+                .filter(|(n, t)| pred(n) && t.dims.len() == 2)
+                .map(|(_, t)| t.dims.iter().product::<usize>() as u64)
+                .sum()
+        };
+        let head_name = if output > 0 { "output.weight" } else { "token_embd.weight" };
+        Ok(Self {
+            layers: c.layers,
+            layer_bytes: blocks / c.layers.max(1) as u64,
+            embed_bytes: embed,
+            head_bytes: head,
+            layer_macs: elements(&|n| n.starts_with("blk.")) / c.layers.max(1) as u64,
+            head_macs: elements(&|n| n == head_name),
+            kv_budget_bytes: 0,
+        })
+    }
+
     /// Bytes the smallest possible stage needs: one layer and the KV budget.
     fn one_layer_bytes(&self) -> u64 {
         self.layer_bytes.saturating_add(self.kv_budget_bytes)
     }
+}
+
+/// A 30-layer model of 100 bytes a layer, for tests of what builds on plans.
+#[cfg(test)]
+pub(crate) fn test_cost(embed_bytes: u64, head_bytes: u64, kv_budget_bytes: u64) -> ModelCost {
+    ModelCost { layers: 30, layer_bytes: 100, embed_bytes, head_bytes, layer_macs: 0, head_macs: 0, kv_budget_bytes }
 }
 
 /// One stage of a plan.

@@ -17,8 +17,9 @@ use tokio_stream::StreamExt as _;
 
 use crate::error::CoordinatorError;
 use crate::planner::StagePlan;
+use crate::stage_rpc::StageRpc;
 use crate::traffic::Traffic;
-use crate::transport::{Link, LinkEvent, LinkEvents, Transport};
+use crate::transport::{deliver, Link, LinkEvents, LinkKey, Transport};
 
 /// How long opening the stream to stage 0 may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,23 +37,19 @@ const SEND_BUFFER: usize = 64;
 pub(crate) struct GrpcTransport {
     /// Forward messages and bytes exchanged with stage 0.
     pub traffic: Arc<Traffic>,
+    /// Unary calls (releases after a break).
+    pub rpc: Arc<StageRpc>,
 }
 
 impl Transport for GrpcTransport {
     type Link = StageLink;
 
-    async fn open(
-        &self,
-        id: u64,
-        epoch: u64,
-        first: &StagePlan,
-        events: LinkEvents,
-    ) -> Result<StageLink, CoordinatorError> {
-        StageLink::open(id, epoch, first, Arc::clone(&self.traffic), events).await
+    async fn open(&self, key: LinkKey, first: &StagePlan, events: LinkEvents) -> Result<StageLink, CoordinatorError> {
+        StageLink::open(key.id, key.epoch, first, Arc::clone(&self.traffic), events).await
     }
 
     fn release_at(&self, first: &StagePlan, sessions: Vec<u64>) {
-        release_at(first, sessions);
+        release_at(&self.rpc, first, sessions);
     }
 }
 
@@ -124,8 +121,7 @@ impl StageLink {
                     Ok(None) => Err(format!("the pipeline stream ended ({via})")),
                     Err(s) => Err(format!("{} ({via})", status_text(&s))),
                 };
-                let end = reply.is_err();
-                if events.send(LinkEvent { link: id, reply }).await.is_err() || end {
+                if !deliver(&events, id, reply).await {
                     return;
                 }
             }
@@ -135,12 +131,8 @@ impl StageLink {
 }
 
 impl Link for StageLink {
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    fn epoch(&self) -> u64 {
-        self.epoch
+    fn key(&self) -> LinkKey {
+        LinkKey { id: self.id, epoch: self.epoch }
     }
 
     /// Stamps the micro-batch with this link's epoch and the current trace.
@@ -168,17 +160,24 @@ impl Link for StageLink {
     }
 }
 
-/// Frees `sessions` on every stage through stage 0 at `first`, over a new
-/// connection: for when the stream that carried them has broken, so the
-/// stages that survive do not keep their caches.
-fn release_at(first: &StagePlan, sessions: Vec<u64>) {
-    match tonic::transport::Endpoint::from_shared(first.address.clone()) {
-        Ok(endpoint) => {
-            let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
-            release_with(pb::stage_client::StageClient::new(channel), sessions);
-        }
-        Err(e) => tracing::warn!(?sessions, error = %e, "release: bad stage 0 address"),
+/// Frees `sessions` on every stage through stage 0 at `first`, over the
+/// client stack's channel: for when the stream that carried them has broken,
+/// so the stages that survive do not keep their caches.
+fn release_at(rpc: &Arc<StageRpc>, first: &StagePlan, sessions: Vec<u64>) {
+    if sessions.is_empty() {
+        return;
     }
+    let (rpc, address) = (Arc::clone(rpc), first.address.clone());
+    tokio::spawn(async move {
+        let release = |mut c: crate::stage_rpc::StageClient| {
+            let mut request = tonic::Request::new(pb::ReleaseRequest { sessions: sessions.clone() });
+            TraceHeaders::current().inject(&mut request);
+            async move { c.release(request).await }
+        };
+        if let Err(e) = rpc.call(&address, "Release", RELEASE_TIMEOUT, release).await {
+            tracing::warn!(?sessions, error = %e, "release failed");
+        }
+    });
 }
 
 fn release_with(mut client: pb::stage_client::StageClient<tonic::transport::Channel>, sessions: Vec<u64>) {

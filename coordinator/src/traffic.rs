@@ -10,6 +10,8 @@ use std::time::Duration;
 use potluck_proto::v1 as pb;
 use serde_json::{json, Value};
 
+use crate::stage_rpc::StageRpc;
+
 /// How long `/v1/cluster` waits for one stage's `Info` before showing nulls.
 pub const INFO_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -50,11 +52,6 @@ impl Traffic {
 /// What the stage at `address` reports about itself (`Info`), or `None` if it
 /// does not answer within [`INFO_TIMEOUT`]. Asked only when `/v1/cluster` or
 /// `/metrics` is read: the forward path never waits on it.
-pub async fn stage_info(address: String) -> Option<pb::InfoReply> {
-    let ask = async move {
-        let endpoint = tonic::transport::Endpoint::from_shared(address).ok()?.connect_timeout(INFO_TIMEOUT);
-        let mut client = pb::stage_client::StageClient::new(endpoint.connect().await.ok()?);
-        Some(client.info(pb::InfoRequest {}).await.ok()?.into_inner())
-    };
-    tokio::time::timeout(INFO_TIMEOUT, ask).await.ok().flatten()
+pub async fn stage_info(rpc: &StageRpc, address: &str) -> Option<pb::InfoReply> {
+    rpc.call(address, "Info", INFO_TIMEOUT, |mut c| async move { c.info(pb::InfoRequest {}).await }).await.ok()
 }

@@ -31,16 +31,31 @@ pub(crate) struct LinkEvent {
 /// Where a link delivers its events.
 pub(crate) type LinkEvents = mpsc::Sender<LinkEvent>;
 
+/// Hands one reply of link `link` to the scheduler; `false` once the link's
+/// reader should stop (the stream ended, or the scheduler is gone).
+pub(crate) async fn deliver(events: &LinkEvents, link: u64, reply: Result<pb::ForwardReply, String>) -> bool {
+    let end = reply.is_err();
+    events.send(LinkEvent { link, reply }).await.is_ok() && !end
+}
+
+/// A link's identity: which link, on which plan epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinkKey {
+    /// Distinguishes a link's events from those of links it replaced.
+    pub id: u64,
+    /// The plan epoch stamped on every micro-batch.
+    pub epoch: u64,
+}
+
 /// Opens links to the first stage of a plan.
 pub(crate) trait Transport: Send + Sync + 'static {
     /// The open stream.
     type Link: Link;
 
-    /// Opens a stream to `first` for `epoch`; its replies go to `events`, tagged `id`.
+    /// Opens a stream to `first` for `key.epoch`; its replies go to `events`, tagged `key.id`.
     fn open(
         &self,
-        id: u64,
-        epoch: u64,
+        key: LinkKey,
         first: &StagePlan,
         events: LinkEvents,
     ) -> impl Future<Output = Result<Self::Link, CoordinatorError>> + Send;
@@ -52,11 +67,8 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
 /// An open stream to stage 0 of one plan epoch.
 pub(crate) trait Link: Send + Sync + 'static {
-    /// Distinguishes this link's events from those of links it replaced.
-    fn id(&self) -> u64;
-
-    /// The plan epoch stamped on every micro-batch.
-    fn epoch(&self) -> u64;
+    /// Which link this is, on which epoch.
+    fn key(&self) -> LinkKey;
 
     /// Sends one micro-batch (the epoch and trace are stamped here).
     fn send(

@@ -47,7 +47,7 @@ struct Cluster {
     grpc: String,
     cache: tempfile::TempDir,
     workers: Vec<(String, Option<Daemon>)>,
-    _coordinator: Daemon,
+    coordinator: Daemon,
 }
 
 impl Cluster {
@@ -65,7 +65,7 @@ impl Cluster {
             grpc: grpc.to_string(),
             cache: tempfile::tempdir()?,
             workers: Vec::new(),
-            _coordinator: coordinator,
+            coordinator,
         };
         for i in 0..workers {
             c.add_worker(&format!("w{i}"))?;
@@ -200,17 +200,33 @@ fn report(what: &str, stalls: &[Duration]) {
     eprintln!("[stall] {what}: median {:.2} s, max {:.2} s", median.as_secs_f64(), max.as_secs_f64());
 }
 
+/// Prints when the kill happened and the coordinator's log of the failover
+/// steps (its timestamps are UTC), so a stall can be taken apart.
+fn show_failover_steps(c: &Cluster, killed: std::time::SystemTime) {
+    let since = killed.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let day = since.as_secs_f64() % 86_400.0;
+    let (h, m, sec) = ((day / 3600.0) as u64, (day % 3600.0 / 60.0) as u64, day % 60.0);
+    eprintln!("[stall] killed at {h:02}:{m:02}:{sec:06.3} UTC");
+    let steps = ["WARN", "probed the stages", "applying plan", "plan ready", "failover done", "replayed", "joined"];
+    for line in c.coordinator.log().lines().filter(|l| steps.iter().any(|s| l.contains(s))) {
+        eprintln!("[stall]   {line}");
+    }
+}
+
 fn kill_stage_mid_stream(workers: usize, stages: usize, stage: usize) -> anyhow::Result<Vec<Duration>> {
     let mut c = Cluster::start(workers, Some(stages), &[])?;
     let what = format!("kill -9 stage {stage} of {stages}, {} spare(s)", workers - stages);
     let http = c.http.clone();
     let mut killed_at = Instant::now();
+    let mut killed_wall = std::time::SystemTime::now();
     let outcomes = run_streams(&http, STREAMS * TOKENS / 3, || {
         killed_at = Instant::now();
+        killed_wall = std::time::SystemTime::now();
         c.stage_worker(stage)?.kill_hard()
     })?;
     let stalls = check(&outcomes, killed_at, &what)?;
     report(&what, &stalls);
+    show_failover_steps(&c, killed_wall);
     let after = c.info()?;
     ensure!(after["ready"] == true, "{what}: not ready after: {after}");
     let failovers: f64 = metric(&http_request(&c.http, "GET", "/metrics", None)?.1, "potluck_failovers_total")
@@ -245,6 +261,13 @@ fn a_stopped_worker_is_treated_as_dead_and_does_no_harm_when_it_continues() -> a
     reference()?;
     let mut c = Cluster::start(4, Some(3), &["--deadline-floor", "2"])?;
     let pid = c.stage_worker(1)?.pid().to_string();
+    let before = c.info()?;
+    let stopped_id = before["stages"][1]["worker"].as_str().context("stage 1")?.to_string();
+    let stopped_instance = before["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["id"] == stopped_id.as_str()))
+        .map(|w| w["instance"].clone())
+        .context("the stopped worker's record")?;
     let mut stopped_at = Instant::now();
     let outcomes = run_streams(&c.http.clone(), STREAMS * TOKENS / 3, || {
         stopped_at = Instant::now();
@@ -256,10 +279,54 @@ fn a_stopped_worker_is_treated_as_dead_and_does_no_harm_when_it_continues() -> a
     report("SIGSTOP stage 1 of 3, 1 spare", &stalls);
     let s = std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
     ensure!(s.success(), "kill -CONT failed");
+    // Whatever the continued worker still sends carries the old epoch, and every stage refuses it.
+    let now = c.info()?;
+    ensure!(now["epoch"].as_u64() > before["epoch"].as_u64(), "a new epoch after the failover: {now}");
+    let first = now["stages"][0]["address"].as_str().context("stage 0")?;
+    stale_epoch_is_refused(first, before["epoch"].as_u64().context("epoch")?)?;
     // The continued worker holds a stale epoch: it is out of the plan, and serving goes on untouched.
     let outcomes = run_streams(&c.http.clone(), 0, || Ok(()))?;
     check(&outcomes, Instant::now(), "after SIGCONT")?;
+    // It notices its freeze and joins again as a new member: the only spare now.
+    wait_for(Duration::from_secs(60), || {
+        let info = c.info().ok()?;
+        let me = info["workers"].as_array()?.iter().find(|w| w["id"] == stopped_id.as_str())?.clone();
+        (me["instance"] != stopped_instance).then_some(())
+    })
+    .context("the continued worker did not join again")?;
+    // Kill a serving stage: the re-joined worker must take its place.
+    let mut killed_at = Instant::now();
+    let outcomes = run_streams(&c.http.clone(), STREAMS * TOKENS / 3, || {
+        killed_at = Instant::now();
+        c.stage_worker(0)?.kill_hard()
+    })?;
+    let stalls = check(&outcomes, killed_at, "kill -9 after the re-join")?;
+    report("kill -9 stage 0 of 3, the re-joined worker as spare", &stalls);
+    let info = c.wait_ready(3)?;
+    let serving: Vec<&str> =
+        info["stages"].as_array().context("stages")?.iter().filter_map(|s| s["worker"].as_str()).collect();
+    ensure!(serving.contains(&stopped_id.as_str()), "the re-joined worker should serve now: {serving:?}");
     Ok(())
+}
+
+/// Sends stage 0 at `address` a micro-batch stamped with `epoch` and expects "stale epoch".
+fn stale_epoch_is_refused(address: &str, epoch: u64) -> anyhow::Result<()> {
+    use potluck_proto::v1 as pb;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut client = pb::stage_client::StageClient::connect(address.to_string()).await?;
+        let row = pb::Row { session: 1 << 40, position: 0, sample: true, sampling: None };
+        let request = pb::ForwardRequest { epoch, batch_id: 1, rows: vec![row], tokens: vec![1], ..Default::default() };
+        let mut replies = client.forward(tokio_stream::iter(vec![request])).await?.into_inner();
+        match replies.message().await {
+            Err(s) => ensure!(
+                s.code() == tonic::Code::FailedPrecondition && s.message().contains("stale epoch"),
+                "expected a stale epoch refusal, got {s:?}"
+            ),
+            Ok(r) => anyhow::bail!("a micro-batch of epoch {epoch} was served: {r:?}"),
+        }
+        Ok(())
+    })
 }
 
 #[test]

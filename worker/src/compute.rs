@@ -25,6 +25,8 @@ pub(crate) struct Loaded {
     pub stage: DeviceStage,
     /// Their KV cache (on the same device).
     pub cache: DeviceCache,
+    /// The shard's content hash: a later epoch asking for the same one keeps the layers.
+    pub digest: String,
     /// The plan epoch requests must carry.
     pub epoch: u64,
     /// Hidden-state dtype in and out.
@@ -82,8 +84,26 @@ pub(crate) struct Snapshot {
     pub busy: std::time::Duration,
 }
 
+/// A new epoch's terms for the stage already held.
+#[derive(Debug, Clone)]
+pub(crate) struct Renewal {
+    /// The shard the epoch asks for; the layers are kept only if it is the one held.
+    pub digest: String,
+    /// Its layers.
+    pub layers: Range<usize>,
+    /// The new plan epoch.
+    pub epoch: u64,
+    /// Hidden-state dtype in and out.
+    pub wire: WireDtype,
+    /// Where outputs go now (`None` on the last stage).
+    pub next_stage: Option<String>,
+    /// KV budget of the fresh cache.
+    pub kv_budget: usize,
+}
+
 enum Job {
     Install(Box<Loaded>, oneshot::Sender<Result<(), WorkerError>>),
+    Renew(Renewal, oneshot::Sender<Result<Option<usize>, WorkerError>>),
     /// The span is the caller's, so the compute span joins the micro-batch's trace.
     Forward(Box<Batch>, tracing::Span, oneshot::Sender<Result<ForwardOutcome, WorkerError>>),
     Release(Vec<SessionId>, oneshot::Sender<(usize, Option<String>)>),
@@ -116,6 +136,15 @@ impl Compute {
     /// Replaces the loaded stage, unless `loaded` belongs to an older epoch.
     pub async fn install(&self, loaded: Loaded) -> Result<(), WorkerError> {
         self.ask(|tx| Job::Install(Box::new(loaded), tx)).await?
+    }
+
+    /// Moves the stage held to a new epoch without reloading its layers, if
+    /// it holds the shard `renewal` names; returns the weight bytes it keeps
+    /// if it did. The KV
+    /// cache and samplers start empty, as after a load: sessions replay
+    /// from their tokens on every new epoch.
+    pub async fn renew(&self, renewal: Renewal) -> Result<Option<usize>, WorkerError> {
+        self.ask(|tx| Job::Renew(renewal, tx)).await?
     }
 
     /// Queues a batch behind the thread's current work; the receiver yields
@@ -160,6 +189,22 @@ fn run(jobs: &mpsc::Receiver<Job>, pool: &ComputePool) {
                         state = Some(State { loaded: *loaded, samplers: SamplerState::default() });
                         Ok(())
                     }
+                };
+                let _ = reply.send(result);
+            }
+            Job::Renew(r, reply) => {
+                let result = match &mut state {
+                    Some(s) if s.loaded.epoch > r.epoch => {
+                        Err(WorkerError::StaleEpoch { got: r.epoch, current: s.loaded.epoch })
+                    }
+                    Some(s) if s.loaded.digest == r.digest && s.loaded.stage.range() == r.layers => {
+                        let l = &mut s.loaded;
+                        l.cache = l.stage.new_cache(r.kv_budget);
+                        (l.epoch, l.wire, l.next_stage) = (r.epoch, r.wire, r.next_stage);
+                        s.samplers = SamplerState::default();
+                        Ok(Some(l.stage.weight_bytes()))
+                    }
+                    _ => Ok(None),
                 };
                 let _ = reply.send(result);
             }

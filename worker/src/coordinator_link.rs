@@ -26,6 +26,23 @@ pub(crate) struct CoordinatorLink {
     client: CoordinatorClient<Channel>,
 }
 
+/// Joins again as a new member after each freeze `freezes` counts (the
+/// coordinator gives every join a new instance, so the fence on the old one
+/// no longer applies); ends when the worker stops.
+pub(crate) async fn rejoin_after_freezes(
+    address: String,
+    request: pb::JoinRequest,
+    budget: Duration,
+    mut freezes: tokio::sync::watch::Receiver<u64>,
+) {
+    while freezes.changed().await.is_ok() {
+        match CoordinatorLink::join(&address, request.clone(), budget).await {
+            Ok(_) => tracing::info!(coordinator = %address, "joined again as a new member"),
+            Err(e) => tracing::warn!(coordinator = %address, error = %e, "could not join again after a freeze"),
+        }
+    }
+}
+
 impl CoordinatorLink {
     /// Connects and joins, retrying an unreachable coordinator with backoff until `budget` has passed.
     pub async fn join(

@@ -30,6 +30,7 @@ pub mod config;
 mod coordinator_link;
 pub mod error;
 mod forward;
+mod freeze;
 pub mod gpu_memory;
 mod load_spec;
 mod peers;
@@ -97,6 +98,7 @@ pub async fn run(
         let _ = rx.wait_for(|&s| s).await;
     };
 
+    let freezes = freeze::watch_freezes(stopping.clone());
     let device_info = capability::device_info(device, &capability::GpuProbeEnv::from_process())?;
     let coordinator = match &config.coordinator {
         None => None,
@@ -116,11 +118,13 @@ pub async fn run(
                     free_bytes: device_info.free_bytes,
                 }),
             };
-            let join = coordinator_link::CoordinatorLink::join(address, request, config.join_timeout);
+            let join = coordinator_link::CoordinatorLink::join(address, request.clone(), config.join_timeout);
             tokio::select! {
                 joined = join => {
                     let (link, cluster) = joined?;
                     tracing::info!(coordinator = link.address(), cluster, worker = id, "joined");
+                    let rejoin = coordinator_link::rejoin_after_freezes(address.clone(), request, config.join_timeout, freezes.clone());
+                    tokio::spawn(rejoin);
                     Some(link)
                 }
                 () = stopped(stopping.clone()) => return Ok(()),
@@ -147,7 +151,7 @@ pub async fn run(
                 instance: format!("{}-{}", std::process::id(), started.as_nanos()),
             };
             let r = registration::Registration { client, keys, record, ttl: reg.lease_ttl, threads, device };
-            Some(tokio::spawn(r.run(stopping.clone())))
+            Some(tokio::spawn(r.run(stopping.clone(), freezes.clone())))
         }
     };
 
@@ -162,6 +166,8 @@ pub async fn run(
         transferred: AtomicU64::new(0),
         hidden: traffic::HiddenTraffic::default(),
         loading: Mutex::new(()),
+        warm: std::sync::Mutex::default(),
+        serving_loads: AtomicU64::new(0),
         stopping: stopping.clone(),
     });
     tracing::info!(listen = %local, advertise, threads, device = %device, "worker serving");

@@ -42,11 +42,7 @@ impl TryFrom<pb::LoadRequest> for LoadSpec {
             url if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_string()),
             other => return Err(InvalidRequest::NextStage(other.to_string())),
         };
-        let shard_source = match r.shard_source.trim() {
-            "" => None,
-            url if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_string()),
-            other => return Err(InvalidRequest::ShardSource(other.to_string())),
-        };
+        let shard_source = shard_source(&r.shard_source)?;
         let kv_budget = match r.kv_budget_bytes {
             0 => DEFAULT_KV_BUDGET_BYTES,
             n => usize::try_from(n).unwrap_or(usize::MAX),
@@ -60,6 +56,43 @@ impl TryFrom<pb::LoadRequest> for LoadSpec {
             kv_budget,
             shard_source,
         })
+    }
+}
+
+/// The shards a spare is asked to hold loaded, decoded and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WarmSpec {
+    /// Each shard's layers and digest.
+    pub shards: Vec<(Range<usize>, String)>,
+    /// The coordinator to fetch them from; `None` = the one joined at start.
+    pub shard_source: Option<String>,
+}
+
+impl TryFrom<pb::WarmRequest> for WarmSpec {
+    type Error = InvalidRequest;
+
+    fn try_from(r: pb::WarmRequest) -> Result<Self, InvalidRequest> {
+        let shards = r
+            .shards
+            .into_iter()
+            .map(|s| {
+                if s.layer_start >= s.layer_end {
+                    return Err(InvalidRequest::LayerRange { start: s.layer_start, end: s.layer_end });
+                }
+                check_digest(&s.shard_digest)?;
+                Ok((s.layer_start as usize..s.layer_end as usize, s.shard_digest))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { shards, shard_source: shard_source(&r.shard_source)? })
+    }
+}
+
+/// An optional coordinator URL: empty means the coordinator joined at start.
+fn shard_source(url: &str) -> Result<Option<String>, InvalidRequest> {
+    match url.trim() {
+        "" => Ok(None),
+        url if url.starts_with("http://") || url.starts_with("https://") => Ok(Some(url.to_string())),
+        other => Err(InvalidRequest::ShardSource(other.to_string())),
     }
 }
 
@@ -117,5 +150,22 @@ mod tests {
         assert!(matches!(LoadSpec::try_from(r), Err(InvalidRequest::ShardSource(_))));
         let r = pb::LoadRequest { shard_source: "http://10.0.0.1:7070".into(), ..request() };
         assert_eq!(LoadSpec::try_from(r).expect("valid").shard_source.as_deref(), Some("http://10.0.0.1:7070"));
+    }
+
+    #[test]
+    fn decodes_a_warm_request_and_rejects_bad_shards() {
+        let shard = |start, end, digest: &str| pb::WarmShard {
+            layer_start: start,
+            layer_end: end,
+            shard_digest: digest.into(),
+        };
+        let r = pb::WarmRequest { shards: vec![shard(0, 10, "ab"), shard(10, 30, "cd")], shard_source: String::new() };
+        let s = WarmSpec::try_from(r).expect("valid");
+        assert_eq!(s.shards, vec![(0..10, "ab".to_string()), (10..30, "cd".to_string())]);
+        assert_eq!(s.shard_source, None);
+        let r = pb::WarmRequest { shards: vec![shard(3, 3, "ab")], shard_source: String::new() };
+        assert!(matches!(WarmSpec::try_from(r), Err(InvalidRequest::LayerRange { .. })));
+        let r = pb::WarmRequest { shards: vec![shard(0, 3, "../x")], shard_source: String::new() };
+        assert!(matches!(WarmSpec::try_from(r), Err(InvalidRequest::Digest(_))));
     }
 }

@@ -31,8 +31,11 @@ pub(crate) struct Registration {
 
 impl Registration {
     /// Keeps the worker registered until `stopping` turns true, then deregisters.
-    pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
+    /// After a freeze (counted by `freezes`) it registers again as a new
+    /// instance, since the coordinator has fenced the old one.
+    pub async fn run(mut self, mut stopping: watch::Receiver<bool>, mut freezes: watch::Receiver<u64>) {
         let key = self.keys.worker(&self.record.id);
+        let first_instance = self.record.instance.clone();
         loop {
             self.probe_once().await;
             let lease = match LeaseKeeper::grant(&self.client, self.ttl).await {
@@ -62,6 +65,13 @@ impl Registration {
                     lease.revoke().await;
                     tracing::info!(key, "deregistered from etcd");
                     return;
+                }
+                if freezes.has_changed().unwrap_or(false) {
+                    let n = *freezes.borrow_and_update();
+                    self.record.instance = format!("{first_instance}-{n}");
+                    lease.revoke().await;
+                    tracing::warn!(key, "registering again as a new member after a freeze");
+                    break;
                 }
                 let alive = tokio::select! {
                     alive = lease.refresh() => Some(alive),

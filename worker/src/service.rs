@@ -11,7 +11,7 @@ use tracing::Instrument as _;
 
 use crate::error::WorkerError;
 use crate::forward::{self, Replies};
-use crate::load_spec::LoadSpec;
+use crate::load_spec::{LoadSpec, WarmSpec};
 use crate::worker::Worker;
 
 /// Serves `potluck.v1.Stage` for one worker.
@@ -48,6 +48,13 @@ impl pb::stage_server::Stage for StageService {
             transferred_bytes: out.transferred,
             weight_bytes: out.weight_bytes,
         }))
+    }
+
+    async fn warm(&self, request: Request<pb::WarmRequest>) -> Result<Response<pb::WarmReply>, Status> {
+        let span = traced(tracing::info_span!("stage.warm"), &request);
+        let spec = WarmSpec::try_from(request.into_inner()).map_err(WorkerError::from)?;
+        let (held, transferred) = self.worker.warm(spec).instrument(span).await?;
+        Ok(Response::new(pb::WarmReply { held: to_u32(held), transferred_bytes: transferred }))
     }
 
     type ForwardStream = Replies;

@@ -9,12 +9,12 @@ use potluck_engine::{Device, DeviceStage, ModelFile, SessionId, StageBackend};
 use tokio::sync::{watch, Mutex};
 
 use crate::capability::free_memory_bytes;
-use crate::compute::{Compute, Loaded};
+use crate::compute::{Compute, Loaded, Renewal};
 use crate::coordinator_link::CoordinatorLink;
 use crate::error::{InvalidRequest, WorkerError};
-use crate::load_spec::LoadSpec;
+use crate::load_spec::{LoadSpec, WarmSpec};
 use crate::peers::Peers;
-use crate::shard_cache::ShardCache;
+use crate::shard_cache::{CachedShard, ShardCache};
 use crate::traffic::HiddenTraffic;
 
 /// The result of a load.
@@ -26,6 +26,15 @@ pub(crate) struct LoadOutcome {
     pub transferred: u64,
     /// Bytes of weights held.
     pub weight_bytes: u64,
+}
+
+/// A stage a spare holds loaded but serves nothing with.
+#[derive(Debug)]
+pub(crate) struct WarmStage {
+    /// The shard's content hash.
+    pub digest: String,
+    /// The layers, loaded.
+    pub stage: DeviceStage,
 }
 
 /// What `Info` reports.
@@ -78,6 +87,11 @@ pub(crate) struct Worker {
     pub hidden: HiddenTraffic,
     /// One load at a time: loads share part files and replace the stage.
     pub loading: Mutex<()>,
+    /// Stages a spare holds loaded for a `Load` to take at no cost (only
+    /// touched under `loading`).
+    pub warm: std::sync::Mutex<Vec<WarmStage>>,
+    /// Counts loads that made this worker serve, so a warm-up under way stops when one does.
+    pub serving_loads: AtomicU64,
     /// Becomes true when the worker shuts down; open streams end.
     pub stopping: watch::Receiver<bool>,
 }
@@ -90,22 +104,30 @@ impl Worker {
         if !current.layers.is_empty() && current.epoch > spec.epoch {
             return Err(WorkerError::StaleEpoch { got: spec.epoch, current: current.epoch });
         }
-        // The coordinator that sent the plan serves its shards (with etcd, the current leader).
-        let source;
-        let link = match &spec.shard_source {
-            Some(address) => {
-                source = CoordinatorLink::connect(address).await?;
-                &source
-            }
-            None => self.coordinator.as_ref().ok_or(WorkerError::NoCoordinator)?,
+        // A stage that keeps its shard under a new plan keeps its layers loaded: no fetch, no reload.
+        let renewal = Renewal {
+            digest: spec.digest.clone(),
+            layers: spec.layers.clone(),
+            epoch: spec.epoch,
+            wire: spec.wire,
+            next_stage: spec.next_stage.clone(),
+            kv_budget: spec.kv_budget,
         };
-        let manifest = link.manifest(&spec.layers).await?;
-        if manifest.digest != spec.digest {
-            return Err(WorkerError::DigestMismatch { requested: spec.digest, served: manifest.digest });
+        if let Some(weight_bytes) = self.compute.renew(renewal).await? {
+            if let Some(next) = &spec.next_stage {
+                self.peers.learn_name(next).await;
+            }
+            tracing::info!(epoch = spec.epoch, layers = ?spec.layers, "stage kept for the new epoch");
+            return Ok(LoadOutcome { epoch: spec.epoch, transferred: 0, weight_bytes: weight_bytes as u64 });
         }
-        let shard = self.shards.ensure(&manifest, link).await?;
-        self.transferred.fetch_add(shard.transferred, Ordering::Relaxed);
-        let stage = load_stage(shard.path.clone(), spec.layers.clone(), self.device).await?;
+        let (stage, transferred) = match self.take_warm(&spec.digest, &spec.layers) {
+            Some(stage) => (stage, 0),
+            None => {
+                let link = self.shard_link(spec.shard_source.as_deref()).await?;
+                let shard = self.fetch(&link, &spec.layers, &spec.digest).await?;
+                (load_stage(shard.path, spec.layers.clone(), self.device).await?, shard.transferred)
+            }
+        };
         if !stage.is_last() && spec.next_stage.is_none() {
             return Err(InvalidRequest::MissingNextStage { start: spec.layers.start, end: spec.layers.end }.into());
         }
@@ -114,17 +136,92 @@ impl Worker {
         }
         let weight_bytes = stage.weight_bytes() as u64;
         let cache = stage.new_cache(spec.kv_budget);
-        let loaded = Loaded { stage, cache, epoch: spec.epoch, wire: spec.wire, next_stage: spec.next_stage };
+        let loaded = Loaded {
+            stage,
+            cache,
+            digest: spec.digest.clone(),
+            epoch: spec.epoch,
+            wire: spec.wire,
+            next_stage: spec.next_stage,
+        };
         self.compute.install(loaded).await?;
+        // Serving now, not a spare: what it held warm is memory the stage's KV cache may need.
+        self.serving_loads.fetch_add(1, Ordering::AcqRel);
+        self.warm_set().clear();
         tracing::info!(
             epoch = spec.epoch,
             layers = ?spec.layers,
             digest = %spec.digest,
-            transferred = shard.transferred,
+            transferred,
             weight_bytes,
             "stage loaded"
         );
-        Ok(LoadOutcome { epoch: spec.epoch, transferred: shard.transferred, weight_bytes })
+        Ok(LoadOutcome { epoch: spec.epoch, transferred, weight_bytes })
+    }
+
+    /// As a spare: holds exactly the shards `spec` names loaded (fetching
+    /// those not cached), so that a `Load` of one of them costs no transfer
+    /// and no reload. Returns how many are held and the bytes fetched.
+    /// Shard by shard, so a `Load` that arrives meanwhile (a stage died)
+    /// waits for one shard at most; once the worker serves, it stops.
+    pub async fn warm(&self, spec: WarmSpec) -> Result<(usize, u64), WorkerError> {
+        let served = self.serving_loads.load(Ordering::Acquire);
+        let link = self.shard_link(spec.shard_source.as_deref()).await?;
+        let wanted =
+            |w: &WarmStage, layers: &Range<usize>, digest: &str| w.digest == digest && w.stage.range() == *layers;
+        self.warm_set().retain(|w| spec.shards.iter().any(|(l, d)| wanted(w, l, d)));
+        let mut transferred = 0;
+        for (layers, digest) in spec.shards {
+            let _one_at_a_time = self.loading.lock().await;
+            if self.serving_loads.load(Ordering::Acquire) != served {
+                break;
+            }
+            if self.warm_set().iter().any(|w| wanted(w, &layers, &digest)) {
+                continue;
+            }
+            let shard = self.fetch(&link, &layers, &digest).await?;
+            transferred += shard.transferred;
+            let stage = load_stage(shard.path, layers.clone(), self.device).await?;
+            tracing::info!(layers = ?layers, digest = %digest, "holding a shard warm");
+            self.warm_set().push(WarmStage { digest, stage });
+        }
+        Ok((self.warm_set().len(), transferred))
+    }
+
+    /// The coordinator that serves the plan's shards: `source` when named
+    /// (with etcd, the current leader), else the one joined at start.
+    async fn shard_link(&self, source: Option<&str>) -> Result<CoordinatorLink, WorkerError> {
+        match source {
+            Some(address) => CoordinatorLink::connect(address).await,
+            None => self.coordinator.clone().ok_or(WorkerError::NoCoordinator),
+        }
+    }
+
+    /// Makes sure shard `digest` of `layers` is on disk and verified, fetching what is missing.
+    async fn fetch(
+        &self,
+        link: &CoordinatorLink,
+        layers: &Range<usize>,
+        digest: &str,
+    ) -> Result<CachedShard, WorkerError> {
+        let manifest = link.manifest(layers).await?;
+        if manifest.digest != digest {
+            return Err(WorkerError::DigestMismatch { requested: digest.to_string(), served: manifest.digest });
+        }
+        let shard = self.shards.ensure(&manifest, link).await?;
+        self.transferred.fetch_add(shard.transferred, Ordering::Relaxed);
+        Ok(shard)
+    }
+
+    fn warm_set(&self) -> std::sync::MutexGuard<'_, Vec<WarmStage>> {
+        self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the warm stage of shard `digest` (layers `layers`), if held.
+    fn take_warm(&self, digest: &str, layers: &Range<usize>) -> Option<DeviceStage> {
+        let mut set = self.warm_set();
+        let i = set.iter().position(|w| w.digest == digest && w.stage.range() == *layers)?;
+        Some(set.swap_remove(i).stage)
     }
 
     /// Frees sessions here, then asks the next stage to do the same (best effort).

@@ -312,3 +312,56 @@ async fn an_unreachable_coordinator_fails_the_start_by_name() {
     let err = run(listener, config, std::future::pending()).await.expect_err("no cuda:7");
     assert!(matches!(err, WorkerError::Device(_)) && err.to_string().contains("cuda:7"), "{err}");
 }
+
+#[tokio::test]
+async fn a_new_epoch_on_the_shard_held_keeps_the_layers_and_starts_the_cache_afresh() {
+    use std::sync::atomic::Ordering;
+    let c = Chain::start(None).await;
+    let mut first = c.first.client().await;
+    let before = Stream::once(&mut first, batch(1, 0, 5, 0, &prompt(), None)).await.expect("epoch 1");
+    assert!(kv_bytes(&c.first).await > 0);
+    let manifests = c.coordinator.manifests.load(Ordering::SeqCst);
+    let digest = &c.coordinator.digest;
+    let b = c.last.client().await.load(load_request(2, (2, 4), digest, "")).await.expect("renew last").into_inner();
+    let a = first.load(load_request(2, (0, 2), digest, &c.last.url)).await.expect("renew first").into_inner();
+    assert_eq!((a.epoch, b.epoch, a.transferred_bytes, b.transferred_bytes), (2, 2, 0, 0));
+    assert!(a.weight_bytes > 0 && b.weight_bytes > 0, "the weights are still held");
+    assert_eq!(c.coordinator.manifests.load(Ordering::SeqCst), manifests, "kept layers fetch nothing");
+    assert_eq!(kv_bytes(&c.first).await, 0, "the cache starts afresh");
+    let stale = Stream::once(&mut first, batch(1, 1, 6, 0, &prompt(), None)).await.expect_err("stale");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let after = Stream::once(&mut first, batch(2, 2, 5, 0, &prompt(), None)).await.expect("epoch 2");
+    let ids = |r: &pb::ForwardReply| r.tokens.iter().map(|t| (t.session, t.token)).collect::<Vec<_>>();
+    assert_eq!(ids(&after), ids(&before), "the same session replayed gives the same token");
+    // Another range of the same file is another stage: loaded, not kept.
+    let other = first.load(load_request(3, (0, 1), digest, &c.last.url)).await.expect("load").into_inner();
+    assert!(other.weight_bytes < a.weight_bytes);
+    assert_eq!(c.coordinator.manifests.load(Ordering::SeqCst), manifests + 1);
+}
+
+#[tokio::test]
+async fn a_spare_takes_a_warm_shard_without_fetching_it_again() {
+    use std::sync::atomic::Ordering;
+    let c = Chain::start(None).await;
+    let spare = TestWorker::start(&c.coordinator_url, &c.dir.path().join("cache-spare")).await;
+    let mut client = spare.client().await;
+    let shard =
+        |start, end| pb::WarmShard { layer_start: start, layer_end: end, shard_digest: c.coordinator.digest.clone() };
+    let warm = pb::WarmRequest { shards: vec![shard(0, 2), shard(2, 4)], shard_source: String::new() };
+    let reply = client.warm(warm.clone()).await.expect("warm").into_inner();
+    assert_eq!(reply.held, 2);
+    assert_eq!(reply.transferred_bytes, c.coordinator.shard.len() as u64, "fetched once for both ranges");
+    let manifests = c.coordinator.manifests.load(Ordering::SeqCst);
+    let again = client.warm(warm).await.expect("warm again").into_inner();
+    assert_eq!((again.held, again.transferred_bytes), (2, 0));
+    assert_eq!(c.coordinator.manifests.load(Ordering::SeqCst), manifests, "what is held is not asked again");
+    // It replaces the first stage: the warm layers serve at once, with no fetch.
+    let loaded = client.load(load_request(2, (0, 2), &c.coordinator.digest, &c.last.url)).await.expect("load");
+    assert_eq!(loaded.into_inner().transferred_bytes, 0);
+    assert_eq!(c.coordinator.manifests.load(Ordering::SeqCst), manifests);
+    c.last.client().await.load(load_request(2, (2, 4), &c.coordinator.digest, "")).await.expect("renew last");
+    let reply = Stream::once(&mut client, batch(2, 0, 5, 0, &prompt(), None)).await.expect("serves");
+    assert_eq!(reply.tokens.len(), 1);
+    let bad = pb::WarmRequest { shards: vec![shard(3, 3)], shard_source: String::new() };
+    assert_eq!(client.warm(bad).await.expect_err("empty range").code(), Code::InvalidArgument);
+}

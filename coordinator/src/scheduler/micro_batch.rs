@@ -5,7 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use potluck_engine::SamplingParams;
 use potluck_proto::v1 as pb;
 
 use super::Core;
@@ -72,6 +71,13 @@ impl RoundTrips {
     }
 }
 
+/// Most rows of a micro-batch that replays sessions after a failover. Every
+/// session replays at once, and the stage with the most layers must run all
+/// their tokens before the last of them resumes; smaller micro-batches let
+/// the first sessions resume early and leave only a short tail behind the
+/// slowest stage's last batch, where a few large ones would leave a long one.
+pub const REPLAY_BATCH_ROWS: usize = 128;
+
 /// A micro-batch ready to send.
 pub(super) struct Formed {
     pub id: u64,
@@ -105,6 +111,9 @@ impl<T: Transport> Core<T> {
         let share = self.sessions.len().div_ceil(slots).max(1);
         let (mut rows, mut tokens, mut members) = (Vec::new(), Vec::new(), Vec::new());
         let mut budget = self.config.max_batch_rows.max(1);
+        if ready.first().and_then(|(_, id)| self.sessions.get(id)).is_some_and(|s| s.replays > 0) {
+            budget = budget.min(REPLAY_BATCH_ROWS);
+        }
         let mut decode = false;
         for (_, id) in ready {
             let turn = self.take_turn();
@@ -151,22 +160,6 @@ impl<T: Transport> Core<T> {
         self.metrics.batch_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
         self.inflight.insert(id, InFlight { members, rows: rows.len(), sent: Instant::now() });
         Some(Formed { id, rows, tokens, span })
-    }
-}
-
-/// The wire form of a request's sampling settings.
-pub(super) fn to_pb(s: &SamplingParams) -> pb::Sampling {
-    pb::Sampling {
-        temperature: s.temperature,
-        top_k: u32::try_from(s.top_k).unwrap_or(u32::MAX),
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        top_logprobs: u32::try_from(s.top_logprobs).unwrap_or(u32::MAX),
-        logprobs: s.logprobs,
     }
 }
 

@@ -189,6 +189,8 @@ struct Core<T: Transport> {
     paused: bool,
     pause_waiters: Vec<oneshot::Sender<()>>,
     failover: Option<Failover>,
+    /// When the last failover's plan arrived, until the first token after it (the replay's length).
+    replaying: Option<Instant>,
     failures: watch::Sender<Option<StageFailure>>,
     serving: watch::Sender<Serving>,
     to_release: Vec<u64>,
@@ -228,6 +230,7 @@ impl<T: Transport> Core<T> {
             paused: false,
             pause_waiters: Vec::new(),
             failover: None,
+            replaying: None,
             failures,
             serving,
             to_release: Vec::new(),
@@ -299,7 +302,7 @@ impl<T: Transport> Core<T> {
             tokens: g.prompt,
             prompt_len,
             max_tokens: g.max_tokens,
-            sampling: micro_batch::to_pb(&g.sampling),
+            sampling: crate::sampling_wire::encode(&g.sampling),
             reserved: needed,
             sent: 0,
             in_flight: false,
@@ -353,7 +356,7 @@ impl<T: Transport> Core<T> {
         let capacity =
             Admission::capacity_of(&plan.stages, self.config.worker_kv_budget, self.config.kv_bytes_per_token_layer);
         self.admission.set_capacity(capacity);
-        if self.link.as_ref().is_some_and(|l| l.epoch() != plan.epoch) {
+        if self.link.as_ref().is_some_and(|l| l.key().epoch != plan.epoch) {
             self.link = None;
         }
         // Whatever is still in flight ran on the old plan: its sessions go again from their tokens.
@@ -369,6 +372,7 @@ impl<T: Transport> Core<T> {
             let stall = f.since.elapsed();
             self.metrics.failover_stall.observe(stall);
             tracing::info!(epoch = plan.epoch, stall_ms = stall.as_millis(), sessions = moved, "failover done");
+            self.replaying = Some(Instant::now());
         }
         tracing::info!(
             epoch = plan.epoch,
@@ -404,7 +408,7 @@ impl<T: Transport> Core<T> {
             let id = self.next_link;
             self.next_link += 1;
             let events = self.link_events.0.clone();
-            match self.transport.open(id, plan.epoch, first, events).await {
+            match self.transport.open(crate::transport::LinkKey { id, epoch: plan.epoch }, first, events).await {
                 Ok(link) => self.link = Some(link),
                 Err(e) => {
                     self.begin_failover(&e.to_string(), true);
@@ -427,7 +431,7 @@ impl<T: Transport> Core<T> {
     }
 
     fn link_event(&mut self, event: LinkEvent) {
-        if self.link.as_ref().is_none_or(|l| l.id() != event.link) {
+        if self.link.as_ref().is_none_or(|l| l.key().id != event.link) {
             return; // A replaced link's late news.
         }
         let reply = match event.reply {
@@ -464,6 +468,9 @@ impl<T: Transport> Core<T> {
         }
         s.last_token = Some(now);
         s.replays = 0;
+        if let Some(since) = self.replaying.take() {
+            tracing::info!(replay_ms = since.elapsed().as_millis(), "first token replayed after the failover");
+        }
         s.tokens.push(token.id);
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if self.config.stop_ids.contains(&token.id) {

@@ -33,6 +33,8 @@ pub struct TestCoordinator {
     /// Chunk index whose first answer is corrupted.
     pub corrupt: Option<u32>,
     pub chunk_requests: Mutex<HashMap<u32, u32>>,
+    /// Manifests asked for: every load that fetches (or checks) a shard asks one.
+    pub manifests: std::sync::atomic::AtomicU32,
     pub joins: Mutex<Vec<pb::JoinRequest>>,
 }
 
@@ -44,6 +46,7 @@ impl Coordinator for TestCoordinator {
     }
 
     async fn shard_manifest(&self, _r: Request<pb::ShardRequest>) -> Result<Response<pb::Manifest>, Status> {
+        self.manifests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Response::new(pb::Manifest {
             digest: self.digest.clone(),
             total_bytes: self.shard.len() as u64,
@@ -83,6 +86,7 @@ pub async fn start_coordinator(path: &Path, corrupt: Option<u32>) -> (Arc<TestCo
         digest,
         corrupt,
         chunk_requests: Mutex::new(HashMap::new()),
+        manifests: std::sync::atomic::AtomicU32::new(0),
         joins: Mutex::new(Vec::new()),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
