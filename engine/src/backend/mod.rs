@@ -21,6 +21,9 @@
 mod batch_check;
 pub mod candle;
 mod device;
+/// For tests that run candle-cpu: whether it opens here (see the function).
+#[cfg(test)]
+pub(crate) use device::tests::candle_cpu_opens;
 mod native;
 #[cfg(test)]
 mod tests;
