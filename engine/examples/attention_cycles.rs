@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use half::f16;
-use potluck_engine::attention::{attend_group, AttnShape, Visible};
+use potluck_engine::kernels::attention::{attend_group, AttnShape, Visible};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokens: usize = std::env::args().nth(1).map_or(Ok(80), |a| a.parse())?;

@@ -16,8 +16,8 @@
 //! `cargo build --release --example kernel_cycles -p potluck-engine`
 
 use potluck_engine::fixture::unit_scale_matrix;
+use potluck_engine::kernels::matmul::Activations;
 use potluck_engine::quant::GgmlType;
-use potluck_engine::weights::Activations;
 use potluck_engine::ComputePool;
 
 /// Matmuls timed per run.

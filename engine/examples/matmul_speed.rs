@@ -13,8 +13,8 @@
 //! `cargo run --release --example matmul_speed -p potluck-engine [-- llama [Q5_K]]`
 
 use potluck_engine::fixture::unit_scale_matrix;
+use potluck_engine::kernels::matmul::{Activations, Matrix};
 use potluck_engine::quant::GgmlType;
-use potluck_engine::weights::{Activations, Matrix};
 use potluck_engine::ComputePool;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -225,7 +225,12 @@ impl TinyModel {
 /// sub-block scales from `seed`: a kernel benchmark's workload, whose
 /// outputs are finite whatever the quants. `None` for other types or a
 /// width that is not a whole number of blocks.
-pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Option<crate::weights::Matrix> {
+pub fn unit_scale_matrix(
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> Option<crate::kernels::matmul::Matrix> {
     // Byte offsets of the f16 scales within a block.
     let scales: &[usize] = match dtype {
         GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
@@ -246,5 +251,5 @@ pub fn unit_scale_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -
             b[at..at + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
         }
     }
-    crate::weights::Matrix::new(dtype, rows, cols, data)
+    crate::kernels::matmul::Matrix::new(dtype, rows, cols, data)
 }

@@ -8,8 +8,6 @@
 //! - [`Tokenizer`] and [`ChatTemplate`];
 //! - [`Sampler`]: greedy, temperature, top-k/p, min-p, penalties, logprobs.
 
-pub mod activation;
-pub mod attention;
 pub mod backend;
 pub mod chat;
 pub mod config;
@@ -17,25 +15,21 @@ pub mod error;
 pub mod fixture;
 pub mod gguf;
 pub mod hidden;
+pub mod kernels;
 pub mod kv_cache;
-mod lanes;
 pub mod local;
 pub mod model_file;
-pub mod norm;
 pub mod perplexity;
 pub mod pool;
 pub mod quant;
 pub mod rng;
-pub mod rope;
 pub mod sampling;
 pub mod self_check;
 pub mod shard;
-mod softmax;
 pub mod stage;
 pub mod synth;
 pub mod tokenizer;
 mod weight_bytes;
-pub mod weights;
 
 pub use backend::{Device, DeviceCache, DeviceError, DeviceStage, SessionCache, StageBackend};
 pub use chat::{ChatMessage, ChatTemplate};

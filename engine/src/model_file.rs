@@ -14,10 +14,10 @@ use memmap2::Mmap;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::kernels::matmul::Matrix;
 use crate::quant::{self, GgmlType};
 use crate::tokenizer::Tokenizer;
 use crate::weight_bytes::WeightArena;
-use crate::weights::Matrix;
 
 /// Bytes of a packed matrix a loader thread reads from the file at once:
 /// a run of whole tiles small enough to stay in L2 while it is packed.

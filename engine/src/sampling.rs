@@ -171,11 +171,11 @@ impl Sampler {
         // draw's resolution. The engine's own `exp` is plain arithmetic, so the pass over the whole
         // vocabulary vectorises (libm's was a call per token: a third of the last stage's time when
         // serving 16 streams), and the f64 sum runs on eight fixed lanes.
-        let weight = |v: f32| f64::from(crate::softmax::exp(v - max));
+        let weight = |v: f32| f64::from(crate::kernels::softmax::exp(v - max));
         if p.top_k > 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             cand.sort_unstable_by(order);
         }
-        let weights: Vec<f32> = cand.iter().map(|c| crate::softmax::exp(c.1 - max)).collect();
+        let weights: Vec<f32> = cand.iter().map(|c| crate::kernels::softmax::exp(c.1 - max)).collect();
         let total = lane_sum(&weights);
         if p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Nothing more to cut: walk the candidates as they are.
@@ -324,9 +324,9 @@ widest! {
         blocks.clear();
         for (lb, ob) in l.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
             for (o, &v) in ob.iter_mut().zip(lb) {
-                *o = crate::softmax::exp(v / temperature - max);
+                *o = crate::kernels::softmax::exp(v / temperature - max);
             }
-            blocks.push(crate::lanes::sum8_f64(ob, f64::from));
+            blocks.push(crate::kernels::lanes::sum8_f64(ob, f64::from));
         }
         blocks.iter().sum()
     }
@@ -361,7 +361,7 @@ widest! {
     /// one fixed tree: a fixed order, which one sequential chain also was,
     /// but eight times shorter.
     fn lane_sum(w: &[f32]) -> f64 {
-        crate::lanes::sum8_f64(w, f64::from)
+        crate::kernels::lanes::sum8_f64(w, f64::from)
     }
 }
 
@@ -416,7 +416,7 @@ mod tests {
             assert_eq!(max_unless_nan(&l).map(f32::to_bits), Some(max.to_bits()), "max n={n}");
             let (mut wide, mut blocks) = (Vec::new(), Vec::new());
             let total = fill_weights(&l, 0.7, max / 0.7, &mut wide, &mut blocks);
-            let plain: Vec<f32> = l.iter().map(|&v| crate::softmax::exp(v / 0.7 - max / 0.7)).collect();
+            let plain: Vec<f32> = l.iter().map(|&v| crate::kernels::softmax::exp(v / 0.7 - max / 0.7)).collect();
             assert_eq!(
                 wide.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
                 plain.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
@@ -428,7 +428,7 @@ mod tests {
                 for (i, &w) in w.iter().enumerate() {
                     lanes[i % 8] += f64::from(w);
                 }
-                crate::lanes::tree8(lanes)
+                crate::kernels::lanes::tree8(lanes)
             };
             let per_block: Vec<f64> = plain.chunks(BLOCK).map(lane_tree).collect();
             assert_eq!(

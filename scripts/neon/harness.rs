@@ -1,7 +1,7 @@
 //! Cross-test of the engine's NEON kernels against the scalar reference, on
 //! a machine that is not aarch64 (run by `scripts/test-neon`).
 //!
-//! Why this exists: the NEON kernels in `engine/src/quant/simd/neon.rs` are
+//! Why this exists: the NEON kernels in `engine/src/kernels/simd/neon.rs` are
 //! compiled only under `cfg(target_arch = "aarch64")`, and the project's
 //! toolchain has no aarch64 target (nor any way to download one). It was
 //! written when only Debian's rustc 1.63, too old for the engine, had an
@@ -13,12 +13,13 @@
 //! - `engine/src/quant/legacy.rs`, the scalar reference (and its own tests);
 //! - `engine/src/quant/kquant/`, the K-quant reference (and its own tests);
 //! - `engine/src/quant/pack.rs`, the packed tile layout (and its own tests);
-//! - `engine/src/quant/simd/neon.rs`, the NEON row kernels;
-//! - `engine/src/quant/simd/neon_packed.rs` and `neon_packed_kquant.rs`, the
+//! - `engine/src/kernels/simd/neon.rs`, the NEON row kernels;
+//! - `engine/src/kernels/simd/neon_packed.rs` and `neon_packed_kquant.rs`, the
 //!   packed-tile kernels (`sdot`).
 //!
-//! The crate root stands in for `engine::quant` (the kernels reach their
-//! parent through `super::super`). `quant/mod.rs` itself cannot be included
+//! The crate root stands in for `engine::quant`, and module `quant` below
+//! re-exports it under that name (the kernels reach the formats through
+//! `crate::quant`). `quant/mod.rs` itself cannot be included
 //! (it pulls in every kernel family and newer std APIs), so two items of it
 //! are shimmed below: `GgmlType`, reduced to the variants these files name
 //! and the two methods `pack.rs` calls, and `f16_at`, the same one-line
@@ -45,7 +46,7 @@ mod kquant;
 #[allow(dead_code)] // `unpack_row` serves the engine's embedding lookups.
 mod pack;
 
-#[path = "../../engine/src/quant/simd"]
+#[path = "../../engine/src/kernels/simd"]
 mod simd {
     pub(crate) mod neon;
     pub(crate) mod neon_packed;
@@ -54,6 +55,11 @@ mod simd {
 
 #[cfg(test)]
 mod packed;
+
+/// The path the kernels name the formats by (`crate::quant::…`).
+mod quant {
+    pub(crate) use super::{f16_at, kquant, legacy, pack, GgmlType};
+}
 
 /// Shim of `engine::quant::GgmlType`: the variants `neon.rs` dispatches on,
 /// the packed layouts `pack.rs` names, and one type it must refuse.

@@ -56,7 +56,7 @@ fn lane_dot(n: usize, mut w: impl FnMut(usize) -> f32, a: &[f32]) -> f32 {
     for i in full..n {
         acc[i - full] += w(i) * a[i];
     }
-    crate::lanes::tree8(acc)
+    crate::kernels::lanes::tree8(acc)
 }
 
 pub(super) fn dot_f32(w: &[u8], a: &[f32]) -> f32 {

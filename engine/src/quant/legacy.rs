@@ -10,21 +10,21 @@ use half::f16;
 use super::f16_at;
 
 const QK: usize = 32;
-pub(super) const Q4_0_BYTES: usize = 2 + QK / 2;
-pub(super) const Q4_1_BYTES: usize = 4 + QK / 2;
+pub(crate) const Q4_0_BYTES: usize = 2 + QK / 2;
+pub(crate) const Q4_1_BYTES: usize = 4 + QK / 2;
 /// `f16 d; u8 qh[4]; u8 qs[16]`: low nibbles as Q4_0, bit `j` of the little-endian
 /// `qh` word is bit 4 of element `j`.
-pub(super) const Q5_0_BYTES: usize = 2 + 4 + QK / 2;
+pub(crate) const Q5_0_BYTES: usize = 2 + 4 + QK / 2;
 /// `f16 d; f16 m; u8 qh[4]; u8 qs[16]`: Q5_0's quants with Q4_1's scale and minimum.
-pub(super) const Q5_1_BYTES: usize = 4 + 4 + QK / 2;
-pub(super) const Q8_0_BYTES: usize = 2 + QK;
-pub(super) const Q8_1_BYTES: usize = 4 + QK;
+pub(crate) const Q5_1_BYTES: usize = 4 + 4 + QK / 2;
+pub(crate) const Q8_0_BYTES: usize = 2 + QK;
+pub(crate) const Q8_1_BYTES: usize = 4 + QK;
 
 fn put_f16(out: &mut [u8], at: usize, v: f32) {
     out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
 }
 
-pub(super) fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q4_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
         for (j, q) in blk[2..].iter().enumerate() {
@@ -34,7 +34,7 @@ pub(super) fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
-pub(super) fn dequantize_q4_1(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q4_1(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(QK)) {
         let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
         for (j, q) in blk[4..].iter().enumerate() {
@@ -71,7 +71,7 @@ fn put_q5_quants(q: &[u8; QK], qh: &mut [u8], qs: &mut [u8]) {
 }
 
 /// As ggml's `dequantize_row_q5_0`: `(q - 16) * d`.
-pub(super) fn dequantize_q5_0(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q5_0(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q5_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
         for (v, q) in o.iter_mut().zip(q5_quants(&blk[2..6], &blk[6..])) {
@@ -81,7 +81,7 @@ pub(super) fn dequantize_q5_0(b: &[u8], out: &mut [f32]) {
 }
 
 /// As ggml's `dequantize_row_q5_1`: `q * d + m`.
-pub(super) fn dequantize_q5_1(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q5_1(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q5_1_BYTES).zip(out.chunks_exact_mut(QK)) {
         let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
         for (v, q) in o.iter_mut().zip(q5_quants(&blk[4..8], &blk[8..])) {
@@ -90,7 +90,7 @@ pub(super) fn dequantize_q5_1(b: &[u8], out: &mut [f32]) {
     }
 }
 
-pub(super) fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
         for (v, q) in o.iter_mut().zip(&blk[2..]) {
@@ -99,7 +99,7 @@ pub(super) fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
-pub(super) fn dequantize_q8_1(b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_q8_1(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(Q8_1_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
         for (v, q) in o.iter_mut().zip(&blk[4..]) {
@@ -113,7 +113,7 @@ fn amax_signed(x: &[f32]) -> (f32, f32) {
 }
 
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub(super) fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q4_0_BYTES)) {
         let (_, max) = amax_signed(xs);
         let d = max / -8.0;
@@ -128,7 +128,7 @@ pub(super) fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
 }
 
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub(super) fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q4_1_BYTES)) {
         let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
         let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -146,7 +146,7 @@ pub(super) fn quantize_q4_1(x: &[f32], out: &mut [u8]) {
 
 /// llama.cpp's reference Q5_0 encoder: the element of largest magnitude maps to code 0.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub(super) fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q5_0_BYTES)) {
         let (_, max) = amax_signed(xs);
         let d = max / -16.0;
@@ -163,7 +163,7 @@ pub(super) fn quantize_q5_0(x: &[f32], out: &mut [u8]) {
 
 /// llama.cpp's reference Q5_1 encoder: the block's range in 31 steps from its minimum.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub(super) fn quantize_q5_1(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q5_1(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q5_1_BYTES)) {
         let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
         let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -196,7 +196,7 @@ fn q8_block(xs: &[f32], qs: &mut [u8]) -> (f32, i32) {
     (d, sum)
 }
 
-pub(super) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
         let (d, _) = q8_block(xs, &mut blk[2..]);
         put_f16(blk, 0, d);
@@ -204,7 +204,7 @@ pub(super) fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
 }
 
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
+pub(crate) fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BYTES)) {
         let (d, sum) = q8_block(xs, &mut blk[4..]);
         put_f16(blk, 0, d);
@@ -218,7 +218,7 @@ fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
 }
 
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+pub(crate) fn vec_dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (x, y) in w.chunks_exact(Q4_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
         let ys = &y[2..];
@@ -233,7 +233,7 @@ pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 }
 
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+pub(crate) fn vec_dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (x, y) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)) {
         let ys = &y[4..];
@@ -251,7 +251,7 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 /// `sumi = Σ (q5 - 16) * q8`, then `sumf += sumi as f32 * (f16(w.d) * f16(a.d))`, blocks
 /// in order, no fused multiply-add.
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+pub(crate) fn vec_dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (x, y) in w.chunks_exact(Q5_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
         let q = q5_quants(&x[2..6], &x[6..]);
@@ -265,7 +265,7 @@ pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 /// `sumi = Σ q5 * q8`, then `sumf += (f16(w.d) * f16(a.d)) * sumi as f32 + f16(w.m) * f16(a.s)`,
 /// blocks in order, no fused multiply-add.
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+pub(crate) fn vec_dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (x, y) in w.chunks_exact(Q5_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)) {
         let q = q5_quants(&x[4..8], &x[8..]);
@@ -276,7 +276,7 @@ pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 }
 
 #[allow(clippy::cast_precision_loss)]
-pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+pub(crate) fn vec_dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (x, y) in w.chunks_exact(Q8_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
         let sumi: i32 = i8s(&x[2..]).zip(i8s(&y[2..])).map(|(p, q)| p * q).sum();

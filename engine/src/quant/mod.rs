@@ -10,12 +10,13 @@
 //! for bit, so a row's result never depends on batch size or threads.
 
 mod float;
-mod kquant;
-mod legacy;
-mod pack;
-mod simd;
+pub(crate) mod kquant;
+pub(crate) mod legacy;
+pub(crate) mod pack;
 
 use half::f16;
+
+use crate::kernels::simd;
 
 /// A GGML tensor storage type.
 #[allow(non_camel_case_types)]

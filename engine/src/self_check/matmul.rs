@@ -11,10 +11,10 @@ use super::Agreement;
 use crate::backend::candle::candle_dtype;
 use crate::backend::Device;
 use crate::error::{EngineError, Result};
+use crate::kernels::matmul::{Activations, Matrix};
 use crate::pool::ComputePool;
 use crate::quant::{quantize_row, GgmlType};
 use crate::rng::Rng;
-use crate::weights::{Activations, Matrix};
 
 /// The weight types a GPU stage runs (those of common GGUF files).
 pub const TYPES: [GgmlType; 7] =

@@ -5,14 +5,14 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Row, Scratch};
-use crate::activation::swiglu;
-use crate::attention::{attend_group, round_to_f16, AttnShape, Visible};
 use crate::config::ModelConfig;
+use crate::kernels::activation::swiglu;
+use crate::kernels::attention::{attend_group, round_to_f16, AttnShape, Visible};
+use crate::kernels::matmul::{Activations, Matrix};
+use crate::kernels::norm::rms_norm;
+use crate::kernels::rope;
 use crate::kv_cache::KvCache;
-use crate::norm::rms_norm;
 use crate::pool::ComputePool;
-use crate::rope;
-use crate::weights::{Activations, Matrix};
 
 /// One layer's weights.
 #[derive(Debug)]

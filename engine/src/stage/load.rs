@@ -7,9 +7,9 @@ use super::block::Block;
 use super::{Head, Stage};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kernels::matmul::Matrix;
 use crate::model_file::ModelFile;
 use crate::pool::ComputePool;
-use crate::weights::Matrix;
 
 impl Stage {
     /// Loads the tensors of `range` (and embedding/head when at an end) from `file`.

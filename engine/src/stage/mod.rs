@@ -16,11 +16,11 @@ use std::ops::Range;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hidden::Hidden;
+use crate::kernels::matmul::{Activations, Matrix};
+use crate::kernels::norm::rms_norm;
+use crate::kernels::rope;
 use crate::kv_cache::{KvCache, SessionId};
-use crate::norm::rms_norm;
 use crate::pool::ComputePool;
-use crate::rope;
-use crate::weights::{Activations, Matrix};
 use block::Block;
 
 /// One token of a batch.

@@ -27,7 +27,7 @@ impl Rotary {
         let mut table = vec![(0.0f32, 0.0f32); half];
         let (mut cos, mut sin) = (Vec::with_capacity(rows.len() * half), Vec::with_capacity(rows.len() * half));
         for r in rows {
-            crate::rope::angles(&mut table, c.head_dim, r.position, c.rope_theta);
+            crate::kernels::rope::angles(&mut table, c.head_dim, r.position, c.rope_theta);
             cos.extend(table.iter().map(|t| t.0));
             sin.extend(table.iter().map(|t| t.1));
         }

@@ -61,7 +61,7 @@ pub(crate) fn dot(a: &[f32], b: &[KvElem]) -> f32 {
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
         acc[l] += x * y.to_f32();
     }
-    crate::lanes::tree8(acc)
+    crate::kernels::lanes::tree8(acc)
 }
 
 /// [`dot`] of `a` with `K` vectors at once. Each result repeats `dot`'s
@@ -86,7 +86,7 @@ fn dots<const K: usize>(a: &[f32], b: [&[KvElem]; K]) -> [f32; K] {
             acc[k][l] += a[full + l] * bk[full + l].to_f32();
         }
     }
-    acc.map(crate::lanes::tree8)
+    acc.map(crate::kernels::lanes::tree8)
 }
 
 /// The part of a session's cache one query row may see.
@@ -123,7 +123,7 @@ pub fn attend_head(shape: AttnShape, head: usize, q: &[f32], seen: Visible<'_>, 
 trait HeadKernels {
     /// `dot(a, b[k])` for eight keys.
     fn dots8(a: &[f32], b: [&[KvElem]; 8]) -> [f32; 8];
-    /// `crate::softmax::softmax_scalar`.
+    /// `crate::kernels::softmax::softmax_scalar`.
     fn softmax(scores: &mut [f32]) -> f32;
     /// [`weigh_values`].
     fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]);
@@ -137,7 +137,7 @@ impl HeadKernels for Portable {
         dots(a, b)
     }
     fn softmax(scores: &mut [f32]) -> f32 {
-        crate::softmax::softmax_scalar(scores)
+        crate::kernels::softmax::softmax_scalar(scores)
     }
     fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
         weigh_values(weights, values, stride, out);
@@ -157,7 +157,7 @@ impl HeadKernels for Avx2 {
     }
     #[inline(always)]
     fn softmax(scores: &mut [f32]) -> f32 {
-        crate::softmax::softmax(scores)
+        crate::kernels::softmax::softmax(scores)
     }
     #[inline(always)]
     fn weigh(weights: &[f32], values: &[KvElem], stride: usize, out: &mut [f32]) {
@@ -277,7 +277,7 @@ unsafe fn dots_avx2<const K: usize>(a: &[f32], b: [&[KvElem]; K]) -> [f32; K] {
         for l in 0..n - full {
             lanes[l] += a[full + l] * b[k][full + l].to_f32();
         }
-        crate::lanes::tree8(lanes)
+        crate::kernels::lanes::tree8(lanes)
     })
 }
 

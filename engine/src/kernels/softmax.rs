@@ -92,7 +92,7 @@ fn exp_sum_scalar(scores: &mut [f32]) -> f64 {
         *s = exp(*s - top);
         sum[t % 8] += f64::from(*s);
     }
-    crate::lanes::tree8(sum)
+    crate::kernels::lanes::tree8(sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -201,7 +201,7 @@ mod x86 {
             _mm256_storeu_pd(sum.as_mut_ptr(), lo);
             _mm256_storeu_pd(sum.as_mut_ptr().add(4), hi);
         }
-        crate::lanes::tree8(sum)
+        crate::kernels::lanes::tree8(sum)
     }
 }
 

@@ -24,9 +24,9 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES};
-use super::super::pack::Job;
 use super::x86_packed::{dot4_avx2, dot4_avx512, dot4_avxvnni};
+use crate::quant::kquant::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES};
+use crate::quant::pack::Job;
 
 /// Offset of `bsums` in a Q8_K block.
 const BSUMS: usize = 4 + 256;

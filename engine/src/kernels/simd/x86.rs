@@ -18,13 +18,13 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
-use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{PackedOperands, TileOut};
-use super::super::GgmlType;
 use super::x86_packed::{self, DotIsa};
 use super::x86_quantize;
 use super::ROW_TILE;
+use crate::quant::kquant::{Q4K_BYTES, Q6K_BYTES, Q8K_BYTES};
+use crate::quant::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::quant::pack::{PackedOperands, TileOut};
+use crate::quant::GgmlType;
 
 /// Proof that the CPU supports AVX2 and F16C (and `isa`, which the packed
 /// kernels use); only [`Avx2::detect`] and [`Avx2::all`] make one.

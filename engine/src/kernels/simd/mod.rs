@@ -12,7 +12,7 @@
 
 use std::sync::OnceLock;
 
-use super::GgmlType;
+use crate::quant::GgmlType;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -38,7 +38,7 @@ pub(crate) const ROW_TILE: usize = 8;
 /// Most activation rows one [`dot_packed`] call takes: each weight tile is
 /// loaded once for all of them (AVX-512 keeps eight rows' Q4_1 sums in
 /// registers; narrower kernels take them in passes of four).
-pub(crate) const MAX_ACT: usize = super::pack::MAX_ACT;
+pub(crate) const MAX_ACT: usize = crate::quant::pack::MAX_ACT;
 
 /// The kernel family in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,17 +129,17 @@ pub(crate) fn packs(dtype: GgmlType) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2(_) => super::pack::PACKED.contains(&dtype),
+        Kernel::Avx2(_) => crate::quant::pack::PACKED.contains(&dtype),
         #[cfg(target_arch = "aarch64")]
         Kernel::Neon(k) => k.packs(dtype),
     }
 }
 
 /// Dot products of the eight rows of each packed tile of `ops` with its
-/// activation rows, into `out` ([`super::pack::TileOut`]). Returns `false`
+/// activation rows, into `out` ([`crate::quant::pack::TileOut`]). Returns `false`
 /// (nothing written) when there is no packed kernel or the operands are short.
 #[inline]
-pub(crate) fn dot_packed(ops: &super::pack::PackedOperands<'_>, out: super::pack::TileOut) -> bool {
+pub(crate) fn dot_packed(ops: &crate::quant::pack::PackedOperands<'_>, out: crate::quant::pack::TileOut) -> bool {
     match kernel() {
         Kernel::Scalar => false,
         #[cfg(target_arch = "x86_64")]

@@ -12,7 +12,7 @@
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
     for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let sum = crate::lanes::sum8_f64(row, |v| f64::from(v) * f64::from(v));
+        let sum = crate::kernels::lanes::sum8_f64(row, |v| f64::from(v) * f64::from(v));
         let mean = (sum / dim as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {

@@ -1,7 +1,7 @@
 //! Every SIMD kernel against the scalar reference, bit for bit.
 
-use super::super::pack::{ActScalars, PackedOperands};
-use super::super::{kquant, legacy, GgmlType};
+use crate::quant::pack::{ActScalars, PackedOperands};
+use crate::quant::{kquant, legacy, GgmlType};
 use half::f16;
 
 /// Small deterministic generator (no `rand` dependency).
@@ -164,7 +164,7 @@ fn packed_tiles_match(
                     let rows = (ntiles - 1) * 8 + 1 + (r.next() as usize) % 8;
                     let rb = nb * ty.block_bytes();
                     let w: Vec<u8> = (0..rows).flat_map(|_| row(r, ty, nb, wf)).collect();
-                    let packed = super::super::pack::pack(ty, &w, rows, rb).expect("packable");
+                    let packed = crate::quant::pack::pack(ty, &w, rows, rb).expect("packable");
                     assert_eq!(packed.len(), ntiles * 8 * rb);
                     // Activation rows with a gap between them (stride > row).
                     let ab = nb * ty.vec_dot_type().block_bytes();
@@ -222,9 +222,9 @@ fn packed_tiles_match(
 /// and without `dotprod`), since no aarch64 machine is at hand.
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::super::pack::PACKED;
     use super::super::neon::Neon;
     use super::*;
+    use crate::quant::pack::PACKED;
 
     /// Whether the CPU running the tests must (`1`) or must not (`0`)
     /// have `dotprod`: set by `scripts/test-neon`, so that a qemu CPU
@@ -323,9 +323,7 @@ mod x86 {
         let mut r = Rng(99);
         for t in Avx2::all() {
             eprintln!("packed kernels: {}", t.isa().name());
-            packed_tiles_match(&mut r, t.isa().name(), &super::super::super::pack::PACKED, |ops, out| {
-                t.dot_packed(ops, out)
-            });
+            packed_tiles_match(&mut r, t.isa().name(), &crate::quant::pack::PACKED, |ops, out| t.dot_packed(ops, out));
         }
     }
 
@@ -403,7 +401,7 @@ mod x86 {
                 // SmolLM2's width, 576, in whole blocks.
                 let nb = (576 / ty.block_len()).max(1);
                 let w = row(&mut r, ty, rows * nb, Fill::Random);
-                let packed = super::super::super::pack::pack(ty, &w, rows, nb * ty.block_bytes()).expect("packable");
+                let packed = crate::quant::pack::pack(ty, &w, rows, nb * ty.block_bytes()).expect("packable");
                 let ab = nb * ty.vec_dot_type().block_bytes();
                 let a: Vec<u8> = (0..8).flat_map(|_| row(&mut r, ty.vec_dot_type(), nb, Fill::Random)).collect();
                 let tb = 16 * 8 * nb * ty.block_bytes();

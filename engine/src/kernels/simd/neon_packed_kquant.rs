@@ -31,9 +31,9 @@
 
 use std::arch::aarch64::*;
 
-use super::super::kquant::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES};
-use super::super::pack::Job;
 use super::neon_packed::{load_acts, offset_sums, sdot_rows, store, widen_f16x8};
+use crate::quant::kquant::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES};
+use crate::quant::pack::Job;
 
 /// Offset of the quants `qs` in a Q8_K block (after the f32 `d`).
 const Q8K_QS: usize = 4;

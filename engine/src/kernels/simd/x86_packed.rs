@@ -28,9 +28,9 @@
 
 use std::arch::x86_64::*;
 
-use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{Job, PackedOperands, TileOut, PACKED};
-use super::super::GgmlType;
+use crate::quant::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::quant::pack::{Job, PackedOperands, TileOut, PACKED};
+use crate::quant::GgmlType;
 
 /// The instruction set used for the 4-way byte dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

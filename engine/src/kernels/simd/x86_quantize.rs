@@ -12,8 +12,8 @@
 
 use std::arch::x86_64::*;
 
-use super::super::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 use super::x86::hsum_i32;
+use crate::quant::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 
 /// The per-block steps of the quantization, on one register width.
 trait BlockOps {

@@ -11,10 +11,10 @@
 
 use std::arch::aarch64::*;
 
-use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::PACKED;
-use super::super::{f16_at, GgmlType};
 use super::neon_packed::DotProd;
+use crate::quant::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::quant::pack::PACKED;
+use crate::quant::{f16_at, GgmlType};
 
 /// Handle for the NEON kernels (always available on aarch64), and for the
 /// packed ones when the CPU has `dotprod`.

@@ -48,10 +48,10 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::super::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::{Job, PackedOperands, TileOut};
-use super::super::GgmlType;
 use super::neon_packed_kquant as kq;
+use crate::quant::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::quant::pack::{Job, PackedOperands, TileOut};
+use crate::quant::GgmlType;
 
 /// Activation rows one kernel pass keeps in registers: four rows' integer
 /// sums, float sums and activation bytes (24 of the 32 vector registers)

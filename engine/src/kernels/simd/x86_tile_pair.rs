@@ -15,10 +15,10 @@
 
 use std::arch::x86_64::*;
 
-use super::super::kquant::{Q6K_BYTES, Q8K_BYTES};
-use super::super::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use super::super::pack::Job;
 use super::x86_packed_kquant::{k4_tile_block, Q5K_QH};
+use crate::quant::kquant::{Q6K_BYTES, Q8K_BYTES};
+use crate::quant::legacy::{Q4_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::quant::pack::Job;
 
 /// The same 32 bytes at `off` of tile `t` (low half) and tile `t + 1` (high half).
 #[inline]
