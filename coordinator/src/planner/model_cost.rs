@@ -39,10 +39,9 @@ pub struct ModelShape {
     pub ffn: u64,
     /// Width of the K and V projections (KV heads × head size).
     pub kv_width: u64,
-    /// Vocabulary.
+    /// Vocabulary (the last stage holds a head of this many rows even when
+    /// the file ties it to the embedding: the stages are on different workers).
     pub vocab: u64,
-    /// Whether the lm_head shares the embedding's weights.
-    pub tied: bool,
     /// Average weight bits per parameter of the file type (quantized).
     pub bits_per_weight: f64,
 }
