@@ -68,6 +68,9 @@ struct WorkerSpec {
     batch_layer_ms: Option<BatchTime>,
     #[serde(default = "one_thread")]
     threads: u32,
+    /// Its own access link (Wi-Fi, a WAN): every pair with it is at most as good.
+    #[serde(default)]
+    link: Option<LinkSpec>,
 }
 
 fn cpu() -> String {
@@ -199,6 +202,11 @@ impl PoolFile {
             None => Link::FREE,
         };
         let mut links = Links::new(default);
+        for w in &self.workers {
+            if let Some(l) = w.link {
+                links.attach(&w.id, l.link(&format!("worker `{}`'s link", w.id))?);
+            }
+        }
         for p in &self.links {
             let [a, b] = &p.between;
             let what = format!("link {a}–{b}");
@@ -313,7 +321,7 @@ default_link: { rtt_ms: 0.5, mbit_per_s: 1000 }
 workers:
   - { id: gpu, device: cuda, memory_gib: 24, class: rtx-4090 }
   - { id: mac, device: metal, memory_gib: 48, layer_ms: 1.1, batch_layer_ms: { batch: 16, ms: 2.0 } }
-  - { id: laptop, memory_gib: 16, class: cpu-laptop }
+  - { id: laptop, memory_gib: 16, class: cpu-laptop, link: { rtt_ms: 5, mbit_per_s: 100 } }
   - { id: broken, memory_gib: 0, layer_ms: 1.0 }
   - { id: liar, memory_gib: 8, layer_ms: -3 }
 links:

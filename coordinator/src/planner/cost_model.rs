@@ -20,6 +20,8 @@ pub(crate) struct Node {
     pub memory: u64,
     /// Its time per layer.
     pub time: LayerTime,
+    /// Its time per layer at the expected batch (what the search weighs).
+    pub t_batch: f64,
 }
 
 /// The model, the links and the expected batch: everything a stage's cost depends on.
@@ -30,7 +32,7 @@ pub(crate) struct CostModel<'a> {
     /// Rows per micro-batch the pipeline is expected to carry.
     pub batch: f64,
     /// The lm_head's work, in layers.
-    head_layers: f64,
+    pub head_layers: f64,
 }
 
 /// What one pipeline (an order of workers and their layer counts) delivers.
@@ -63,7 +65,7 @@ impl<'a> CostModel<'a> {
     #[allow(clippy::cast_precision_loss)]
     pub fn compute(&self, node: &Node, layers: usize, last: bool, batch: f64) -> f64 {
         let work = layers as f64 + if last { self.head_layers } else { 0.0 };
-        work * node.time.at(batch)
+        work * if batch == self.batch { node.t_batch } else { node.time.at(batch) }
     }
 
     /// Seconds to hand a micro-batch of `batch` rows from `from` to `to`.

@@ -224,7 +224,7 @@ pub enum PlanError {
 }
 
 /// The workers the cost model can use, as nodes, and those it cannot, with reasons.
-fn sort_out(cost: &ModelCost, workers: &[WorkerProfile]) -> (Vec<Node>, Vec<LeftOut>, bool) {
+fn sort_out(cost: &ModelCost, workers: &[WorkerProfile], batch: f64) -> (Vec<Node>, Vec<LeftOut>, bool) {
     let mut left_out = Vec::new();
     let mut usable = Vec::new();
     for (i, w) in workers.iter().enumerate() {
@@ -249,7 +249,7 @@ fn sort_out(cost: &ModelCost, workers: &[WorkerProfile]) -> (Vec<Node>, Vec<Left
                 Some(t) if measured => t,
                 _ => LayerTime::flat(1.0 / f64::from(w.threads.max(1))),
             };
-            Node { input: i, id: w.id.clone(), memory: w.memory_bytes, time }
+            Node { input: i, id: w.id.clone(), memory: w.memory_bytes, time, t_batch: time.at(batch.max(1.0)) }
         })
         .collect();
     (nodes, left_out, measured)
@@ -259,7 +259,7 @@ fn sort_out(cost: &ModelCost, workers: &[WorkerProfile]) -> (Vec<Node>, Vec<Left
 /// (no room for one layer and its KV budget, or nonsense figures).
 pub fn left_out(cost: ModelCost, workers: &[WorkerInfo]) -> Vec<LeftOut> {
     let profiles: Vec<WorkerProfile> = workers.iter().map(WorkerProfile::from).collect();
-    sort_out(&cost, &profiles).1
+    sort_out(&cost, &profiles, DEFAULT_EXPECTED_BATCH).1
 }
 
 /// Plans over the coordinator's members, in the order given (the plan in force first).
@@ -273,7 +273,7 @@ pub fn place(cost: &ModelCost, workers: &[WorkerProfile], options: &PlanOptions)
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
     }
-    let (nodes, mut left_out, measured) = sort_out(cost, workers);
+    let (nodes, mut left_out, measured) = sort_out(cost, workers, options.batch);
     if nodes.is_empty() {
         return Err(nothing_usable(cost, workers, &left_out));
     }
@@ -369,7 +369,7 @@ pub fn predict(
     workers: &[WorkerProfile],
     options: &PlanOptions,
 ) -> Option<Pipeline> {
-    let (nodes, _, _) = sort_out(cost, workers);
+    let (nodes, _, _) = sort_out(cost, workers, options.batch);
     let mut expected = 0;
     let mut order = Vec::with_capacity(stages.len());
     for s in stages {
@@ -390,7 +390,7 @@ pub fn predict(
 /// replica): exact but exponential, the yardstick `potluck bench plan` holds
 /// the planner's search to on pools of a few workers.
 pub fn exhaustive(cost: &ModelCost, workers: &[WorkerProfile], options: &PlanOptions) -> Option<Pipeline> {
-    let (nodes, _, _) = sort_out(cost, workers);
+    let (nodes, _, _) = sort_out(cost, workers, options.batch);
     let cm = CostModel::new(cost, &options.links, options.batch);
     let members: Vec<usize> = (0..nodes.len()).collect();
     pipeline_search::exhaustive(&cm, &nodes, &members).map(|f| pipeline_of(&cm, &nodes, workers, &f))

@@ -4,8 +4,9 @@
 //! For a fixed order the cuts are exact: a dynamic programme over (stage,
 //! first layer) finds the cut points that minimise the slowest stage within
 //! every worker's memory. Orders are searched by local moves from a few
-//! seeds (fastest first, slowest first, the given order): move a worker,
-//! swap two, drop one, take an unused one back; each move is scored by the
+//! seeds (fastest first, slowest first, roomiest first, the given order):
+//! move a worker, swap two, drop one, take an unused one back, drop one and
+//! move another; each move is scored by the
 //! exact cuts and kept when it lowers the slowest stage (or, at a tie, the
 //! single-stream step). Dropping is how a worker whose stage or link would
 //! slow the pipeline is left out. [`exhaustive`] tries every order of
@@ -14,10 +15,13 @@
 use super::cost_model::{CostModel, Node, Score};
 
 /// Groups larger than this are searched with cheap moves only (drops and adjacent swaps).
-const FULL_SEARCH_MAX: usize = 10;
+const FULL_SEARCH_MAX: usize = 8;
 
 /// Rounds of improving moves before the search settles for what it has.
 const MAX_ROUNDS: usize = 64;
+
+/// Rounds of cheap moves on a larger group: each costs a cut search per move.
+const CHEAP_ROUNDS: usize = 3;
 
 /// One pipeline: node indexes in stage order, their layer counts, and its score.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +33,7 @@ pub(crate) struct Found {
 
 /// The cut points for `order` that minimise the slowest stage, or `None`
 /// when no cut fits memory with every stage holding at least one layer.
+#[allow(clippy::cast_precision_loss)]
 pub(crate) fn cuts(cm: &CostModel<'_>, nodes: &[Node], order: &[usize]) -> Option<Found> {
     let (m, layers) = (order.len(), cm.cost.layers);
     if m == 0 || m > layers {
@@ -41,30 +46,40 @@ pub(crate) fn cuts(cm: &CostModel<'_>, nodes: &[Node], order: &[usize]) -> Optio
     for i in (0..m).rev() {
         let node = &nodes[order[i]];
         let (first, last) = (i == 0, i == m - 1);
-        let next = order.get(i + 1).map(|&j| &nodes[j]);
+        // The hop onward and the time per layer are the same for every cut: weigh them once.
+        let hop = order.get(i + 1).map_or(0.0, |&j| cm.hop(node, &nodes[j], cm.batch));
+        let (t, head) = (node.t_batch, if last { cm.head_layers * node.t_batch } else { 0.0 });
         let cap = cm.cost.capacity(node.memory, first, last);
         let starts = if first { 0..=0 } else { i..=layers - (m - i) };
         for l in starts {
             if last {
                 let k = layers - l;
                 if k >= 1 && k <= cap {
-                    best[i * width + l] = cm.stage(node, k, None);
+                    best[i * width + l] = k as f64 * t + head;
                     take[i * width + l] = k;
                 }
                 continue;
             }
             let most = cap.min(layers - l - (m - 1 - i));
-            for k in 1..=most {
-                let here = cm.stage(node, k, next);
-                if here >= best[i * width + l] {
-                    break;
-                }
-                let value = here.max(best[(i + 1) * width + l + k]);
-                if value < best[i * width + l] {
-                    best[i * width + l] = value;
-                    take[i * width + l] = k;
-                }
+            if most == 0 {
+                continue;
             }
+            // This stage's time rises with its layers and the rest's best falls (never rises):
+            // the optimum sits where they cross, found by bisection.
+            let own = |k: usize| k as f64 * t + hop;
+            let rest = |k: usize| best[(i + 1) * width + l + k];
+            let cross = first_true(1, most + 1, |k| own(k) >= rest(k));
+            let (mut value, mut k) = (f64::INFINITY, 0);
+            if cross <= most {
+                (value, k) = (own(cross), cross);
+            }
+            if cross > 1 && rest(cross - 1) <= value {
+                // The rest is the slowest there: the fewest layers giving the same rest win ties.
+                let v = rest(cross - 1);
+                (value, k) = (v, first_true(1, cross - 1, |j| rest(j) <= v));
+            }
+            best[i * width + l] = value;
+            take[i * width + l] = k;
         }
     }
     if !best[0].is_finite() {
@@ -81,6 +96,20 @@ pub(crate) fn cuts(cm: &CostModel<'_>, nodes: &[Node], order: &[usize]) -> Optio
     Some(Found { order: order.to_vec(), counts, score })
 }
 
+/// The least `k` in `lo..hi` for which `pred` holds (`hi` if none), for a
+/// `pred` that once true stays true.
+fn first_true(mut lo: usize, mut hi: usize, pred: impl Fn(usize) -> bool) -> usize {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
 /// Whether `a` is a better pipeline than `b`; at equal scores, the one whose
 /// order comes first in the input (the plan in force, then join order), so
 /// that ties do not reshuffle stages.
@@ -92,8 +121,9 @@ fn better(a: &Option<Found>, b: &Option<Found>) -> bool {
     }
 }
 
-/// Every order the moves reach from `order` in one step, with `spare` the group's members not in it.
-fn neighbours(order: &[usize], spare: &[usize], full: bool) -> Vec<Vec<usize>> {
+/// Every order the moves reach from `order` in one step, with `spare` the group's members not in it
+/// (`full`: every move, else the cheap ones; `compound`: also drop-and-move pairs).
+fn neighbours(order: &[usize], spare: &[usize], full: bool, compound: bool) -> Vec<Vec<usize>> {
     let m = order.len();
     let mut out = Vec::new();
     if m > 1 {
@@ -128,6 +158,21 @@ fn neighbours(order: &[usize], spare: &[usize], full: bool) -> Vec<Vec<usize>> {
                 out.push(o);
             }
         }
+        // Drop one and move another: leaving a worker out often needs someone else at its end.
+        for d in (0..m).filter(|_| compound) {
+            let mut rest = order.to_vec();
+            rest.remove(d);
+            for i in 0..rest.len() {
+                for j in 0..rest.len() {
+                    if i != j {
+                        let mut o = rest.clone();
+                        let w = o.remove(i);
+                        o.insert(j, w);
+                        out.push(o);
+                    }
+                }
+            }
+        }
     } else {
         for i in 0..m.saturating_sub(1) {
             let mut o = order.to_vec();
@@ -145,12 +190,15 @@ fn neighbours(order: &[usize], spare: &[usize], full: bool) -> Vec<Vec<usize>> {
 
 /// The best pipeline the local search finds over `members` (node indexes,
 /// in the order they were given: join order, or the plan in force first).
-pub(crate) fn search(cm: &CostModel<'_>, nodes: &[Node], members: &[usize]) -> Option<Found> {
+/// A `thorough` search climbs from every seed (and from each member alone)
+/// rather than from the best seed only, with compound moves too: for small
+/// pools, where it is cheap.
+pub(crate) fn search(cm: &CostModel<'_>, nodes: &[Node], members: &[usize], thorough: bool) -> Option<Found> {
     let layers = cm.cost.layers;
     let speed_order = |rev: bool| {
         let mut o = members.to_vec();
         o.sort_by(|&a, &b| {
-            let (ta, tb) = (nodes[a].time.at(cm.batch), nodes[b].time.at(cm.batch));
+            let (ta, tb) = (nodes[a].t_batch, nodes[b].t_batch);
             if rev {
                 tb.total_cmp(&ta)
             } else {
@@ -171,19 +219,40 @@ pub(crate) fn search(cm: &CostModel<'_>, nodes: &[Node], members: &[usize]) -> O
     // The fastest worker alone, when it holds the whole model, is the floor every pipeline must beat.
     seeds.push(fastest[..1].to_vec());
     seeds.push(roomiest[..1].to_vec());
-    let mut current: Option<Found> = None;
-    for seed in &seeds {
-        let found = cuts(cm, nodes, seed).or_else(|| fill(cm, nodes, seed));
-        if better(&found, &current) {
-            current = found;
+    if thorough {
+        seeds.extend(pool.iter().map(|&i| vec![i]));
+    }
+    let mut starts: Vec<Found> = Vec::new();
+    for (k, seed) in seeds.iter().enumerate() {
+        if seeds[..k].contains(seed) {
+            continue;
+        }
+        if let Some(found) = cuts(cm, nodes, seed).or_else(|| fill(cm, nodes, seed)) {
+            starts.push(found);
         }
     }
-    let mut current = current?;
+    if !thorough {
+        let first =
+            starts.iter().cloned().reduce(|a, b| if better(&Some(b.clone()), &Some(a.clone())) { b } else { a });
+        starts = first.into_iter().collect();
+    }
+    let mut best: Option<Found> = None;
+    for start in starts {
+        let found = Some(climb(cm, nodes, &pool, start, thorough));
+        if better(&found, &best) {
+            best = found;
+        }
+    }
+    best
+}
+
+/// Improving moves from `current` until none improves (or the rounds run out).
+fn climb(cm: &CostModel<'_>, nodes: &[Node], pool: &[usize], mut current: Found, compound: bool) -> Found {
     let full = pool.len() <= FULL_SEARCH_MAX;
-    for _ in 0..MAX_ROUNDS {
+    for _ in 0..if full { MAX_ROUNDS } else { CHEAP_ROUNDS } {
         let spare: Vec<usize> = pool.iter().copied().filter(|i| !current.order.contains(i)).collect();
         let mut next = None;
-        for o in neighbours(&current.order, &spare, full) {
+        for o in neighbours(&current.order, &spare, full, compound) {
             let found = cuts(cm, nodes, &o);
             if better(&found, &next) {
                 next = found;
@@ -194,7 +263,7 @@ pub(crate) fn search(cm: &CostModel<'_>, nodes: &[Node], members: &[usize]) -> O
             _ => break,
         }
     }
-    Some(current)
+    current
 }
 
 /// For a seed too big to fit in the given order: its members while they

@@ -72,10 +72,12 @@ impl Link {
     }
 }
 
-/// The link table: measured pairs, and a default for pairs nobody measured.
+/// The link table: measured pairs; else each worker's own access link (a
+/// worker on Wi-Fi), the slower of the two; else a default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Links {
     default: Link,
+    access: HashMap<String, Link>,
     pairs: HashMap<String, HashMap<String, Link>>,
 }
 
@@ -88,7 +90,7 @@ impl Default for Links {
 impl Links {
     /// A table where every pair has `default` until told otherwise.
     pub fn new(default: Link) -> Self {
-        Self { default, pairs: HashMap::new() }
+        Self { default, access: HashMap::new(), pairs: HashMap::new() }
     }
 
     /// Records the link between `a` and `b`, both ways.
@@ -97,9 +99,23 @@ impl Links {
         self.pairs.entry(b.to_string()).or_default().insert(a.to_string(), link);
     }
 
+    /// Records `id`'s own access link: every pair with it is at most as good.
+    pub fn attach(&mut self, id: &str, link: Link) {
+        self.access.insert(id.to_string(), link);
+    }
+
     /// The link from `a` to `b`.
     pub fn get(&self, a: &str, b: &str) -> Link {
-        self.pairs.get(a).and_then(|m| m.get(b)).copied().unwrap_or(self.default)
+        if let Some(link) = self.pairs.get(a).and_then(|m| m.get(b)) {
+            return *link;
+        }
+        match (self.access.get(a), self.access.get(b)) {
+            (None, None) => self.default,
+            (x, y) => {
+                let (x, y) = (x.unwrap_or(&self.default), y.unwrap_or(&self.default));
+                Link { rtt_secs: x.rtt_secs.max(y.rtt_secs), bytes_per_sec: x.bytes_per_sec.min(y.bytes_per_sec) }
+            }
+        }
     }
 }
 

@@ -8,14 +8,19 @@
 //! first, each to the group with the least speed so far (a group still short
 //! of memory for a copy first), so the groups come out alike; each group is
 //! then searched as one pipeline. Counts from the most the memory allows
-//! down to one are tried, and the one with the highest total throughput wins
+//! down to one are tried (a large count judged by a sample of its groups,
+//! as they are dealt alike), and the one with the highest total throughput wins
 //! (at a tie, more replicas: shorter pipelines, quicker single streams).
+//! Counts are tried from the most down, stopping once a few in a row gain nothing.
 
 use super::cost_model::{CostModel, Node};
 use super::pipeline_search::{search, Found};
 
-/// Replica counts tried near the most the memory allows, before halving.
-const NEAR_MAX_TRIES: usize = 3;
+/// Pools of at most this many workers are searched from every start.
+const THOROUGH_UP_TO: usize = 12;
+
+/// Replica counts tried in a row without a gain before the search stops.
+const GIVE_UP_AFTER: usize = 2;
 
 /// Pipelines formed over the nodes, and the nodes no pipeline uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,18 +37,21 @@ pub(crate) fn throughput(cm: &CostModel<'_>, pipelines: &[Found]) -> f64 {
     pipelines.iter().map(|p| cm.batch / p.score.bottleneck).sum()
 }
 
-/// The replica counts worth trying when at most `most` fit.
+/// Up to this many replicas, every count is tried.
+const ALL_COUNTS_UP_TO: usize = 8;
+
+/// The replica counts worth trying when at most `most` fit, most first:
+/// every one for a few, else a geometric sweep down to one.
 fn counts_to_try(most: usize) -> Vec<usize> {
-    let mut r: Vec<usize> = (0..NEAR_MAX_TRIES).filter_map(|k| most.checked_sub(k)).collect();
+    if most <= ALL_COUNTS_UP_TO {
+        return (1..=most).rev().collect();
+    }
+    let mut r = vec![most];
     let mut x = most;
     while x > 1 {
-        x = x * 3 / 4;
+        x = (x * 3 / 4).max(1);
         r.push(x);
     }
-    r.push(1);
-    r.retain(|&x| x >= 1);
-    r.dedup();
-    r.sort_unstable_by(|a, b| b.cmp(a));
     r.dedup();
     r
 }
@@ -54,7 +62,7 @@ fn deal(cm: &CostModel<'_>, nodes: &[Node], r: usize) -> Vec<Vec<usize>> {
     let ends = (cost.embed_bytes + cost.head_bytes).div_ceil(cost.layer_bytes.max(1));
     let copy = cost.layers + usize::try_from(ends).unwrap_or(usize::MAX);
     let mut order: Vec<usize> = (0..nodes.len()).collect();
-    order.sort_by(|&a, &b| nodes[a].time.at(cm.batch).total_cmp(&nodes[b].time.at(cm.batch)));
+    order.sort_by(|&a, &b| nodes[a].t_batch.total_cmp(&nodes[b].t_batch));
     let mut groups: Vec<(f64, usize, Vec<usize>)> = vec![(0.0, 0, Vec::new()); r];
     for i in order {
         let short = groups.iter().any(|g| g.1 < copy);
@@ -63,41 +71,87 @@ fn deal(cm: &CostModel<'_>, nodes: &[Node], r: usize) -> Vec<Vec<usize>> {
             .min_by(|&a, &b| groups[a].0.total_cmp(&groups[b].0).then(a.cmp(&b)))
             .unwrap_or(0);
         let g = &mut groups[pick];
-        g.0 += 1.0 / nodes[i].time.at(cm.batch);
+        g.0 += 1.0 / nodes[i].t_batch;
         g.1 += cost.capacity(nodes[i].memory, false, false);
         g.2.push(i);
     }
     groups.into_iter().map(|g| g.2).collect()
 }
 
+/// Groups searched to estimate a replica count's throughput: with more
+/// groups than this, every group is dealt alike, so a spread sample of them
+/// stands for the rest and only the chosen count is searched in full.
+const SAMPLED_GROUPS: usize = 16;
+
+/// Estimated total throughput of `r` replicas: exact up to [`SAMPLED_GROUPS`], else from a spread sample.
+#[allow(clippy::cast_precision_loss)]
+fn estimate(cm: &CostModel<'_>, nodes: &[Node], r: usize, thorough: bool) -> f64 {
+    let groups = dealt(cm, nodes, r);
+    let step = groups.len().div_ceil(SAMPLED_GROUPS).max(1);
+    let sample: Vec<&Vec<usize>> = groups.iter().step_by(step).collect();
+    let found: Vec<Found> = sample.iter().filter_map(|g| search(cm, nodes, g, thorough)).collect();
+    throughput(cm, &found) * groups.len() as f64 / sample.len().max(1) as f64
+}
+
+fn dealt(cm: &CostModel<'_>, nodes: &[Node], r: usize) -> Vec<Vec<usize>> {
+    if r == 1 {
+        vec![(0..nodes.len()).collect()]
+    } else {
+        deal(cm, nodes, r)
+    }
+}
+
 /// Pipelines for `nodes`, at most `max_replicas` of them, or `None` when no pipeline fits.
 pub(crate) fn form(cm: &CostModel<'_>, nodes: &[Node], max_replicas: usize) -> Option<Formed> {
     let capacity: usize = nodes.iter().map(|n| cm.cost.capacity(n.memory, false, false)).sum();
     let most = max_replicas.min(nodes.len()).min(capacity / cm.cost.layers.max(1)).max(1);
-    // The best trial so far: total throughput, the groups dealt, and each group's pipeline.
-    type Trial = (f64, Vec<Vec<usize>>, Vec<Option<Found>>);
-    let mut best: Option<Trial> = None;
-    for r in counts_to_try(most) {
-        let groups = if r == 1 { vec![(0..nodes.len()).collect()] } else { deal(cm, nodes, r) };
-        let found: Vec<Option<Found>> = groups.iter().map(|g| search(cm, nodes, g)).collect();
-        let formed: Vec<Found> = found.iter().flatten().cloned().collect();
-        let total = throughput(cm, &formed);
-        if formed.is_empty() {
-            continue;
+    let thorough = nodes.len() <= THOROUGH_UP_TO;
+    let mut best: Option<(usize, f64)> = None;
+    let mut tried = Vec::new();
+    let mut worse = 0;
+    let consider = |r: usize, best: &mut Option<(usize, f64)>| {
+        let total = estimate(cm, nodes, r, thorough);
+        let gain = total > 0.0 && best.is_none_or(|b| total > b.1 * (1.0 + 1e-9));
+        if gain {
+            *best = Some((r, total));
         }
-        if best.as_ref().is_none_or(|b| total > b.0 * (1.0 + 1e-9)) {
-            best = Some((total, groups, found));
+        gain
+    };
+    for r in counts_to_try(most) {
+        tried.push(r);
+        if consider(r, &mut best) {
+            worse = 0;
+        } else {
+            // Throughput rises with the replica count up to a peak: past it, stop looking.
+            worse += 1;
+            if worse == GIVE_UP_AFTER {
+                break;
+            }
         }
     }
-    let (_, groups, found) = best?;
-    let mut pipelines: Vec<(Found, Vec<usize>)> =
-        found.into_iter().zip(groups).filter_map(|(f, g)| f.map(|f| (f, g))).collect();
+    // The sweep steps geometrically: look between the best count and its neighbours too.
+    let b = best?.0;
+    let above = tried.iter().copied().filter(|&r| r > b).min();
+    let below = tried.iter().copied().filter(|&r| r < b).max();
+    for r in [above.map(|a| (a + b) / 2), below.map(|c| (b + c).div_ceil(2))].into_iter().flatten() {
+        if !tried.contains(&r) {
+            consider(r, &mut best);
+        }
+    }
+    let groups = dealt(cm, nodes, best?.0);
+    let mut pipelines: Vec<(Found, &Vec<usize>)> =
+        groups.iter().filter_map(|g| search(cm, nodes, g, thorough).map(|f| (f, g))).collect();
+    if pipelines.is_empty() {
+        return None;
+    }
     pipelines.sort_by(|a, b| a.0.score.bottleneck.total_cmp(&b.0.score.bottleneck));
-    let mut unused: Vec<(usize, Option<usize>)> = (0..nodes.len())
-        .filter(|i| !pipelines.iter().any(|(p, _)| p.order.contains(i)))
-        .map(|i| (i, pipelines.iter().position(|(_, g)| g.contains(&i))))
-        .collect();
-    unused.sort_unstable();
+    let mut pipeline_of = vec![None; nodes.len()];
+    let mut used = vec![false; nodes.len()];
+    for (k, (p, g)) in pipelines.iter().enumerate() {
+        g.iter().for_each(|&i| pipeline_of[i] = Some(k));
+        p.order.iter().for_each(|&i| used[i] = true);
+    }
+    let unused = (0..nodes.len()).filter(|&i| !used[i]).map(|i| (i, pipeline_of[i])).collect();
     Some(Formed { pipelines: pipelines.into_iter().map(|(p, _)| p).collect(), unused })
 }
 
@@ -109,7 +163,8 @@ mod tests {
     fn replica_counts_start_at_the_most_and_reach_one() {
         assert_eq!(counts_to_try(1), vec![1]);
         assert_eq!(counts_to_try(2), vec![2, 1]);
-        assert_eq!(counts_to_try(8), vec![8, 7, 6, 4, 3, 2, 1]);
+        assert_eq!(counts_to_try(8), vec![8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(counts_to_try(20), vec![20, 15, 11, 8, 6, 4, 3, 2, 1]);
         assert_eq!(
             counts_to_try(100).len(),
             counts_to_try(100).iter().collect::<std::collections::BTreeSet<_>>().len()

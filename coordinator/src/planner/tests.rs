@@ -386,3 +386,17 @@ fn a_batch_time_prices_the_expected_batch() {
     assert!(cpu.batch1_secs > gpu.batch1_secs);
     assert!(DeviceClass::named("abacus").is_none());
 }
+
+#[test]
+fn a_pair_link_wins_over_access_links_and_the_slower_access_link_bounds_a_pair() {
+    let lan = Link { rtt_secs: 1e-4, bytes_per_sec: 1e9 };
+    let wifi = Link { rtt_secs: 5e-3, bytes_per_sec: 1e7 };
+    let direct = Link { rtt_secs: 1e-3, bytes_per_sec: 5e7 };
+    let mut links = Links::new(lan);
+    links.attach("laptop", wifi);
+    links.insert("laptop", "dock", direct);
+    assert_eq!(links.get("a", "b"), lan);
+    assert_eq!(links.get("a", "laptop"), wifi);
+    assert_eq!(links.get("laptop", "a"), wifi);
+    assert_eq!(links.get("dock", "laptop"), direct);
+}
