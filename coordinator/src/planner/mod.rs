@@ -262,6 +262,22 @@ pub fn left_out(cost: ModelCost, workers: &[WorkerInfo]) -> Vec<LeftOut> {
     sort_out(&cost, &profiles, DEFAULT_EXPECTED_BATCH).1
 }
 
+/// What `/v1/cluster` shows of placement: the cost model's prediction for
+/// the plan in force (`None` if it has no stages or cannot run on today's
+/// workers), and the workers it does not use, with the planner's reasons, so
+/// an operator sees predicted beside measured and why a machine is idle.
+pub fn in_force(cost: ModelCost, stages: &[StagePlan], workers: &[WorkerInfo]) -> (Option<Pipeline>, Vec<LeftOut>) {
+    let options = PlanOptions { max_replicas: 1, ..PlanOptions::default() };
+    let profiles: Vec<WorkerProfile> = workers.iter().map(WorkerProfile::from).collect();
+    let predicted = if stages.is_empty() { None } else { predict(&cost, stages, &profiles, &options) };
+    let mut out = match place(&cost, &profiles, &options) {
+        Ok(p) => p.left_out,
+        Err(_) => sort_out(&cost, &profiles, options.batch).1,
+    };
+    out.retain(|l| !stages.iter().any(|s| s.worker == l.worker));
+    (predicted, out)
+}
+
 /// Plans over the coordinator's members, in the order given (the plan in force first).
 pub fn plan(cost: ModelCost, workers: &[WorkerInfo], options: &PlanOptions) -> Result<Placement, PlanError> {
     let profiles: Vec<WorkerProfile> = workers.iter().map(WorkerProfile::from).collect();

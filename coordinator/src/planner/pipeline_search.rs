@@ -51,7 +51,9 @@ pub(crate) fn cuts(cm: &CostModel<'_>, nodes: &[Node], order: &[usize]) -> Optio
         let (t, head) = (node.t_batch, if last { cm.head_layers * node.t_batch } else { 0.0 });
         let cap = cm.cost.capacity(node.memory, first, last);
         let starts = if first { 0..=0 } else { i..=layers - (m - i) };
-        for l in starts {
+        // Where this stage's time first reaches the rest's best: it never moves down as the start does.
+        let mut cross = 1;
+        for l in starts.rev() {
             if last {
                 let k = layers - l;
                 if k >= 1 && k <= cap {
@@ -65,10 +67,13 @@ pub(crate) fn cuts(cm: &CostModel<'_>, nodes: &[Node], order: &[usize]) -> Optio
                 continue;
             }
             // This stage's time rises with its layers and the rest's best falls (never rises):
-            // the optimum sits where they cross, found by bisection.
+            // the optimum sits where they cross. An earlier start leaves the rest more to do,
+            // so the crossing only moves up as `l` comes down: one pass finds them all.
             let own = |k: usize| k as f64 * t + hop;
             let rest = |k: usize| best[(i + 1) * width + l + k];
-            let cross = first_true(1, most + 1, |k| own(k) >= rest(k));
+            while cross <= most && own(cross) < rest(cross) {
+                cross += 1;
+            }
             let (mut value, mut k) = (f64::INFINITY, 0);
             if cross <= most {
                 (value, k) = (own(cross), cross);
@@ -246,15 +251,22 @@ pub(crate) fn search(cm: &CostModel<'_>, nodes: &[Node], members: &[usize], thor
     best
 }
 
-/// Improving moves from `current` until none improves (or the rounds run out).
-fn climb(cm: &CostModel<'_>, nodes: &[Node], pool: &[usize], mut current: Found, compound: bool) -> Found {
+/// Improving moves from `current` until none improves (or the rounds run
+/// out). A `thorough` climb takes the best move of each round (and tries
+/// compound moves); a quick one takes the first that improves.
+fn climb(cm: &CostModel<'_>, nodes: &[Node], pool: &[usize], mut current: Found, thorough: bool) -> Found {
     let full = pool.len() <= FULL_SEARCH_MAX;
-    for _ in 0..if full { MAX_ROUNDS } else { CHEAP_ROUNDS } {
+    'rounds: for _ in 0..if full { MAX_ROUNDS } else { CHEAP_ROUNDS } {
         let spare: Vec<usize> = pool.iter().copied().filter(|i| !current.order.contains(i)).collect();
         let mut next = None;
-        for o in neighbours(&current.order, &spare, full, compound) {
+        for o in neighbours(&current.order, &spare, full, thorough) {
             let found = cuts(cm, nodes, &o);
-            if better(&found, &next) {
+            if !thorough {
+                if let Some(f) = found.filter(|f| f.score.beats(&current.score)) {
+                    current = f;
+                    continue 'rounds;
+                }
+            } else if better(&found, &next) {
                 next = found;
             }
         }

@@ -400,3 +400,18 @@ fn a_pair_link_wins_over_access_links_and_the_slower_access_link_bounds_a_pair()
     assert_eq!(links.get("laptop", "a"), wifi);
     assert_eq!(links.get("dock", "laptop"), direct);
 }
+
+#[test]
+fn the_cluster_view_predicts_the_plan_in_force_and_names_idle_workers() {
+    let cost = model(30, 0);
+    let w = |id: &str, ms: f64| WorkerInfo { layer_micros: Some(ms * 1e3), free_memory_bytes: GIB, ..test_worker(id) };
+    let workers = [w("a", 1.0), w("b", 1.0), w("pi", 100.0)];
+    let stages = plan(cost, &workers[..2], &one_pipeline()).expect("fits").best().stages.clone();
+    let (predicted, out) = in_force(cost, &stages, &workers);
+    let predicted = predicted.expect("the plan in force runs");
+    assert!((predicted.bottleneck_secs - 0.015).abs() < 1e-9, "{predicted:?}");
+    assert_eq!(out.iter().map(|l| (l.worker.as_str(), l.cause)).collect::<Vec<_>>(), [("pi", LeftOutCause::Slower)]);
+    // A stage whose worker has gone: no prediction.
+    assert!(in_force(cost, &stages, &workers[..1]).0.is_none());
+    assert!(in_force(cost, &[], &workers).0.is_none());
+}
