@@ -83,10 +83,11 @@ fn bad_pool_files_fail_cleanly_and_a_good_one_plans() -> anyhow::Result<()> {
         ("workers: [ {id: a", "malformed pool file"),
         ("workers: [{id: a, memory_gib: 8}]", "give its time per layer"),
         (
-            "workers: [{id: a, memory_gib: 1, layer_ms: 1}, {id: b, memory_gib: 1, layer_ms: 1}]",
+            "workers: [{id: a, memory_gib: 2, layer_ms: 1}, {id: b, memory_gib: 2, layer_ms: 1}]",
             "cannot hold the model",
         ),
         ("workers: [{id: a, memory_gib: 0, layer_ms: -1}]", "no free memory"),
+        ("workers: [{id: a, memory_gib: 1, layer_ms: 1}]", "no worker can hold one layer"),
     ] {
         std::fs::write(&pool, text)?;
         assert_clean_failure(&plan("llama3-8b"), needle)?;
