@@ -18,7 +18,7 @@ use crate::leader::{Election, Role};
 use crate::membership::{plan_order, Membership};
 use crate::metrics::Metrics;
 use crate::plan_store::{stages_of, PlanStore};
-use crate::planner::{plan, ModelCost, StagePlan};
+use crate::planner::{keep_plan_in_force, plan, ModelCost, PlanOptions, StagePlan, DEFAULT_REPLAN_GAIN};
 use crate::replacement::swap_in;
 use crate::scheduler::{Pause, Scheduler, SchedulerConfig, StageFailure};
 use crate::shard_store::{Shard, ShardStore, DEFAULT_CHUNK_BYTES};
@@ -439,7 +439,18 @@ impl Cluster {
                 if let Some(n) = self.config.max_stages {
                     workers.truncate(n.max(1));
                 }
-                let stages = plan(self.cost, &workers)?;
+                // One pipeline: sessions are not yet routed over replicas.
+                let options = PlanOptions { max_replicas: 1, ..PlanOptions::default() };
+                let placement = plan(self.cost, &workers, &options)?;
+                placement.log_prediction();
+                let (best, cur, gain) = (placement.best(), &current, DEFAULT_REPLAN_GAIN);
+                if !force
+                    && cur.ready
+                    && keep_plan_in_force(&self.cost, &cur.stages, &cur.instances, &workers, best, &options, gain)
+                {
+                    return Ok(());
+                }
+                let stages = best.stages.clone();
                 let instances: Vec<String> = stages
                     .iter()
                     .map(|s| workers.iter().find(|w| w.id == s.worker).map(|w| w.instance.clone()).unwrap_or_default())

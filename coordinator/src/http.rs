@@ -173,6 +173,7 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
                 "kv_bytes_in_use": info.as_ref().map(|i| i.kv_bytes_in_use)})
         })
         .collect();
+    let (predicted, left_out) = crate::planner::in_force(c.cost(), &s.stages, &workers);
     Json(json!({
         "cluster": c.name(),
         "model": model_name(&c),
@@ -182,7 +183,13 @@ async fn cluster_info(State(c): State<Arc<Cluster>>) -> Json<Value> {
         "error": s.error,
         "wire_dtype": c.config().wire_dtype.name(),
         "workers": workers,
-        "left_out": crate::planner::left_out(c.cost(), &workers),
+        "left_out": left_out,
+        "predicted": predicted.map(|p| json!({
+            "tok_s_one_stream": p.tokens_per_sec_one_stream(),
+            "tok_s_saturated": p.tokens_per_sec_saturated(crate::planner::DEFAULT_EXPECTED_BATCH),
+            "stage_ms": p.stage_secs.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+            "in_seconds": workers.iter().all(|w| w.layer_micros.is_some()),
+        })),
         "stages": stages,
         "weight_bytes_shipped": c.weight_bytes_shipped(),
         "traffic": c.traffic().to_json(),

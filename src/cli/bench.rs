@@ -10,6 +10,8 @@ use potluck_engine::{LocalPipeline, ModelFile, Row, SessionId, Stage, WireDtype}
 mod bench_bandwidth;
 #[path = "bench_pipeline.rs"]
 mod bench_pipeline;
+#[path = "bench_plan.rs"]
+mod bench_plan;
 #[path = "bench_serve.rs"]
 mod bench_serve;
 #[path = "bench_synth.rs"]
@@ -23,6 +25,8 @@ pub enum Bench {
     Engine(EngineBench),
     /// Weight bytes and peak RSS of a process holding one layer range.
     Memory(MemoryBench),
+    /// Planning time on a large pool, and plan quality on seeded simulated pools against other splits.
+    Plan(bench_plan::PlanBench),
     /// Single-stream decode of 1..N-worker loopback clusters and the cost per hop.
     Pipeline(bench_pipeline::PipelineBench),
     /// Aggregate decode, time to first token and inter-token latency under concurrent streams.
@@ -86,6 +90,7 @@ impl Bench {
             Self::Engine(b) => b.run(),
             Self::Memory(b) => b.run(),
             Self::Pipeline(b) => b.run(),
+            Self::Plan(b) => b.run(),
             Self::Serve(b) => b.run(),
             Self::Synth(b) => b.run(),
         }

@@ -6,6 +6,7 @@ mod etcd;
 mod generate;
 mod logits;
 mod perplexity;
+mod plan;
 mod selftest;
 mod serving;
 mod telemetry;
@@ -34,6 +35,8 @@ enum Command {
     Worker(cluster::WorkerArgs),
     /// Run a coordinator: HTTP API, planner and shard server.
     Coordinator(cluster::CoordinatorArgs),
+    /// Show what the planner would do with a pool described in a file: pipelines, cuts, who is left out, predicted tok/s.
+    Plan(plan::Args),
     /// Show a cluster as etcd holds it: workers, stages, epoch and leader.
     Status(etcd::StatusArgs),
     /// Check a device's kernels against the native CPU ones: matmul types, layers, perplexity, decode speed.
@@ -55,6 +58,7 @@ impl Cli {
             | Command::Logits(_)
             | Command::Perplexity(_)
             | Command::Selftest(_)
+            | Command::Plan(_)
             | Command::Bench(_)
             | Command::Status(_) => None,
         };
@@ -68,6 +72,7 @@ impl Cli {
             Command::Logits(a) => logits::run(a),
             Command::Perplexity(a) => perplexity::run(a),
             Command::Selftest(a) => selftest::run(a),
+            Command::Plan(a) => plan::run(a),
             Command::Bench(b) => b.run(),
             Command::Up(a) => cluster::up(a),
             Command::Worker(a) => cluster::worker(a),

@@ -71,3 +71,34 @@ fn bad_devices_fail_cleanly_and_say_why() -> anyhow::Result<()> {
     assert!(ok.success, "candle-cpu failed: {}", ok.stderr);
     Ok(())
 }
+
+#[test]
+fn bad_pool_files_fail_cleanly_and_a_good_one_plans() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tiny = TinyModel::default().write_gguf(dir.path())?;
+    let pool = dir.path().join("pool.yaml");
+    let p = pool.to_str().context("path")?;
+    let plan = |model: &'static str| ["plan", "--model", model, "--pool", p];
+    for (text, needle) in [
+        ("workers: [ {id: a", "malformed pool file"),
+        ("workers: [{id: a, memory_gib: 8}]", "give its time per layer"),
+        (
+            "workers: [{id: a, memory_gib: 2, layer_ms: 1}, {id: b, memory_gib: 2, layer_ms: 1}]",
+            "cannot hold the model",
+        ),
+        ("workers: [{id: a, memory_gib: 0, layer_ms: -1}]", "no free memory"),
+        ("workers: [{id: a, memory_gib: 1, layer_ms: 1}]", "no worker can hold one layer"),
+    ] {
+        std::fs::write(&pool, text)?;
+        assert_clean_failure(&plan("llama3-8b"), needle)?;
+    }
+    assert_clean_failure(&["plan", "--model", "llama3-8b", "--pool", "/nonexistent.yaml"], "cannot read")?;
+    assert_clean_failure(&plan("no-such-shape"), "nor a known shape")?;
+    std::fs::write(&pool, "workers: [{id: a, memory_gib: 4, layer_ms: 1}, {id: b, memory_gib: 4, layer_ms: 1}]")?;
+    let t = tiny.to_str().context("path")?;
+    let ok = potluck(&["plan", "--model", t, "--pool", p, "--json"])?;
+    assert!(ok.success, "plan failed: {}", ok.stderr);
+    let report: serde_json::Value = serde_json::from_str(&ok.stdout)?;
+    assert!(report["tokens_per_sec_saturated"].as_f64().is_some_and(|x| x > 0.0), "{report}");
+    Ok(())
+}
